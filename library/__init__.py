@@ -1,0 +1,1 @@
+"""Shared code for the CAT trainer: model loading, the LoRA layer, file format, metadata."""
