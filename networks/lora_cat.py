@@ -233,13 +233,12 @@ class LoRANetwork(nn.Module):
     # --- files -----------------------------------------------------------------------------------
 
     def save_weights(self, file: str | os.PathLike, dtype: torch.dtype | None, metadata: Mapping[str, str] | None) -> None:
-        """Write the kohya file; every tensor (`.alpha` too) cast to `dtype`; hashes added to metadata."""
+        """Write the kohya file; every tensor (`.alpha` too) cast to `dtype`; `sshs_*` hashes added."""
         state_dict = {k: v.detach().clone().cpu() for k, v in self.state_dict().items()}
         if dtype is not None:
             state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
-        if metadata is not None and len(metadata) > 0:
-            metadata = with_model_hashes(state_dict, metadata)
-        save_lora_file(file, state_dict, metadata or None)
+        # Like sd-scripts, the hashes are always there (also without training metadata).
+        save_lora_file(file, state_dict, with_model_hashes(state_dict, metadata or {}))
 
     def load_weights(self, file: str | os.PathLike) -> dict[str, list[str]]:
         """Load a kohya file; layers missing from either side are skipped (sd-scripts' strict=False)."""
