@@ -1,0 +1,244 @@
+"""Convert diffusers/transformers state dicts to the original LDM single-file layout.
+
+A1111, ComfyUI and sd-scripts read SD checkpoints in the layout of the original CompVis/Stability
+code: the U-Net under `model.diffusion_model.` (`input_blocks`, `middle_block`, `output_blocks`), the
+VAE under `first_stage_model.`, the text encoder under `cond_stage_model.` (SD1: the transformers CLIP
+names; SD2: OpenCLIP's names). diffusers converts that layout to its own when it loads a single file;
+these functions go the other way, so that test models can be written as a user's checkpoint is and
+loaded back through the real single-file path.
+
+Block indices are derived from the model configs (number of blocks, `layers_per_block`), not fixed
+SD numbers. Every key of the input is converted or the conversion fails: nothing is dropped.
+"""
+
+from collections.abc import Mapping
+
+import torch
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+SD1_TEXT_ENCODER_PREFIX = "cond_stage_model.transformer.text_model."
+SD2_TEXT_ENCODER_PREFIX = "cond_stage_model.model."
+
+StateDict = dict[str, torch.Tensor]
+
+# ResnetBlock2D children: diffusers name -> LDM U-Net ResBlock name.
+_UNET_RESNET_CHILDREN = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_VAE_RESNET_CHILDREN = {
+    "norm1": "norm1",
+    "conv1": "conv1",
+    "norm2": "norm2",
+    "conv2": "conv2",
+    "conv_shortcut": "nin_shortcut",
+}
+_VAE_ATTENTION_CHILDREN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_OPEN_CLIP_LAYER_CHILDREN = {
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+
+
+def _per_block(value: int | list[int], num_blocks: int) -> list[int]:
+    """diffusers accepts `layers_per_block` as one int or one int per block."""
+    return list(value) if isinstance(value, (list, tuple)) else [value] * num_blocks
+
+
+def _has_attention(block_type: str) -> bool:
+    """CrossAttn*Block2D blocks carry a Transformer2DModel per resnet; plain ones do not."""
+    return block_type.startswith("CrossAttn")
+
+
+def _add_children(module_map: dict[str, str], diffusers_path: str, ldm_path: str, children: Mapping[str, str]) -> None:
+    """Map each named child of a block (a resnet, an attention, a text layer) under its new path."""
+    for diffusers_child, ldm_child in children.items():
+        module_map[f"{diffusers_path}.{diffusers_child}"] = f"{ldm_path}.{ldm_child}"
+
+
+def unet_module_map(config: Mapping) -> dict[str, str]:
+    """diffusers U-Net module path -> LDM module path, for the U-Net described by `config`.
+
+    LDM numbers the down path as `input_blocks` (0 is conv_in, then one slot per resnet, with its
+    attention beside it, and one per downsampler) and the up path as `output_blocks` (one slot per
+    resnet; a level's upsampler sits after the last resnet of the level, behind its attention if any).
+    """
+    if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
+        raise ValueError(f"mid_block_type {config['mid_block_type']!r} has no LDM layout here")
+    module_map = {
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "conv_in": "input_blocks.0.0",
+        "conv_norm_out": "out.0",
+        "conv_out": "out.2",
+        "mid_block.attentions.0": "middle_block.1",
+    }
+    _add_children(module_map, "mid_block.resnets.0", "middle_block.0", _UNET_RESNET_CHILDREN)
+    _add_children(module_map, "mid_block.resnets.1", "middle_block.2", _UNET_RESNET_CHILDREN)
+    _add_unet_down_path(module_map, config)
+    _add_unet_up_path(module_map, config)
+    return module_map
+
+
+def _add_unet_down_path(module_map: dict[str, str], config: Mapping) -> None:
+    """Fill `input_blocks` slots: resnets (+ attentions) of each level, then its downsampler."""
+    block_types = config["down_block_types"]
+    layers = _per_block(config["layers_per_block"], len(block_types))
+    slot = 1
+    for block, block_type in enumerate(block_types):
+        for layer in range(layers[block]):
+            resnet = f"down_blocks.{block}.resnets.{layer}"
+            _add_children(module_map, resnet, f"input_blocks.{slot}.0", _UNET_RESNET_CHILDREN)
+            if _has_attention(block_type):
+                module_map[f"down_blocks.{block}.attentions.{layer}"] = f"input_blocks.{slot}.1"
+            slot += 1
+        if block < len(block_types) - 1:
+            module_map[f"down_blocks.{block}.downsamplers.0.conv"] = f"input_blocks.{slot}.0.op"
+            slot += 1
+
+
+def _add_unet_up_path(module_map: dict[str, str], config: Mapping) -> None:
+    """Fill `output_blocks` slots: each level has one resnet more than its down counterpart."""
+    block_types = config["up_block_types"]
+    layers = list(reversed(_per_block(config["layers_per_block"], len(block_types))))
+    slot = 0
+    for block, block_type in enumerate(block_types):
+        for layer in range(layers[block] + 1):
+            resnet = f"up_blocks.{block}.resnets.{layer}"
+            _add_children(module_map, resnet, f"output_blocks.{slot}.0", _UNET_RESNET_CHILDREN)
+            if _has_attention(block_type):
+                module_map[f"up_blocks.{block}.attentions.{layer}"] = f"output_blocks.{slot}.1"
+            slot += 1
+        if block < len(block_types) - 1:
+            upsampler_index = 2 if _has_attention(block_type) else 1
+            module_map[f"up_blocks.{block}.upsamplers.0.conv"] = f"output_blocks.{slot - 1}.{upsampler_index}.conv"
+
+
+def vae_module_map(config: Mapping) -> dict[str, str]:
+    """diffusers AutoencoderKL module path -> LDM module path, for the VAE described by `config`.
+
+    LDM numbers the decoder levels from the lowest resolution up in reverse (`up.{n-1}` is diffusers'
+    `up_blocks.0`), and calls the mid-block pieces `block_1`, `attn_1`, `block_2`.
+    """
+    num_blocks = len(config["down_block_types"])
+    layers = config["layers_per_block"]  # AutoencoderKL takes one count for all levels
+    module_map = {name: name for name in ("quant_conv", "post_quant_conv")}
+    for part in ("encoder", "decoder"):
+        module_map[f"{part}.conv_in"] = f"{part}.conv_in"
+        module_map[f"{part}.conv_out"] = f"{part}.conv_out"
+        module_map[f"{part}.conv_norm_out"] = f"{part}.norm_out"
+        _add_children(module_map, f"{part}.mid_block.resnets.0", f"{part}.mid.block_1", _VAE_RESNET_CHILDREN)
+        _add_children(module_map, f"{part}.mid_block.resnets.1", f"{part}.mid.block_2", _VAE_RESNET_CHILDREN)
+        _add_children(module_map, f"{part}.mid_block.attentions.0", f"{part}.mid.attn_1", _VAE_ATTENTION_CHILDREN)
+    for block in range(num_blocks):
+        down, up, ldm_down, ldm_up = (
+            f"encoder.down_blocks.{block}",
+            f"decoder.up_blocks.{block}",
+            f"encoder.down.{block}",
+            f"decoder.up.{num_blocks - 1 - block}",
+        )
+        for layer in range(layers):
+            _add_children(module_map, f"{down}.resnets.{layer}", f"{ldm_down}.block.{layer}", _VAE_RESNET_CHILDREN)
+        for layer in range(layers + 1):
+            _add_children(module_map, f"{up}.resnets.{layer}", f"{ldm_up}.block.{layer}", _VAE_RESNET_CHILDREN)
+        if block < num_blocks - 1:
+            module_map[f"{down}.downsamplers.0.conv"] = f"{ldm_down}.downsample.conv"
+            module_map[f"{up}.upsamplers.0.conv"] = f"{ldm_up}.upsample.conv"
+    return module_map
+
+
+def rename_by_module_map(state_dict: Mapping[str, torch.Tensor], module_map: Mapping[str, str]) -> StateDict:
+    """Rename each key by the longest module path of `module_map` that contains it.
+
+    Raises ValueError for a key no entry covers: a silently dropped weight would surface only as a
+    checkpoint that loads with random weights somewhere else.
+    """
+    renamed = {}
+    for key, tensor in state_dict.items():
+        parts = key.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            module = ".".join(parts[:cut])
+            if module in module_map:
+                renamed[".".join([module_map[module], *parts[cut:]])] = tensor
+                break
+        else:
+            raise ValueError(f"No LDM name for the key {key!r}: the conversion does not cover this module")
+    return renamed
+
+
+def unet_to_ldm(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> StateDict:
+    """A diffusers UNet2DConditionModel state dict in LDM layout, under `model.diffusion_model.`."""
+    renamed = rename_by_module_map(state_dict, unet_module_map(config))
+    return {UNET_PREFIX + key: tensor for key, tensor in renamed.items()}
+
+
+def vae_to_ldm(state_dict: Mapping[str, torch.Tensor], config: Mapping, prefix: str = VAE_PREFIX) -> StateDict:
+    """A diffusers AutoencoderKL state dict in LDM layout, under `prefix` ("" for a standalone VAE file).
+
+    The LDM mid-block attention uses 1x1 convolutions where diffusers uses Linear layers, so its
+    q/k/v/proj_out weights gain two trailing unit dimensions.
+    """
+    renamed = rename_by_module_map(state_dict, vae_module_map(config))
+    attention_weights = tuple(f".mid.attn_1.{name}.weight" for name in ("q", "k", "v", "proj_out"))
+    converted = {}
+    for key, tensor in renamed.items():
+        if key.endswith(attention_weights):
+            tensor = tensor.reshape(*tensor.shape, 1, 1)
+        converted[prefix + key] = tensor
+    return converted
+
+
+def _flat_text_encoder_keys(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """CLIPTextModel keys without the `text_model.` level that transformers < 5.6 had."""
+    return {key.removeprefix("text_model."): tensor for key, tensor in state_dict.items()}
+
+
+def sd1_text_encoder_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """A CLIPTextModel state dict (either transformers layout) under `cond_stage_model.transformer.text_model.`."""
+    return {SD1_TEXT_ENCODER_PREFIX + key: tensor for key, tensor in _flat_text_encoder_keys(state_dict).items()}
+
+
+def sd2_text_encoder_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """A CLIPTextModel state dict in OpenCLIP layout under `cond_stage_model.model.` (SD2).
+
+    OpenCLIP keeps one fused `in_proj` for q, k and v. CLIPTextModel has no text projection (SD2
+    conditions on hidden states, not on the pooled embedding); an identity stands in for it because
+    OpenCLIP readers expect the key and diffusers reads the attention width from its first dimension.
+    SD2's 24th OpenCLIP layer, which SD2 skips, is not in a 23-layer CLIPTextModel and is not written.
+    """
+    flat = _flat_text_encoder_keys(state_dict)
+    num_layers = 1 + max(int(key.split(".")[2]) for key in flat if key.startswith("encoder.layers."))
+    module_map = {"embeddings.token_embedding": "token_embedding", "final_layer_norm": "ln_final"}
+    for layer in range(num_layers):
+        _add_children(
+            module_map, f"encoder.layers.{layer}", f"transformer.resblocks.{layer}", _OPEN_CLIP_LAYER_CHILDREN
+        )
+    position_key = "embeddings.position_embedding.weight"
+    fused_keys = {key for key in flat if key.split(".")[-2] in ("q_proj", "k_proj", "v_proj")}
+    converted = rename_by_module_map(
+        {key: tensor for key, tensor in flat.items() if key not in fused_keys and key != position_key}, module_map
+    )
+    converted.update(_fuse_qkv(flat, num_layers))
+    converted["positional_embedding"] = flat[position_key]
+    width = flat[position_key].shape[1]
+    converted["text_projection"] = torch.eye(width, dtype=flat[position_key].dtype)
+    return {SD2_TEXT_ENCODER_PREFIX + key: tensor for key, tensor in converted.items()}
+
+
+def _fuse_qkv(flat: Mapping[str, torch.Tensor], num_layers: int) -> StateDict:
+    """Concatenate each layer's q, k, v projections into OpenCLIP's `in_proj_weight`/`in_proj_bias`."""
+    fused = {}
+    for layer in range(num_layers):
+        source = f"encoder.layers.{layer}.self_attn"
+        for kind in ("weight", "bias"):
+            parts = [flat[f"{source}.{name}_proj.{kind}"] for name in ("q", "k", "v")]
+            fused[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat(parts, dim=0)
+    return fused

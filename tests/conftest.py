@@ -1,0 +1,48 @@
+"""Shared test setup: no hub access, and the tiny SD models written once per session in every user format."""
+
+import os
+
+# Set before anything imports huggingface_hub, which reads it once: no test may reach the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from library.tiny_sd import build_tiny_sd, save_diffusers_folder, save_single_file  # noqa: E402
+
+
+@dataclass(frozen=True)
+class TinySDFiles:
+    """One tiny model (rebuild it with `build_tiny_sd(seed, v2)`) saved as a user would have it."""
+
+    seed: int
+    v2: bool
+    folder: Path
+    safetensors: Path
+    ckpt: Path
+
+
+def _write_tiny_sd(root: Path, seed: int, v2: bool) -> TinySDFiles:
+    """Build the tiny model once and write it as a diffusers folder, a .safetensors and a .ckpt."""
+    models = build_tiny_sd(seed=seed, v2=v2)
+    return TinySDFiles(
+        seed=seed,
+        v2=v2,
+        folder=save_diffusers_folder(models, root / "diffusers"),
+        safetensors=save_single_file(models, root / "model.safetensors"),
+        ckpt=save_single_file(models, root / "model.ckpt"),
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v1_files(tmp_path_factory: pytest.TempPathFactory) -> TinySDFiles:
+    """The tiny SD1-shaped model (seed 0) in every format; read-only for tests."""
+    return _write_tiny_sd(tmp_path_factory.mktemp("tiny_sd_v1"), seed=0, v2=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v2_files(tmp_path_factory: pytest.TempPathFactory) -> TinySDFiles:
+    """The tiny SD2-shaped model (seed 1) in every format; read-only for tests."""
+    return _write_tiny_sd(tmp_path_factory.mktemp("tiny_sd_v2"), seed=1, v2=True)

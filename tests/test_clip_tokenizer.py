@@ -1,0 +1,81 @@
+"""The offline CLIP tokenizer gives Stable Diffusion's exact token ids."""
+
+import pytest
+
+from library.clip_tokenizer import (
+    SD2_PAD_TOKEN,
+    VOCAB_SIZE,
+    build_clip_tokenizer,
+    bytes_to_unicode,
+    clip_vocab_and_merges,
+)
+from library.errors import UserInputError
+
+
+def test_known_sd_ids():
+    tokenizer = build_clip_tokenizer()
+    assert tokenizer("sks").input_ids == [49406, 48136, 49407]
+    assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_vocabulary_layout_is_clips():
+    vocab, merges = clip_vocab_and_merges()
+    assert len(vocab) == VOCAB_SIZE == 49408
+    assert len(merges) == 49408 - 2 * 256 - 2
+    assert vocab["!"] == 0 and vocab["!</w>"] == 256
+    assert vocab[bytes_to_unicode()[ord(" ")]] == 220  # the space byte, remapped to a printable symbol
+    assert vocab["".join(merges[0])] == 512
+    assert vocab["<|startoftext|>"] == 49406 and vocab["<|endoftext|>"] == 49407
+
+
+def test_byte_table_is_a_printable_bijection():
+    table = bytes_to_unicode()
+    assert sorted(table) == list(range(256))
+    assert len(set(table.values())) == 256
+    assert not any(symbol.isspace() for symbol in table.values())
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a photo of sks dog, masterpiece, (best quality:1.2)",
+        "Hello, World!  It's 2024 -- don't   panic",
+        "café naïve über 東京 🙂",
+        "<lora:style:0.8> score_9, 1girl",
+    ],
+)
+def test_agrees_with_open_clip_reference_tokenizer(text):
+    open_clip_tokenizer = pytest.importorskip("open_clip.tokenizer")
+    reference = open_clip_tokenizer.SimpleTokenizer()
+    assert build_clip_tokenizer()(text).input_ids == [49406, *reference.encode(text), 49407]
+
+
+def test_sd1_pads_with_end_of_text_and_sd2_with_exclamation_mark():
+    sd1 = build_clip_tokenizer()
+    sd2 = build_clip_tokenizer(pad_token=SD2_PAD_TOKEN)
+    assert sd1("a cat", padding="max_length").input_ids == [49406, 320, 2368] + [49407] * 74
+    assert sd2("a cat", padding="max_length").input_ids == [49406, 320, 2368, 49407] + [0] * 73
+    assert sd2.pad_token_id == 0 and sd1.pad_token_id == 49407
+
+
+def test_truncation_keeps_77_tokens_ending_with_end_of_text():
+    ids = build_clip_tokenizer()("cat " * 200, truncation=True, padding="max_length").input_ids
+    assert len(ids) == 77
+    assert ids[0] == 49406 and ids[-1] == 49407
+
+
+def test_decode_round_trips():
+    tokenizer = build_clip_tokenizer()
+    ids = tokenizer("a photo of sks dog").input_ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "a photo of sks dog"
+
+
+def test_each_call_returns_an_independent_tokenizer():
+    first = build_clip_tokenizer()
+    first.model_max_length = 225
+    assert build_clip_tokenizer().model_max_length == 77
+
+
+def test_unknown_pad_token_is_refused():
+    with pytest.raises(UserInputError, match="'<pad>'.*'!'"):
+        build_clip_tokenizer(pad_token="<pad>")
