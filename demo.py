@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 import torch
+
+import library  # noqa: F401  (before diffusers: quiets an irrelevant bitsandbytes import warning)
 from diffusers import StableDiffusionPipeline
 
 import networks.lora_cat as lora_cat
