@@ -1,0 +1,373 @@
+"""The training run: set up, then the loop (batch, CAT step, optimizer step, log, save, stop).
+
+`train(config)` is what `train_network_cat.py` runs after parsing. The CAT objective itself is in
+`library.cat_objective`; this file feeds it batches and turns its gradients into a LoRA file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from library.captions import class_word_from_tokens, contains_trigger, trigger_free_caption
+from library.cat_objective import cat_step
+from library.errors import UserInputError
+from library.folder_dataset import ImageItem, Subset, epoch_order, load_image, scan_folders
+from library.lr_schedulers import build_lr_scheduler, current_learning_rates
+from library.network_protocol import unwrap_network
+from library.noise import zero_terminal_snr_scheduler
+from library.optimizers import build_optimizer
+from library.output_files import (
+    check_writable, epoch_name, epoch_to_remove, final_name, interrupted_name, step_name, step_to_remove,
+)
+from library.sd_denoiser import SDDenoiser
+from library.sd_models import StableDiffusionModels, load_stable_diffusion
+from library.train_batch import NoiseSchedule, build_cat_batch, tokenize
+from library.train_config import TrainConfig
+from library.train_metadata import RunFacts, at_save, training_metadata
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by `setup`."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    sd: StableDiffusionModels
+    network: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    lr_descriptions: list[str]
+    schedule: NoiseSchedule
+    subsets: list[Subset]
+    facts: RunFacts
+    metadata: dict[str, str]
+    output_dir: Path
+    output_name: str
+    save_dtype: torch.dtype | None
+    latent_cache: dict[Path, torch.Tensor]
+    generator: torch.Generator
+
+
+def train(config: TrainConfig) -> list[Path]:
+    """Run the whole training; returns the LoRA files written (last one = final)."""
+    run = setup(config)
+    return training_loop(run)
+
+
+# --- setup ------------------------------------------------------------------------------------------
+
+
+def setup(config: TrainConfig) -> Run:
+    output_dir = check_writable(config.save.output_dir)
+    output_name = config.save.output_name or "last"
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.run.gradient_accumulation_steps,
+        mixed_precision=config.run.mixed_precision,
+        log_with=config.log.log_with,
+        project_dir=config.log.logging_dir,
+    )
+    seed = config.run.seed if config.run.seed is not None else random.randint(0, 2**32 - 1)
+    set_seed(seed)
+
+    subsets = _load_subsets(config)
+    sd = load_stable_diffusion(
+        config.model.pretrained_model_name_or_path, v2=config.model.v2,
+        v_parameterization=config.model.v_parameterization, vae=config.model.vae, model_config=config.model.model_config,
+    )
+    weight_dtype = DTYPES[config.run.mixed_precision]
+    _prepare_models(config, sd, accelerator, weight_dtype)
+    network = _build_network(config, sd, accelerator)
+
+    per_process = _epoch_length(subsets) // accelerator.num_processes
+    steps_per_epoch = math.ceil(math.ceil(per_process / config.data.train_batch_size) / config.run.gradient_accumulation_steps)
+    max_steps = config.run.max_train_epochs * steps_per_epoch if config.run.max_train_epochs else config.run.max_train_steps
+    groups, descriptions = _optimizer_groups(network, config)
+    optimizer, optimizer_name = build_optimizer(
+        groups, config.optimizer.optimizer_type, config.optimizer.learning_rate, config.optimizer.optimizer_args
+    )
+    lr_scheduler = build_lr_scheduler(
+        optimizer, config.scheduler.lr_scheduler, num_training_steps=max_steps,
+        warmup_steps=config.scheduler.warmup_steps(max_steps), num_cycles=config.scheduler.lr_scheduler_num_cycles,
+        power=config.scheduler.lr_scheduler_power, scheduler_args=dict(config.scheduler.lr_scheduler_args),
+        min_lr_ratio=config.scheduler.lr_scheduler_min_lr_ratio, scheduler_type=config.scheduler.lr_scheduler_type,
+        decay_steps=config.scheduler.decay_steps(max_steps), timescale=config.scheduler.lr_scheduler_timescale,
+        learning_rate=config.optimizer.learning_rate,
+    )
+    network, optimizer = accelerator.prepare(network, optimizer)
+
+    facts = RunFacts(
+        model_version=sd.model_version, seed=seed,
+        num_train_images=sum(len(s.items) * s.repeats for s in subsets if not s.is_reg),
+        num_reg_images=sum(len(s.items) for s in subsets if s.is_reg),
+        num_batches_per_epoch=steps_per_epoch, max_train_steps=max_steps,
+        num_epochs=math.ceil(max_steps / steps_per_epoch), optimizer_name=optimizer_name, subsets=subsets,
+    )
+    train_scheduler = zero_terminal_snr_scheduler(sd.noise_scheduler) if config.noise.zero_terminal_snr else sd.noise_scheduler
+    generator = torch.Generator().manual_seed(seed)
+    return Run(
+        config, accelerator, sd, network, optimizer, lr_scheduler, descriptions,
+        NoiseSchedule(train=train_scheduler, weights=sd.noise_scheduler), subsets, facts,
+        training_metadata(config, facts, output_name), output_dir, output_name,
+        SAVE_DTYPES.get(config.save.save_precision) if config.save.save_precision else None, {}, generator,
+    )
+
+
+def _load_subsets(config: TrainConfig) -> list[Subset]:
+    subsets = scan_folders(config.data.train_data_dir, config.data.caption_extension, is_reg=False)
+    if config.data.reg_data_dir:
+        subsets += scan_folders(config.data.reg_data_dir, config.data.caption_extension, is_reg=True)
+    if config.cat.enabled and config.cat.triggers:
+        train_captions = [item.caption for s in subsets if not s.is_reg for item in s.items]
+        if not any(contains_trigger(c, config.cat.triggers) for c in train_captions):
+            raise UserInputError(
+                f"--cat_trigger {list(config.cat.triggers)} appears in none of the {len(train_captions)} training "
+                f"captions under {config.data.train_data_dir}; put the trigger in the captions (or the folder "
+                "names' class tokens), or fix --cat_trigger."
+            )
+    return subsets
+
+
+def _epoch_length(subsets: list[Subset]) -> int:
+    train = sum(len(s.items) * s.repeats for s in subsets if not s.is_reg)
+    has_reg = any(s.is_reg for s in subsets)
+    return train * 2 if has_reg else train
+
+
+def _prepare_models(config: TrainConfig, sd: StableDiffusionModels, accelerator: Accelerator, weight_dtype) -> None:
+    vae_dtype = torch.float32 if config.model.no_half_vae else weight_dtype
+    for model, dtype in ((sd.unet, weight_dtype), (sd.text_encoder, weight_dtype), (sd.vae, vae_dtype)):
+        model.to(accelerator.device)
+        if model.dtype != dtype:  # diffusers warns on every .to(dtype=...), even a no-op one
+            model.to(dtype=dtype)
+    if config.model.xformers:
+        try:
+            sd.unet.enable_xformers_memory_efficient_attention()
+        except Exception as error:  # not installed, or no GPU kernels on this machine
+            logger.warning("--xformers unavailable here (%s); using PyTorch SDPA attention instead.", error)
+    if config.run.gradient_checkpointing:
+        sd.unet.enable_gradient_checkpointing()
+        sd.text_encoder.gradient_checkpointing_enable()
+        sd.unet.train()  # diffusers and transformers checkpoint only in training mode
+        sd.text_encoder.train()
+
+
+def _build_network(config: TrainConfig, sd: StableDiffusionModels, accelerator: Accelerator):
+    module = importlib.import_module(config.network.module)
+    for path, multiplier in zip(config.network.base_weights, config.network.base_weights_multiplier):
+        merger, weights_sd = module.create_network_from_weights(multiplier, path, sd.vae, sd.text_encoder, sd.unet, for_inference=True)
+        merger.merge_to(sd.text_encoder, sd.unet, weights_sd, None, accelerator.device)
+        logger.info("merged --base_weights %s at multiplier %s", path, multiplier)
+    kwargs = dict(config.network.args)
+    if "dropout" not in kwargs:
+        kwargs["dropout"] = config.network.dropout
+    if config.network.dim_from_weights:
+        network, _ = module.create_network_from_weights(1.0, config.network.weights, sd.vae, sd.text_encoder, sd.unet, **kwargs)
+    else:
+        network = module.create_network(1.0, config.network.dim, config.network.alpha, sd.vae, sd.text_encoder, sd.unet, **kwargs)
+    train_unet = not config.network.train_text_encoder_only
+    train_text_encoder = not config.network.train_unet_only
+    network.apply_to(sd.text_encoder, sd.unet, train_text_encoder, train_unet)
+    if config.network.weights:
+        network.load_weights(config.network.weights)
+    if config.run.gradient_checkpointing:
+        network.enable_gradient_checkpointing()
+    network.prepare_grad_etc(sd.text_encoder, sd.unet)
+    if config.run.full_fp16 or config.run.full_bf16:
+        network.to(DTYPES[config.run.mixed_precision])
+    return network.to(accelerator.device)
+
+
+def _optimizer_groups(network, config: TrainConfig) -> tuple[list[dict], list[str]]:
+    result = network.prepare_optimizer_params(
+        config.optimizer.text_encoder_lr, config.optimizer.unet_lr, config.optimizer.learning_rate
+    )
+    if isinstance(result, tuple):
+        return result
+    return result, [f"group{i}" for i in range(len(result))]
+
+
+# --- the loop ---------------------------------------------------------------------------------------
+
+
+def training_loop(run: Run) -> list[Path]:
+    config, accelerator = run.config, run.accelerator
+    network = unwrap_network(run.network)
+    denoiser = SDDenoiser(run.sd.unet, run.sd.text_encoder, config.model.clip_skip)
+    if config.log.log_with:
+        accelerator.init_trackers(config.log.log_tracker_name or "network_train")
+    _print_summary(run)
+    written: list[Path] = []
+    step, epoch = 0, 0
+    progress = tqdm(total=run.facts.max_train_steps, desc="steps", disable=not accelerator.is_local_main_process)
+    try:
+        while step < run.facts.max_train_steps:
+            epoch += 1
+            network.on_epoch_start(run.sd.text_encoder, run.sd.unet)
+            for items in _batches(run, epoch):
+                with accelerator.accumulate(run.network):
+                    losses = _train_on(run, denoiser, items)
+                    if accelerator.sync_gradients:
+                        _clip_gradients(run, network)
+                    run.optimizer.step()
+                    run.optimizer.zero_grad(set_to_none=True)
+                if not accelerator.sync_gradients:
+                    continue
+                # One optimizer step done.
+                run.lr_scheduler.step()
+                step += 1
+                _scale_weight_norms(run, network)
+                _log(run, losses, step, progress)
+                if config.save.save_every_n_steps and step % config.save.save_every_n_steps == 0 and step < run.facts.max_train_steps:
+                    written.append(_save(run, network, step_name(run.output_name, step), epoch, step))
+                    _prune(run, step_to_remove(step, config.save.save_every_n_steps, config.save.save_last_n_steps), step_name)
+                if step >= run.facts.max_train_steps:
+                    break
+            if config.save.save_every_n_epochs and epoch % config.save.save_every_n_epochs == 0 and step < run.facts.max_train_steps:
+                written.append(_save(run, network, epoch_name(run.output_name, epoch), epoch, step))
+                _prune(run, epoch_to_remove(epoch, config.save.save_every_n_epochs, config.save.save_last_n_epochs), epoch_name)
+    except KeyboardInterrupt:
+        path = _save(run, network, interrupted_name(run.output_name, step), epoch, step)
+        logger.warning("interrupted at step %d: saved %s", step, path)
+        raise
+    progress.close()
+    written.append(_save(run, network, final_name(run.output_name), epoch, step))
+    accelerator.end_training()
+    _print_end(run, written)
+    return written
+
+
+def _batches(run: Run, epoch: int):
+    order = epoch_order(run.subsets, epoch, run.facts.seed)
+    processes = run.accelerator.num_processes
+    order = order[: len(order) - len(order) % processes]  # every process runs the same number of steps
+    shard = order[run.accelerator.process_index :: processes]
+    size = run.config.data.train_batch_size
+    for start in range(0, len(shard), size):
+        yield shard[start : start + size]
+
+
+def _train_on(run: Run, denoiser: SDDenoiser, items: list[ImageItem]):
+    config, accelerator = run.config, run.accelerator
+    latents = _latents(run, items)
+    captions = [item.caption for item in items]
+    free = [_free_caption(config, item) for item in items]
+    weights = torch.tensor([config.loss.prior_loss_weight if item.is_reg else 1.0 for item in items])
+    batch, loss_fn = build_cat_batch(
+        latents, tokenize(run.sd.tokenizer, captions), tokenize(run.sd.tokenizer, free), weights,
+        run.schedule, config.noise, config.loss, run.generator,
+    )
+
+    def backward(loss: torch.Tensor, last: bool) -> None:
+        if last:
+            accelerator.backward(loss)
+        else:  # the first of two backward passes in sequential mode: sync gradients only once per step
+            with accelerator.no_sync(run.network):
+                accelerator.backward(loss)
+
+    with accelerator.autocast():
+        losses = cat_step(denoiser, run.network, batch, config.cat.weight, config.cat.mode, loss_fn, backward)
+    if not torch.isfinite(losses.total):
+        raise TrainingDiverged(
+            f"the loss became {losses.total.item()} (main {losses.main.item()}, cat {losses.cat.item()}); training "
+            "stopped and the files already written were kept. Lower the learning rate or use --mixed_precision bf16."
+        )
+    return losses
+
+
+def _free_caption(config: TrainConfig, item: ImageItem) -> str:
+    if not config.cat.enabled:
+        return item.caption
+    class_word = config.cat.class_word
+    if config.cat.caption == "class" and not class_word:
+        class_word = class_word_from_tokens(item.class_tokens, config.cat.triggers) if config.cat.triggers else item.class_tokens
+    if config.cat.caption != "empty" and not config.cat.triggers:
+        return item.caption
+    return trigger_free_caption(item.caption, config.cat.triggers, config.cat.caption, class_word, config.data.caption_separator)
+
+
+@torch.no_grad()
+def _latents(run: Run, items: list[ImageItem]) -> torch.Tensor:
+    vae = run.sd.vae
+    resolution = run.config.data.resolution or (512, 512)
+    missing = [item.path for item in items if item.path not in run.latent_cache]
+    if missing:
+        pixels = torch.stack([load_image(p, resolution) for p in missing]).to(vae.device, vae.dtype)
+        encoded = vae.encode(pixels).latent_dist.sample(generator=None) * vae.config.scaling_factor
+        if not run.config.data.cache_latents:
+            return encoded.to(run.sd.unet.dtype)
+        for path, latent in zip(missing, encoded):
+            run.latent_cache[path] = latent.cpu()
+    return torch.stack([run.latent_cache[item.path] for item in items]).to(run.accelerator.device, run.sd.unet.dtype)
+
+
+def _clip_gradients(run: Run, network) -> None:
+    if run.config.optimizer.max_grad_norm:
+        run.accelerator.clip_grad_norm_(network.get_trainable_params(), run.config.optimizer.max_grad_norm)
+
+
+def _scale_weight_norms(run: Run, network) -> None:
+    if run.config.network.scale_weight_norms:
+        network.apply_max_norm_regularization(run.config.network.scale_weight_norms, run.accelerator.device)
+
+
+def _log(run: Run, losses, step: int, progress) -> None:
+    values = {"loss/main": losses.main.item(), "loss/cat": losses.cat.item(), "loss/total": losses.total.item()}
+    values.update(current_learning_rates(run.lr_scheduler, run.lr_descriptions))
+    progress.update(1)
+    progress.set_postfix(loss=f"{values['loss/total']:.4f}", cat=f"{values['loss/cat']:.4f}")
+    if run.config.log.log_with:
+        run.accelerator.log(values, step=step)
+
+
+def _save(run: Run, network, name: str, epoch: int, step: int) -> Path:
+    path = run.output_dir / name
+    if run.accelerator.is_main_process:
+        metadata = None if run.config.save.no_metadata else at_save(run.metadata, epoch, step)
+        network.save_weights(path, run.save_dtype, metadata)
+    run.accelerator.wait_for_everyone()
+    return path
+
+
+def _prune(run: Run, number: int | None, namer) -> None:
+    if number is None or not run.accelerator.is_main_process:
+        return
+    old = run.output_dir / namer(run.output_name, number)
+    if old.exists():
+        old.unlink()
+        logger.info("removed %s (--save_last_n_*)", old)
+
+
+def _print_summary(run: Run) -> None:
+    if not run.accelerator.is_main_process:
+        return
+    cat = run.config.cat
+    print(
+        f"training: {run.facts.num_train_images} images (with repeats), {run.facts.num_reg_images} regularisation, "
+        f"{run.facts.num_batches_per_epoch} steps per epoch, {run.facts.max_train_steps} steps, seed {run.facts.seed}\n"
+        f"CAT: weight {cat.weight}, trigger {list(cat.triggers)}, caption '{cat.caption}', mode {cat.mode}"
+        + ("" if cat.enabled else " (off: plain LoRA training)")
+    )
+
+
+def _print_end(run: Run, written: list[Path]) -> None:
+    if run.accelerator.is_main_process:
+        print("written:\n" + "\n".join(f"  {p}" for p in written if p.exists()))
