@@ -170,8 +170,24 @@ def _prepare_models(config: TrainConfig, sd: StableDiffusionModels, accelerator:
         sd.text_encoder.train()
 
 
+# sd-scripts' own module names, which GUIs write: ours is the drop-in with the same files and args.
+NETWORK_MODULE_ALIASES = {"networks.lora": "networks.lora_cat"}
+
+
+def import_network_module(name: str):
+    """The `--network_module`: sd-scripts' `networks.lora` means ours; anything else is imported as named."""
+    name = NETWORK_MODULE_ALIASES.get(name, name)
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        raise UserInputError(
+            f"--network_module {name}: cannot import it ({error}); use networks.lora_cat, or install the package "
+            "that provides it (e.g. pip install lycoris-lora for lycoris.kohya)."
+        ) from None
+
+
 def _build_network(config: TrainConfig, sd: StableDiffusionModels, accelerator: Accelerator):
-    module = importlib.import_module(config.network.module)
+    module = import_network_module(config.network.module)
     for path, multiplier in zip(config.network.base_weights, config.network.base_weights_multiplier):
         merger, weights_sd = module.create_network_from_weights(multiplier, path, sd.vae, sd.text_encoder, sd.unet, for_inference=True)
         merger.merge_to(sd.text_encoder, sd.unet, weights_sd, None, accelerator.device)

@@ -1,0 +1,220 @@
+"""`train_network_cat.py` end to end on the tiny model: files, names, metadata, diffusers, bad input."""
+
+import copy
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from diffusers import StableDiffusionPipeline
+
+import library.trainer as trainer
+import networks.lora_cat as lora_cat
+import train_network_cat
+from library.demo_data import write_demo_dataset
+from library.lora_file import read_lora_file
+from library.sd_models import load_stable_diffusion
+from library.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each run builds its own Accelerator, as each process of a real run does."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    save_single_file(build_tiny_sd(seed=0), root / "tiny.safetensors")
+    write_demo_dataset(root / "data", with_reg=True)
+    return root
+
+
+def _argv(workspace, out, *extra):
+    return [
+        "--pretrained_model_name_or_path", str(workspace / "tiny.safetensors"),
+        "--model_config", str(tiny_config_dir(False)),
+        "--train_data_dir", str(workspace / "data" / "train"), "--reg_data_dir", str(workspace / "data" / "reg"),
+        "--caption_extension", ".txt", "--resolution", "64", "--output_dir", str(out), "--output_name", "cat",
+        "--network_dim", "4", "--network_alpha", "2", "--learning_rate", "1e-3", "--max_train_steps", "4",
+        "--train_batch_size", "2", "--seed", "3", "--cat_trigger", "sks", "--max_data_loader_n_workers", "0",
+        *extra,
+    ]
+
+
+def test_files_names_and_metadata(workspace, tmp_path):
+    out = tmp_path / "out"
+    argv = _argv(workspace, out, "--save_every_n_steps", "1", "--save_last_n_steps", "2", "--cat_weight", "0.5",
+                 "--max_train_steps", "5")
+    assert train_network_cat.main(argv) == 0
+    names = sorted(p.name for p in out.iterdir())
+    # sd-scripts' rule: saving step 4 removes step 1 (older than the last 2 steps); the final file has no step.
+    assert names == [f"cat-step0000000{i}.safetensors" for i in (2, 3, 4)] + ["cat.safetensors"]
+    tensors, metadata = read_lora_file(out / "cat.safetensors")
+    assert metadata["ss_cat_weight"] == "0.5" and metadata["ss_cat_trigger"] == '["sks"]'
+    assert metadata["ss_cat_caption"] == "strip" and metadata["ss_cat_mode"] in ("batched", "sequential")
+    assert metadata["modelspec.trigger_phrase"] == "sks"
+    assert metadata["ss_steps"] == "5" and metadata["ss_seed"] == "3"
+    assert metadata["ss_network_module"] == "networks.lora_cat" and metadata["ss_base_model_version"] == "sd_v1"
+    assert metadata["ss_num_reg_images"] == "2" and len(metadata["sshs_model_hash"]) == 64
+    assert any(k.startswith("lora_te_text_model_") for k in tensors) and any(k.startswith("lora_unet_") for k in tensors)
+    assert any(v.abs().sum() > 0 for k, v in tensors.items() if "lora_up" in k), "training moved the adapters"
+
+
+def test_diffusers_loads_the_trained_lora(workspace, tmp_path):
+    out = tmp_path / "out"
+    assert train_network_cat.main(_argv(workspace, out)) == 0
+    path = out / "cat.safetensors"
+    sd = load_stable_diffusion(workspace / "tiny.safetensors", model_config=tiny_config_dir(False))
+    theirs = copy.deepcopy(sd)
+    network, _ = lora_cat.create_network_from_weights(1.0, path, sd.vae, sd.text_encoder, sd.unet)
+    network.apply_to(sd.text_encoder, sd.unet)
+    network.load_weights(path)
+    pipe = StableDiffusionPipeline(
+        vae=theirs.vae, text_encoder=theirs.text_encoder, tokenizer=theirs.tokenizer, unet=theirs.unet,
+        scheduler=theirs.noise_scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.load_lora_weights(str(path))
+    ids = sd.tokenizer(["a photo of sks teapot"], padding="max_length", return_tensors="pt").input_ids
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = sd.unet(latents, torch.tensor([300]), sd.text_encoder(ids).last_hidden_state).sample
+        got = pipe.unet(latents, torch.tensor([300]), pipe.text_encoder(ids).last_hidden_state).sample
+        with network.adapters_off():
+            base = sd.unet(latents, torch.tensor([300]), sd.text_encoder(ids).last_hidden_state).sample
+    assert (ours - base).abs().max() > 1e-6
+    assert (ours - got).abs().max() < 1e-4
+
+
+def test_cat_weight_zero_is_bitwise_cat_switched_off(workspace, tmp_path):
+    with_trigger = tmp_path / "a"
+    without = tmp_path / "b"
+    assert train_network_cat.main(_argv(workspace, with_trigger, "--cat_weight", "0")) == 0
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    argv = _argv(workspace, without, "--cat_weight", "0")
+    argv = argv[: argv.index("--cat_trigger")] + argv[argv.index("--cat_trigger") + 2 :]
+    assert train_network_cat.main(argv) == 0
+    a, _ = read_lora_file(with_trigger / "cat.safetensors")
+    b, _ = read_lora_file(without / "cat.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cat_changes_the_result(workspace, tmp_path):
+    assert train_network_cat.main(_argv(workspace, tmp_path / "plain", "--cat_weight", "0")) == 0
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    assert train_network_cat.main(_argv(workspace, tmp_path / "cat", "--cat_weight", "1")) == 0
+    plain, _ = read_lora_file(tmp_path / "plain" / "cat.safetensors")
+    cat, _ = read_lora_file(tmp_path / "cat" / "cat.safetensors")
+    assert any(not torch.equal(plain[k], cat[k]) for k in plain)
+
+
+def test_gui_style_config_file(workspace, tmp_path):
+    out = tmp_path / "gui"
+    config = tmp_path / "gui_config.toml"
+    config.write_text(
+        f"""
+[model]
+pretrained_model_name_or_path = "{workspace / 'tiny.safetensors'}"
+model_config = "{tiny_config_dir(False)}"
+[dataset]
+train_data_dir = "{workspace / 'data' / 'train'}"
+caption_extension = ".txt"
+resolution = "64,64"
+train_batch_size = 2
+max_data_loader_n_workers = 0
+[training]
+output_dir = "{out}"
+output_name = "gui"
+network_module = "networks.lora"
+network_dim = 4
+network_alpha = 2
+learning_rate = 0.001
+max_train_steps = 2
+epoch = 1
+stop_text_encoder_training = 0
+cat_trigger = ["sks"]
+""",
+        encoding="utf-8",
+    )
+    assert train_network_cat.main(["--config_file", str(config)]) == 0
+    assert (out / "gui.safetensors").is_file()
+
+
+def test_interrupt_saves_a_file_that_says_so(workspace, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_step = trainer.cat_step
+
+    def interrupting_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "cat_step", interrupting_step)
+    assert train_network_cat.main(_argv(workspace, tmp_path / "out")) == 130
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["cat-interrupted-step00000002.safetensors"]
+
+
+def test_nan_loss_stops_and_keeps_earlier_files(workspace, tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    real_step = trainer.cat_step
+
+    def diverging_step(*args, **kwargs):
+        calls["n"] += 1
+        losses = real_step(*args, **kwargs)
+        if calls["n"] == 3:
+            return type(losses)(losses.main, losses.cat, torch.tensor(float("nan")))
+        return losses
+
+    monkeypatch.setattr(trainer, "cat_step", diverging_step)
+    out = tmp_path / "out"
+    assert train_network_cat.main(_argv(workspace, out, "--save_every_n_steps", "1")) == 1
+    assert "loss became nan" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["cat-step00000001.safetensors", "cat-step00000002.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (("--pretrained_model_name_or_path", "/nonexistent/model.safetensors"), "/nonexistent/model.safetensors"),
+        (("--cat_trigger", "zzyzx"), "appears in none"),
+        (("--cat_weight", "-1"), "--cat_weight"),
+        (("--cat_weight", "nan"), "--cat_weight"),
+        (("--network_module", "no_such.module"), "no_such.module"),
+    ],
+)
+def test_bad_input_gets_a_sentence_and_keeps_files(workspace, tmp_path, capsys, change, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "cat.safetensors").write_bytes(b"an earlier LoRA")
+    argv = _argv(workspace, out)
+    if change[0] in argv:
+        argv[argv.index(change[0]) + 1] = change[1]
+    else:
+        argv += list(change)
+    assert train_network_cat.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert (out / "cat.safetensors").read_bytes() == b"an earlier LoRA"
+
+
+def test_conflicting_flags_and_unwritable_output(workspace, tmp_path, capsys):
+    argv = _argv(workspace, tmp_path / "o", "--network_train_unet_only", "--network_train_text_encoder_only")
+    assert train_network_cat.main(argv) == 2
+    assert "--network_train_unet_only" in capsys.readouterr().err
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert train_network_cat.main(_argv(workspace, blocker / "out")) == 2
+    assert "--output_dir" in capsys.readouterr().err
+
+
+def test_wrong_type_in_config_file_names_file_and_key(workspace, tmp_path, capsys):
+    config = tmp_path / "bad.toml"
+    config.write_text('[training]\nlearning_rate = "fast"\n', encoding="utf-8")
+    assert train_network_cat.main(_argv(workspace, tmp_path / "o", "--config_file", str(config))) == 2
+    err = capsys.readouterr().err
+    assert "bad.toml" in err and "learning_rate" in err and "fast" in err
