@@ -10,6 +10,7 @@ import importlib
 import logging
 import math
 import random
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from library.sd_models import StableDiffusionModels, load_stable_diffusion
 from library.train_batch import NoiseSchedule, build_cat_batch, tokenize
 from library.train_config import TrainConfig
 from library.train_metadata import RunFacts, at_save, training_metadata
+from library.train_state import Progress, load_state, read_progress, save_state
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +87,7 @@ def setup(config: TrainConfig) -> Run:
         log_with=config.log.log_with,
         project_dir=config.log.logging_dir,
     )
-    seed = config.run.seed if config.run.seed is not None else random.randint(0, 2**32 - 1)
+    seed = _seed(config)
     set_seed(seed)
 
     subsets = _load_subsets(config)
@@ -129,6 +131,15 @@ def setup(config: TrainConfig) -> Run:
         training_metadata(config, facts, output_name), output_dir, output_name,
         SAVE_DTYPES.get(config.save.save_precision) if config.save.save_precision else None, {}, generator,
     )
+
+
+def _seed(config: TrainConfig) -> int:
+    """--seed; when resuming without one, the seed of the run being resumed; else a fresh one."""
+    if config.run.seed is not None:
+        return config.run.seed
+    if config.save.resume:
+        return read_progress(Path(config.save.resume)).seed
+    return random.randint(0, 2**32 - 1)
 
 
 def _load_subsets(config: TrainConfig) -> list[Subset]:
@@ -230,15 +241,18 @@ def training_loop(run: Run) -> list[Path]:
     denoiser = SDDenoiser(run.sd.unet, run.sd.text_encoder, config.model.clip_skip)
     if config.log.log_with:
         accelerator.init_trackers(config.log.log_tracker_name or "network_train")
-    _print_summary(run)
+    progress = _start_progress(run, network)
+    _print_summary(run, progress)
     written: list[Path] = []
-    step, epoch = 0, 0
-    progress = tqdm(total=run.facts.max_train_steps, desc="steps", disable=not accelerator.is_local_main_process)
+    step, epoch = progress.step, progress.epoch
+    bar = tqdm(total=run.facts.max_train_steps, initial=step, desc="steps", disable=not accelerator.is_local_main_process)
     try:
         while step < run.facts.max_train_steps:
-            epoch += 1
             network.on_epoch_start(run.sd.text_encoder, run.sd.unet)
-            for items in _batches(run, epoch):
+            skip = progress.batches_in_epoch if epoch == progress.epoch else 0
+            for batch_index, items in enumerate(_batches(run, epoch)):
+                if batch_index < skip:
+                    continue  # trained on before the state this run resumed from
                 with accelerator.accumulate(run.network):
                     losses = _train_on(run, denoiser, items)
                     if accelerator.sync_gradients:
@@ -251,24 +265,46 @@ def training_loop(run: Run) -> list[Path]:
                 run.lr_scheduler.step()
                 step += 1
                 _scale_weight_norms(run, network)
-                _log(run, losses, step, progress)
-                if config.save.save_every_n_steps and step % config.save.save_every_n_steps == 0 and step < run.facts.max_train_steps:
-                    written.append(_save(run, network, step_name(run.output_name, step), epoch, step))
-                    _prune(run, step_to_remove(step, config.save.save_every_n_steps, config.save.save_last_n_steps), step_name)
+                _log(run, losses, step, bar)
                 if step >= run.facts.max_train_steps:
                     break
-            if config.save.save_every_n_epochs and epoch % config.save.save_every_n_epochs == 0 and step < run.facts.max_train_steps:
-                written.append(_save(run, network, epoch_name(run.output_name, epoch), epoch, step))
-                _prune(run, epoch_to_remove(epoch, config.save.save_every_n_epochs, config.save.save_last_n_epochs), epoch_name)
+                if config.save.save_every_n_steps and step % config.save.save_every_n_steps == 0:
+                    here = Progress(step, epoch, batch_index + 1, run.facts.seed, run.facts.max_train_steps)
+                    written.append(_save(run, network, step_name(run.output_name, step), here))
+                    _prune(run, step_to_remove(step, config.save.save_every_n_steps, config.save.save_last_n_steps), step_name)
+            else:
+                epoch += 1
+                if config.save.save_every_n_epochs and (epoch - 1) % config.save.save_every_n_epochs == 0:
+                    here = Progress(step, epoch, 0, run.facts.seed, run.facts.max_train_steps)
+                    written.append(_save(run, network, epoch_name(run.output_name, epoch - 1), here))
+                    _prune(run, epoch_to_remove(epoch - 1, config.save.save_every_n_epochs, config.save.save_last_n_epochs), epoch_name)
     except KeyboardInterrupt:
-        path = _save(run, network, interrupted_name(run.output_name, step), epoch, step)
+        path = _save(run, network, interrupted_name(run.output_name, step), None)
         logger.warning("interrupted at step %d: saved %s", step, path)
         raise
-    progress.close()
-    written.append(_save(run, network, final_name(run.output_name), epoch, step))
+    bar.close()
+    final = Progress(step, epoch, 0, run.facts.seed, run.facts.max_train_steps)
+    written.append(_save(run, network, final_name(run.output_name), final, end=True))
     accelerator.end_training()
     _print_end(run, written)
     return written
+
+
+def _start_progress(run: Run, network) -> Progress:
+    """Step 0 of epoch 1, or where the `--resume` state left off."""
+    if not run.config.save.resume:
+        return Progress(0, 1, 0, run.facts.seed, run.facts.max_train_steps)
+    folder = Path(run.config.save.resume)
+    saved = read_progress(folder)
+    if saved.seed != run.facts.seed:
+        raise UserInputError(
+            f"--resume {folder} was saved by a run with seed {saved.seed}, this run has seed {run.facts.seed}; "
+            f"pass --seed {saved.seed} to continue it (the data order and noise depend on it)."
+        )
+    progress = load_state(folder, network, run.optimizer, run.lr_scheduler, run.generator)
+    logger.info("resumed from %s at step %d (epoch %d, batch %d)", folder, progress.step, progress.epoch,
+                progress.batches_in_epoch)
+    return progress
 
 
 def _batches(run: Run, epoch: int):
@@ -322,17 +358,27 @@ def _free_caption(config: TrainConfig, item: ImageItem) -> str:
 
 @torch.no_grad()
 def _latents(run: Run, items: list[ImageItem]) -> torch.Tensor:
-    vae = run.sd.vae
-    resolution = run.config.data.resolution or (512, 512)
+    """VAE latents of the images. Each image's latent sample is drawn from its own seeded stream, so
+    caching, batching and resuming cannot change what is trained."""
     missing = [item.path for item in items if item.path not in run.latent_cache]
     if missing:
-        pixels = torch.stack([load_image(p, resolution) for p in missing]).to(vae.device, vae.dtype)
-        encoded = vae.encode(pixels).latent_dist.sample(generator=None) * vae.config.scaling_factor
+        encoded = _encode(run, missing)
         if not run.config.data.cache_latents:
-            return encoded.to(run.sd.unet.dtype)
-        for path, latent in zip(missing, encoded):
-            run.latent_cache[path] = latent.cpu()
+            by_path = dict(zip(missing, encoded))
+            return torch.stack([by_path[item.path] for item in items]).to(run.accelerator.device, run.sd.unet.dtype)
+        run.latent_cache.update({path: latent.cpu() for path, latent in zip(missing, encoded)})
     return torch.stack([run.latent_cache[item.path] for item in items]).to(run.accelerator.device, run.sd.unet.dtype)
+
+
+def _encode(run: Run, paths: list[Path]) -> torch.Tensor:
+    vae = run.sd.vae
+    pixels = torch.stack([load_image(p, run.config.data.resolution or (512, 512)) for p in paths]).to(vae.device, vae.dtype)
+    dist = vae.encode(pixels).latent_dist
+    noise = torch.stack([
+        torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(run.facts.seed ^ zlib.crc32(str(p).encode())))
+        for p in paths
+    ]).to(dist.mean.device, dist.mean.dtype)
+    return (dist.mean + dist.std * noise) * vae.config.scaling_factor
 
 
 def _clip_gradients(run: Run, network) -> None:
@@ -354,11 +400,17 @@ def _log(run: Run, losses, step: int, progress) -> None:
         run.accelerator.log(values, step=step)
 
 
-def _save(run: Run, network, name: str, epoch: int, step: int) -> Path:
+def _save(run: Run, network, name: str, progress: Progress | None, end: bool = False) -> Path:
+    """Write one LoRA file (and, with --save_state, the state to resume from at this point)."""
     path = run.output_dir / name
     if run.accelerator.is_main_process:
+        epoch, step = (progress.epoch, progress.step) if progress else (0, 0)
         metadata = None if run.config.save.no_metadata else at_save(run.metadata, epoch, step)
         network.save_weights(path, run.save_dtype, metadata)
+        wants_state = run.config.save.save_state or (end and run.config.save.save_state_on_train_end)
+        if progress is not None and wants_state:
+            state = run.output_dir / (name.removesuffix(".safetensors") + "-state")
+            save_state(state, network, run.optimizer, run.lr_scheduler, run.generator, progress)
     run.accelerator.wait_for_everyone()
     return path
 
@@ -372,13 +424,14 @@ def _prune(run: Run, number: int | None, namer) -> None:
         logger.info("removed %s (--save_last_n_*)", old)
 
 
-def _print_summary(run: Run) -> None:
+def _print_summary(run: Run, progress: Progress) -> None:
     if not run.accelerator.is_main_process:
         return
     cat = run.config.cat
+    resumed = f", resuming at step {progress.step}" if progress.step else ""
     print(
         f"training: {run.facts.num_train_images} images (with repeats), {run.facts.num_reg_images} regularisation, "
-        f"{run.facts.num_batches_per_epoch} steps per epoch, {run.facts.max_train_steps} steps, seed {run.facts.seed}\n"
+        f"{run.facts.num_batches_per_epoch} steps per epoch, {run.facts.max_train_steps} steps, seed {run.facts.seed}{resumed}\n"
         f"CAT: weight {cat.weight}, trigger {list(cat.triggers)}, caption '{cat.caption}', mode {cat.mode}"
         + ("" if cat.enabled else " (off: plain LoRA training)")
     )

@@ -218,3 +218,39 @@ def test_wrong_type_in_config_file_names_file_and_key(workspace, tmp_path, capsy
     assert train_network_cat.main(_argv(workspace, tmp_path / "o", "--config_file", str(config))) == 2
     err = capsys.readouterr().err
     assert "bad.toml" in err and "learning_rate" in err and "fast" in err
+
+
+def _reset():
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_resume_equals_uninterrupted(workspace, tmp_path):
+    steps = ("--max_train_steps", "7", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--network_dropout", "0.1")
+    assert train_network_cat.main(_argv(workspace, tmp_path / "full", *steps)) == 0
+    _reset()
+    saving = _argv(workspace, tmp_path / "saving", *steps, "--save_state", "--save_every_n_steps", "3")
+    assert train_network_cat.main(saving) == 0
+    state = tmp_path / "saving" / "cat-step00000003-state"
+    assert sorted(p.name for p in state.iterdir()) == [
+        "lr_scheduler.pt", "network.safetensors", "optimizer.pt", "progress.json", "rng.pt"]
+    _reset()
+    resumed = _argv(workspace, tmp_path / "resumed", *steps, "--resume", str(state))
+    assert train_network_cat.main(resumed) == 0
+    full, _ = read_lora_file(tmp_path / "full" / "cat.safetensors")
+    for run in ("saving", "resumed"):
+        other, metadata = read_lora_file(tmp_path / run / "cat.safetensors")
+        assert all(torch.equal(full[k], other[k]) for k in full), run
+        assert metadata["ss_steps"] == "7"
+
+
+def test_resume_state_that_does_not_fit_the_network(workspace, tmp_path, capsys):
+    saving = _argv(workspace, tmp_path / "a", "--save_state", "--save_every_n_steps", "2")
+    assert train_network_cat.main(saving) == 0
+    _reset()
+    argv = _argv(workspace, tmp_path / "b", "--resume", str(tmp_path / "a" / "cat-step00000002-state"), "--network_dim", "8")
+    assert train_network_cat.main(argv) == 2
+    assert "rank 4" in capsys.readouterr().err
+    _reset()
+    assert train_network_cat.main(_argv(workspace, tmp_path / "c", "--resume", str(tmp_path / "a"))) == 2
+    assert "not a state folder" in capsys.readouterr().err

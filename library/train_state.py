@@ -1,0 +1,112 @@
+"""Training state for `--save_state` / `--resume`: enough to continue as if never stopped.
+
+A state folder holds the adapter weights (`network.safetensors`), the optimizer and learning-rate
+scheduler state, every random-number stream the loop draws from, and the progress (step, epoch,
+batches done in that epoch). The data order of an epoch is a function of (seed, epoch), so the
+resumed run skips exactly the batches already trained on; sd-scripts restarts its step count and
+data order here. Tensors are read back with `torch.load(weights_only=True)`: a state folder never
+runs code. Folders are written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from library.errors import UserInputError
+
+PROGRESS_FILE = "progress.json"
+NETWORK_FILE = "network.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "lr_scheduler.pt"
+RNG_FILE = "rng.pt"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where the run is: optimizer steps done, the epoch in progress and the batches done in it."""
+
+    step: int
+    epoch: int
+    batches_in_epoch: int
+    seed: int
+    max_train_steps: int
+
+
+def save_state(folder: Path, network, optimizer, lr_scheduler, generator: torch.Generator, progress: Progress) -> Path:
+    """Write the state folder atomically (a partial folder never carries the final name)."""
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    network.save_weights(partial / NETWORK_FILE, None, None)
+    torch.save(optimizer.state_dict(), partial / OPTIMIZER_FILE)
+    torch.save(lr_scheduler.state_dict(), partial / SCHEDULER_FILE)
+    torch.save(_rng_states(generator), partial / RNG_FILE)
+    (partial / PROGRESS_FILE).write_text(json.dumps(asdict(progress), indent=2), encoding="utf-8")
+    if folder.exists():
+        shutil.rmtree(folder)
+    partial.rename(folder)
+    return folder
+
+
+def load_state(folder: Path, network, optimizer, lr_scheduler, generator: torch.Generator) -> Progress:
+    """Restore everything `save_state` wrote; a state that does not fit this run is a UserInputError."""
+    progress = read_progress(folder)
+    network.load_weights(folder / NETWORK_FILE)
+    try:
+        optimizer.load_state_dict(_load(folder / OPTIMIZER_FILE))
+        lr_scheduler.load_state_dict(_load(folder / SCHEDULER_FILE))
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise UserInputError(
+            f"--resume {folder}: its optimizer or scheduler state does not fit this run ({error}); resume with the "
+            "same --network_dim, network_args, optimizer and learning-rate flags as the run that saved it."
+        ) from None
+    _restore_rng(_load(folder / RNG_FILE), generator)
+    return progress
+
+
+def read_progress(folder: Path) -> Progress:
+    """The progress record of a state folder, with a sentence when it is not one."""
+    path = Path(folder) / PROGRESS_FILE
+    if not path.is_file():
+        raise UserInputError(
+            f"--resume {folder} is not a state folder of this trainer (no {PROGRESS_FILE}); give a folder written "
+            "by --save_state, e.g. output/name-step00000100-state."
+        )
+    try:
+        return Progress(**json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, TypeError) as error:
+        raise UserInputError(f"--resume {folder}: {PROGRESS_FILE} is damaged ({error}).") from None
+
+
+def _load(path: Path):
+    if not path.is_file():
+        raise UserInputError(f"--resume {path.parent} lacks {path.name}; the state folder is incomplete.")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _rng_states(generator: torch.Generator) -> dict:
+    states = {"torch": torch.get_rng_state(), "generator": generator.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _restore_rng(states: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(states["torch"])
+    generator.set_state(states["generator"])
+    random.setstate(_as_tuple(states["python"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _as_tuple(value):
+    """random.setstate needs tuples; a round trip through torch.save may hand back lists."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_tuple(v) for v in value)
+    return value
