@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import os
 import random
 import zlib
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from library.captions import class_word_from_tokens, contains_trigger, trigger_free_caption
 from library.cat_objective import cat_step
 from library.errors import UserInputError
+from library.grad_sync import average_gradients
 from library.folder_dataset import ImageItem, Subset, epoch_order, load_image, scan_folders
 from library.lr_schedulers import build_lr_scheduler, current_learning_rates
 from library.network_protocol import unwrap_network
@@ -82,6 +84,9 @@ def setup(config: TrainConfig) -> Run:
     output_dir = check_writable(config.save.output_dir)
     output_name = config.save.output_name or "last"
     accelerator = Accelerator(
+        # Several processes on a machine without a GPU (torchrun): accelerate runs them as MULTI_CPU
+        # (gloo) only when told to use the CPU; otherwise each would train alone.
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         gradient_accumulation_steps=config.run.gradient_accumulation_steps,
         mixed_precision=config.run.mixed_precision,
         log_with=config.log.log_with,
@@ -114,7 +119,8 @@ def setup(config: TrainConfig) -> Run:
         decay_steps=config.scheduler.decay_steps(max_steps), timescale=config.scheduler.lr_scheduler_timescale,
         learning_rate=config.optimizer.learning_rate,
     )
-    network, optimizer = accelerator.prepare(network, optimizer)
+    # The network itself is not prepared (no DDP wrapper): see library.grad_sync.
+    optimizer = accelerator.prepare(optimizer)
 
     facts = RunFacts(
         model_version=sd.model_version, seed=seed,
@@ -253,9 +259,10 @@ def training_loop(run: Run) -> list[Path]:
             for batch_index, items in enumerate(_batches(run, epoch)):
                 if batch_index < skip:
                     continue  # trained on before the state this run resumed from
-                with accelerator.accumulate(run.network):
+                with accelerator.accumulate():
                     losses = _train_on(run, denoiser, items)
                     if accelerator.sync_gradients:
+                        average_gradients(network.get_trainable_params(), accelerator.num_processes)
                         _clip_gradients(run, network)
                     run.optimizer.step()
                     run.optimizer.zero_grad(set_to_none=True)
@@ -329,11 +336,7 @@ def _train_on(run: Run, denoiser: SDDenoiser, items: list[ImageItem]):
     )
 
     def backward(loss: torch.Tensor, last: bool) -> None:
-        if last:
-            accelerator.backward(loss)
-        else:  # the first of two backward passes in sequential mode: sync gradients only once per step
-            with accelerator.no_sync(run.network):
-                accelerator.backward(loss)
+        accelerator.backward(loss)  # gradients are averaged across processes once, before the optimizer step
 
     with accelerator.autocast():
         losses = cat_step(denoiser, run.network, batch, config.cat.weight, config.cat.mode, loss_fn, backward)

@@ -1,0 +1,40 @@
+"""Run by tests/test_ddp.py under `torchrun --nproc_per_node 2`: trains with the real trainer and
+prints, per rank, how many all-reduce calls the training loop made and a checksum of the adapter weights."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import library.trainer as trainer  # noqa: E402
+from library.network_protocol import unwrap_network  # noqa: E402
+from library.train_args import parse_args  # noqa: E402
+
+calls = {"allreduce": 0}
+
+
+real_all_reduce = torch.distributed.all_reduce
+
+
+def counting_all_reduce(*args, **kwargs):
+    calls["allreduce"] += 1
+    return real_all_reduce(*args, **kwargs)
+
+
+def main() -> None:
+    config = parse_args(sys.argv[1:])
+    run = trainer.setup(config)
+    torch.distributed.all_reduce = counting_all_reduce  # counts the collectives of the training loop only
+    trainer.training_loop(run)
+    torch.distributed.all_reduce = real_all_reduce
+    network = unwrap_network(run.network)
+    checksum = sum(p.double().sum().item() for p in network.parameters())
+    print("PROBE " + json.dumps({"rank": run.accelerator.process_index, "allreduce": calls["allreduce"],
+                                  "checksum": checksum}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
