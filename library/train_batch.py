@@ -54,15 +54,20 @@ def build_cat_batch(
     noise = sample_noise(
         latents,
         noise_offset=noise_args.noise_offset,
+        noise_offset_random_strength=noise_args.noise_offset_random_strength,
+        adaptive_noise_scale=noise_args.adaptive_noise_scale,
         multires_noise_iterations=noise_args.multires_noise_iterations,
         multires_noise_discount=noise_args.multires_noise_discount,
         generator=generator,
     )
     low, high = noise_args.timestep_range
     timesteps = sample_timesteps(latents.shape[0], low, high, scheduler.config.num_train_timesteps, latents.device, generator)
-    z_t = noisy_latents(scheduler, latents, noise, timesteps, ip_noise_gamma=noise_args.ip_noise_gamma, generator=generator)
+    z_t = noisy_latents(scheduler, latents, noise, timesteps, ip_noise_gamma=noise_args.ip_noise_gamma,
+                        ip_noise_gamma_random_strength=noise_args.ip_noise_gamma_random_strength, generator=generator)
     weights = loss_weights.to(latents.device) * snr_loss_weight(
-        snr(schedule.weights, timesteps), v_prediction=schedule.v_prediction, min_snr_gamma=loss_args.min_snr_gamma
+        snr(schedule.weights, timesteps), v_prediction=schedule.v_prediction, min_snr_gamma=loss_args.min_snr_gamma,
+        scale_v_pred_loss_like_noise_pred=loss_args.scale_v_pred_loss_like_noise_pred,
+        v_pred_like_loss=loss_args.v_pred_like_loss, debiased_estimation_loss=loss_args.debiased_estimation_loss,
     ).to(latents.device)
     batch = CATBatch(
         noisy_latents=z_t,

@@ -98,9 +98,12 @@ class NoiseArgs:
     """How noise and timesteps are drawn."""
 
     noise_offset: float | None
+    noise_offset_random_strength: bool
+    adaptive_noise_scale: float | None
     multires_noise_iterations: int | None
     multires_noise_discount: float
     ip_noise_gamma: float | None
+    ip_noise_gamma_random_strength: bool
     zero_terminal_snr: bool
     min_timestep: int | None  # None: 0
     max_timestep: int | None  # None: 1000
@@ -122,6 +125,9 @@ class LossArgs:
     huber_c: float
     huber_scale: float
     min_snr_gamma: float | None
+    scale_v_pred_loss_like_noise_pred: bool
+    v_pred_like_loss: float | None
+    debiased_estimation_loss: bool
     prior_loss_weight: float
 
 

@@ -27,7 +27,7 @@ from library.grad_sync import average_gradients
 from library.folder_dataset import ImageItem, Subset, epoch_order, load_image, scan_folders
 from library.lr_schedulers import build_lr_scheduler, current_learning_rates
 from library.network_protocol import unwrap_network
-from library.noise import zero_terminal_snr_scheduler
+from library.noise import check_snr_weighting_flags, zero_terminal_snr_scheduler
 from library.optimizers import build_optimizer
 from library.output_files import (
     check_writable, epoch_name, epoch_to_remove, final_name, interrupted_name, step_name, step_to_remove,
@@ -95,6 +95,11 @@ def setup(config: TrainConfig) -> Run:
     seed = _seed(config)
     set_seed(seed)
 
+    check_snr_weighting_flags(
+        v_prediction=config.model.v_parameterization,
+        scale_v_pred_loss_like_noise_pred=config.loss.scale_v_pred_loss_like_noise_pred,
+        v_pred_like_loss=config.loss.v_pred_like_loss,
+    )
     subsets = _load_subsets(config)
     sd = load_stable_diffusion(
         config.model.pretrained_model_name_or_path, v2=config.model.v2,
@@ -182,7 +187,9 @@ def _prepare_models(config: TrainConfig, sd: StableDiffusionModels, accelerator:
             logger.warning("--xformers unavailable here (%s); using PyTorch SDPA attention instead.", error)
     if config.run.gradient_checkpointing:
         sd.unet.enable_gradient_checkpointing()
-        sd.text_encoder.gradient_checkpointing_enable()
+        # transformers 5 renamed it; the old name still works there but warns.
+        enable = getattr(sd.text_encoder, "activation_checkpointing_enable", None) or sd.text_encoder.gradient_checkpointing_enable
+        enable()
         sd.unet.train()  # diffusers and transformers checkpoint only in training mode
         sd.text_encoder.train()
 

@@ -254,3 +254,62 @@ def test_resume_state_that_does_not_fit_the_network(workspace, tmp_path, capsys)
     _reset()
     assert train_network_cat.main(_argv(workspace, tmp_path / "c", "--resume", str(tmp_path / "a"))) == 2
     assert "not a state folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("--mixed_precision", "bf16"),
+        ("--mixed_precision", "bf16", "--full_bf16"),
+        ("--gradient_accumulation_steps", "2", "--max_grad_norm", "0.5", "--scale_weight_norms", "1.0"),
+        ("--optimizer_type", "AdamW8bit", "--lr_scheduler", "cosine", "--lr_warmup_steps", "0.5"),
+        ("--optimizer_type", "Lion8bit", "--optimizer_args", "weight_decay=0.01", "betas=0.9,0.99"),
+        ("--v2", "--v_parameterization", "--zero_terminal_snr", "--min_snr_gamma", "5",
+         "--scale_v_pred_loss_like_noise_pred"),
+        ("--noise_offset", "0.1", "--multires_noise_iterations", "3", "--ip_noise_gamma", "0.1",
+         "--loss_type", "huber", "--huber_schedule", "exponential"),
+        ("--clip_skip", "2", "--cat_mode", "batched", "--gradient_checkpointing", "--cache_latents"),
+        ("--cat_caption", "class", "--network_args", "conv_dim=2", "conv_alpha=1", "loraplus_lr_ratio=4"),
+        ("--cat_caption", "empty", "--xformers", "--min_timestep", "100", "--max_timestep", "900"),
+    ],
+    ids=["bf16", "full_bf16", "accumulate-clip-maxnorm", "adamw8bit-cosine", "lion8bit-args", "v2-v-zsnr-minsnr",
+         "noise-variants-huber", "clipskip-batched-checkpointing", "class-caption-locon-loraplus", "empty-xformers"],
+)
+def test_training_options_run_end_to_end(workspace, tmp_path, extra):
+    argv = _argv(workspace, tmp_path / "out", *extra)
+    if "--v2" in extra:
+        v2 = tmp_path / "tiny_v2.safetensors"
+        save_single_file(build_tiny_sd(seed=0, v2=True), v2)
+        argv[argv.index("--pretrained_model_name_or_path") + 1] = str(v2)
+        argv[argv.index("--model_config") + 1] = str(tiny_config_dir(True))
+    assert train_network_cat.main(argv) == 0
+    tensors, metadata = read_lora_file(tmp_path / "out" / "cat.safetensors")
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_up" in k)
+
+
+def test_unet_only_and_tensorboard_logging(workspace, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = tmp_path / "logs"
+    argv = _argv(workspace, tmp_path / "out", "--network_train_unet_only", "--log_with", "tensorboard",
+                 "--logging_dir", str(logs))
+    assert train_network_cat.main(argv) == 0
+    tensors, _ = read_lora_file(tmp_path / "out" / "cat.safetensors")
+    assert all(k.startswith("lora_unet_") for k in tensors)
+    events = EventAccumulator(str(next(logs.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/main", "loss/cat", "loss/total", "lr/unet"} <= tags
+    assert len(events.Scalars("loss/total")) == 4
+
+
+def test_network_weights_and_base_weights(workspace, tmp_path):
+    first = tmp_path / "first"
+    assert train_network_cat.main(_argv(workspace, first)) == 0
+    _reset()
+    lora = str(first / "cat.safetensors")
+    argv = _argv(workspace, tmp_path / "continued", "--network_weights", lora, "--dim_from_weights",
+                 "--base_weights", lora, "--base_weights_multiplier", "0.5", "--max_train_steps", "1")
+    assert train_network_cat.main(argv) == 0
+    assert (tmp_path / "continued" / "cat.safetensors").is_file()
