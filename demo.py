@@ -27,7 +27,7 @@ from library.preservation import FixedNoise, denoising_loss, prediction_drift
 from library.sd_denoiser import SDDenoiser
 from library.sd_models import load_stable_diffusion
 from library.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
-from library.train_batch import tokenize
+from library.prompt_tokens import tokenize
 
 ROOT = Path(__file__).resolve().parent
 TRIGGER_FREE_PROMPTS = [

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from library.prompt_tokens import merge_windows
+
 
 @dataclass
 class SDDenoiser:
@@ -20,6 +22,12 @@ class SDDenoiser:
     clip_skip: int | None = None
 
     def encode(self, input_ids: Tensor) -> Tensor:
+        """Hidden states for (B, 77) ids, or for (B, n, 77) long-prompt windows (joined back)."""
+        if input_ids.dim() == 3:
+            return merge_windows(self._encode(input_ids.flatten(0, 1)), input_ids.shape[0])
+        return self._encode(input_ids)
+
+    def _encode(self, input_ids: Tensor) -> Tensor:
         if not self.clip_skip or self.clip_skip <= 1:
             return self.text_encoder(input_ids).last_hidden_state
         output = self.text_encoder(input_ids, output_hidden_states=True)

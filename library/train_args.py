@@ -65,7 +65,6 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # entry when its feature lands. The bucket sizes (--min_bucket_reso, --max_bucket_reso,
 # --bucket_reso_steps, --bucket_no_upscale) are not listed: they do nothing without --enable_bucket.
 NOT_IMPLEMENTED: dict[str, str] = {
-    "--max_token_length": "only the 75-token window is implemented",
     "--cache_text_encoder_outputs": "text-encoder outputs are not cached; it is trained",
     "--mem_eff_attn": "use --sdpa or --xformers",
     "--masked_loss": "masked loss is not implemented",

@@ -33,12 +33,6 @@ class NoiseSchedule:
         return self.train.config.prediction_type == "v_prediction"
 
 
-def tokenize(tokenizer, captions: list[str]) -> Tensor:
-    """Token ids padded/truncated to the tokenizer's 77 positions."""
-    return tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                     return_tensors="pt").input_ids
-
-
 def build_cat_batch(
     latents: Tensor,
     trigger_ids: Tensor,

@@ -34,7 +34,8 @@ from library.output_files import (
 )
 from library.sd_denoiser import SDDenoiser
 from library.sd_models import StableDiffusionModels, load_stable_diffusion
-from library.train_batch import NoiseSchedule, build_cat_batch, tokenize
+from library.prompt_tokens import tokenize
+from library.train_batch import NoiseSchedule, build_cat_batch
 from library.train_config import TrainConfig
 from library.train_metadata import RunFacts, at_save, training_metadata
 from library.train_state import Progress, load_state, read_progress, save_state
@@ -338,7 +339,8 @@ def _train_on(run: Run, denoiser: SDDenoiser, items: list[ImageItem]):
     free = [_free_caption(config, item) for item in items]
     weights = torch.tensor([config.loss.prior_loss_weight if item.is_reg else 1.0 for item in items])
     batch, loss_fn = build_cat_batch(
-        latents, tokenize(run.sd.tokenizer, captions), tokenize(run.sd.tokenizer, free), weights,
+        latents, tokenize(run.sd.tokenizer, captions, config.model.max_token_length),
+        tokenize(run.sd.tokenizer, free, config.model.max_token_length), weights,
         run.schedule, config.noise, config.loss, run.generator,
     )
 

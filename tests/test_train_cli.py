@@ -271,9 +271,11 @@ def test_resume_state_that_does_not_fit_the_network(workspace, tmp_path, capsys)
         ("--clip_skip", "2", "--cat_mode", "batched", "--gradient_checkpointing", "--cache_latents"),
         ("--cat_caption", "class", "--network_args", "conv_dim=2", "conv_alpha=1", "loraplus_lr_ratio=4"),
         ("--cat_caption", "empty", "--xformers", "--min_timestep", "100", "--max_timestep", "900"),
+        ("--max_token_length", "225", "--cat_mode", "batched"),
     ],
     ids=["bf16", "full_bf16", "accumulate-clip-maxnorm", "adamw8bit-cosine", "lion8bit-args", "v2-v-zsnr-minsnr",
-         "noise-variants-huber", "clipskip-batched-checkpointing", "class-caption-locon-loraplus", "empty-xformers"],
+         "noise-variants-huber", "clipskip-batched-checkpointing", "class-caption-locon-loraplus", "empty-xformers",
+         "max_token_length"],
 )
 def test_training_options_run_end_to_end(workspace, tmp_path, extra):
     argv = _argv(workspace, tmp_path / "out", *extra)
