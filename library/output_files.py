@@ -15,22 +15,28 @@ from pathlib import Path
 from library.errors import UserInputError
 
 LORA_SUFFIX = ".safetensors"
+STATE_SUFFIX = "-state"
 
 
-def final_name(output_name: str) -> str:
-    return f"{output_name}{LORA_SUFFIX}"
+def final_name(output_name: str | None) -> str:
+    return f"{output_name or 'last'}{LORA_SUFFIX}"  # sd-scripts' names when --output_name is not given
 
 
-def epoch_name(output_name: str, epoch: int) -> str:
-    return f"{output_name}-{epoch:06d}{LORA_SUFFIX}"
+def epoch_name(output_name: str | None, epoch: int) -> str:
+    return f"{output_name or 'epoch'}-{epoch:06d}{LORA_SUFFIX}"
 
 
-def step_name(output_name: str, step: int) -> str:
-    return f"{output_name}-step{step:08d}{LORA_SUFFIX}"
+def step_name(output_name: str | None, step: int) -> str:
+    return f"{output_name or 'at'}-step{step:08d}{LORA_SUFFIX}"
 
 
-def interrupted_name(output_name: str, step: int) -> str:
-    return f"{output_name}-interrupted-step{step:08d}{LORA_SUFFIX}"
+def interrupted_name(output_name: str | None, step: int) -> str:
+    return f"{output_name or 'last'}-interrupted-step{step:08d}{LORA_SUFFIX}"
+
+
+def state_folder_name(lora_name: str) -> str:
+    """`name-step00000100.safetensors` -> `name-step00000100-state` (sd-scripts' state folder names)."""
+    return lora_name.removesuffix(LORA_SUFFIX) + STATE_SUFFIX
 
 
 def epoch_to_remove(epoch: int, save_every_n_epochs: int | None, save_last_n_epochs: int | None) -> int | None:

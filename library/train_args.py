@@ -73,8 +73,6 @@ NOT_IMPLEMENTED: dict[str, str] = {
     "--sample_every_n_steps": "sample images are not generated during training yet",
     "--sample_every_n_epochs": "sample images are not generated during training yet",
     "--sample_at_first": "sample images are not generated during training yet",
-    "--save_last_n_epochs_state": "old state folders are not pruned yet",
-    "--save_last_n_steps_state": "old state folders are not pruned yet",
     "--skip_until_initial_step": "resuming is not implemented yet",
     "--initial_epoch": "resuming is not implemented yet",
     "--initial_step": "resuming is not implemented yet",

@@ -210,6 +210,7 @@ class SaveArgs:
     save_state: bool
     save_state_on_train_end: bool
     save_last_n_epochs_state: int | None
+    save_last_n_steps_state: int | None
     resume: str | None
     no_metadata: bool
 

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,8 @@ from library.network_protocol import unwrap_network
 from library.noise import check_snr_weighting_flags, zero_terminal_snr_scheduler
 from library.optimizers import build_optimizer
 from library.output_files import (
-    check_writable, epoch_name, epoch_to_remove, final_name, interrupted_name, step_name, step_to_remove,
+    check_writable, epoch_name, epoch_to_remove, final_name, interrupted_name, state_folder_name, step_name,
+    step_to_remove,
 )
 from library.sd_denoiser import SDDenoiser
 from library.sd_models import StableDiffusionModels, load_stable_diffusion
@@ -66,7 +68,7 @@ class Run:
     facts: RunFacts
     metadata: dict[str, str]
     output_dir: Path
-    output_name: str
+    output_name: str | None
     save_dtype: torch.dtype | None
     latent_cache: dict[Path, torch.Tensor]
     generator: torch.Generator
@@ -83,7 +85,7 @@ def train(config: TrainConfig) -> list[Path]:
 
 def setup(config: TrainConfig) -> Run:
     output_dir = check_writable(config.save.output_dir)
-    output_name = config.save.output_name or "last"
+    output_name = config.save.output_name
     accelerator = Accelerator(
         # Several processes on a machine without a GPU (torchrun): accelerate runs them as MULTI_CPU
         # (gloo) only when told to use the CPU; otherwise each would train alone.
@@ -140,7 +142,7 @@ def setup(config: TrainConfig) -> Run:
     return Run(
         config, accelerator, sd, network, optimizer, lr_scheduler, descriptions,
         NoiseSchedule(train=train_scheduler, weights=sd.noise_scheduler), subsets, facts,
-        training_metadata(config, facts, output_name), output_dir, output_name,
+        training_metadata(config, facts, output_name or "last"), output_dir, output_name,
         SAVE_DTYPES.get(config.save.save_precision) if config.save.save_precision else None, {}, generator,
     )
 
@@ -286,13 +288,15 @@ def training_loop(run: Run) -> list[Path]:
                 if config.save.save_every_n_steps and step % config.save.save_every_n_steps == 0:
                     here = Progress(step, epoch, batch_index + 1, run.facts.seed, run.facts.max_train_steps)
                     written.append(_save(run, network, step_name(run.output_name, step), here))
-                    _prune(run, step_to_remove(step, config.save.save_every_n_steps, config.save.save_last_n_steps), step_name)
+                    _prune(run, step, config.save.save_every_n_steps, config.save.save_last_n_steps,
+                           config.save.save_last_n_steps_state, step_to_remove, step_name)
             else:
                 epoch += 1
                 if config.save.save_every_n_epochs and (epoch - 1) % config.save.save_every_n_epochs == 0:
                     here = Progress(step, epoch, 0, run.facts.seed, run.facts.max_train_steps)
                     written.append(_save(run, network, epoch_name(run.output_name, epoch - 1), here))
-                    _prune(run, epoch_to_remove(epoch - 1, config.save.save_every_n_epochs, config.save.save_last_n_epochs), epoch_name)
+                    _prune(run, epoch - 1, config.save.save_every_n_epochs, config.save.save_last_n_epochs,
+                           config.save.save_last_n_epochs_state, epoch_to_remove, epoch_name)
     except KeyboardInterrupt:
         path = _save(run, network, interrupted_name(run.output_name, step), None)
         logger.warning("interrupted at step %d: saved %s", step, path)
@@ -421,19 +425,23 @@ def _save(run: Run, network, name: str, progress: Progress | None, end: bool = F
         network.save_weights(path, run.save_dtype, metadata)
         wants_state = run.config.save.save_state or (end and run.config.save.save_state_on_train_end)
         if progress is not None and wants_state:
-            state = run.output_dir / (name.removesuffix(".safetensors") + "-state")
+            state = run.output_dir / state_folder_name(name)
             save_state(state, network, run.optimizer, run.lr_scheduler, run.generator, progress)
     run.accelerator.wait_for_everyone()
     return path
 
 
-def _prune(run: Run, number: int | None, namer) -> None:
-    if number is None or not run.accelerator.is_main_process:
+def _prune(run: Run, number: int, every: int, keep: int | None, keep_states: int | None, to_remove, namer) -> None:
+    """Remove the file (and the state folder) that fell out of --save_last_n_* (sd-scripts' rule)."""
+    if not run.accelerator.is_main_process:
         return
-    old = run.output_dir / namer(run.output_name, number)
-    if old.exists():
-        old.unlink()
-        logger.info("removed %s (--save_last_n_*)", old)
+    old_file = to_remove(number, every, keep)
+    if old_file is not None and (run.output_dir / namer(run.output_name, old_file)).exists():
+        (run.output_dir / namer(run.output_name, old_file)).unlink()
+        logger.info("removed %s (--save_last_n_*)", namer(run.output_name, old_file))
+    old_state = to_remove(number, every, keep_states or keep)
+    if old_state is not None:
+        shutil.rmtree(run.output_dir / state_folder_name(namer(run.output_name, old_state)), ignore_errors=True)
 
 
 def _print_summary(run: Run, progress: Progress) -> None:

@@ -315,3 +315,12 @@ def test_network_weights_and_base_weights(workspace, tmp_path):
                  "--base_weights", lora, "--base_weights_multiplier", "0.5", "--max_train_steps", "1")
     assert train_network_cat.main(argv) == 0
     assert (tmp_path / "continued" / "cat.safetensors").is_file()
+
+
+def test_state_folders_are_pruned_like_files(workspace, tmp_path):
+    out = tmp_path / "out"
+    argv = _argv(workspace, out, "--save_state", "--save_every_n_steps", "1", "--save_last_n_steps", "2",
+                 "--max_train_steps", "5", "--save_state_on_train_end")
+    assert train_network_cat.main(argv) == 0
+    states = {p.name for p in out.iterdir() if p.is_dir()}
+    assert states == {f"cat-step0000000{i}-state" for i in (2, 3, 4)} | {"cat-state"}

@@ -1,5 +1,5 @@
 """Run by tests/test_ddp.py under `torchrun --nproc_per_node 2`: trains with the real trainer and
-prints, per rank, how many all-reduce calls the training loop made and a checksum of the adapter weights."""
+writes, per rank, how many all-reduce calls the training loop made and a checksum of the adapter weights."""
 
 import json
 import sys
@@ -32,8 +32,9 @@ def main() -> None:
     torch.distributed.all_reduce = real_all_reduce
     network = unwrap_network(run.network)
     checksum = sum(p.double().sum().item() for p in network.parameters())
-    print("PROBE " + json.dumps({"rank": run.accelerator.process_index, "allreduce": calls["allreduce"],
-                                  "checksum": checksum}), flush=True)
+    # One file per rank: lines printed by two processes into one pipe can interleave.
+    probe = {"rank": run.accelerator.process_index, "allreduce": calls["allreduce"], "checksum": checksum}
+    (Path(config.save.output_dir) / f"probe-rank{probe['rank']}.json").write_text(json.dumps(probe))
 
 
 if __name__ == "__main__":
