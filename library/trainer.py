@@ -391,10 +391,15 @@ def _encode(run: Run, paths: list[Path]) -> torch.Tensor:
     pixels = torch.stack([load_image(p, run.config.data.resolution or (512, 512)) for p in paths]).to(vae.device, vae.dtype)
     dist = vae.encode(pixels).latent_dist
     noise = torch.stack([
-        torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(run.facts.seed ^ zlib.crc32(str(p).encode())))
+        torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(run.facts.seed ^ _image_key(p)))
         for p in paths
     ]).to(dist.mean.device, dist.mean.dtype)
     return (dist.mean + dist.std * noise) * vae.config.scaling_factor
+
+
+def _image_key(path: Path) -> int:
+    """A number naming an image by its folder and file name: the same wherever the dataset lives."""
+    return zlib.crc32(f"{path.parent.name}/{path.name}".encode())
 
 
 def _clip_gradients(run: Run, network) -> None:

@@ -324,3 +324,19 @@ def test_state_folders_are_pruned_like_files(workspace, tmp_path):
     assert train_network_cat.main(argv) == 0
     states = {p.name for p in out.iterdir() if p.is_dir()}
     assert states == {f"cat-step0000000{i}-state" for i in (2, 3, 4)} | {"cat-state"}
+
+
+def test_result_does_not_depend_on_where_the_dataset_lives(workspace, tmp_path):
+    import shutil
+
+    moved = tmp_path / "elsewhere" / "data"
+    shutil.copytree(workspace / "data", moved)
+    assert train_network_cat.main(_argv(workspace, tmp_path / "a")) == 0
+    _reset()
+    argv = _argv(workspace, tmp_path / "b")
+    argv[argv.index("--train_data_dir") + 1] = str(moved / "train")
+    argv[argv.index("--reg_data_dir") + 1] = str(moved / "reg")
+    assert train_network_cat.main(argv) == 0
+    a, _ = read_lora_file(tmp_path / "a" / "cat.safetensors")
+    b, _ = read_lora_file(tmp_path / "b" / "cat.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
