@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from library.captions import class_word_from_tokens, contains_trigger, trigger_free_caption
@@ -90,12 +90,11 @@ def setup(config: TrainConfig) -> Run:
         # Several processes on a machine without a GPU (torchrun): accelerate runs them as MULTI_CPU
         # (gloo) only when told to use the CPU; otherwise each would train alone.
         cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
-        gradient_accumulation_steps=config.run.gradient_accumulation_steps,
         mixed_precision=config.run.mixed_precision,
         log_with=config.log.log_with,
         project_dir=config.log.logging_dir,
     )
-    seed = _seed(config)
+    seed = _seed(config, accelerator)
     set_seed(seed)
 
     check_snr_weighting_flags(
@@ -113,6 +112,11 @@ def setup(config: TrainConfig) -> Run:
     network = _build_network(config, sd, accelerator)
 
     per_process = _epoch_length(subsets) // accelerator.num_processes
+    if per_process == 0:
+        raise UserInputError(
+            f"{_epoch_length(subsets)} images per epoch cannot be shared by {accelerator.num_processes} processes; "
+            "add images or repeats (the folder name's number), or use fewer processes."
+        )
     steps_per_epoch = math.ceil(math.ceil(per_process / config.data.train_batch_size) / config.run.gradient_accumulation_steps)
     max_steps = config.run.max_train_epochs * steps_per_epoch if config.run.max_train_epochs else config.run.max_train_steps
     groups, descriptions = _optimizer_groups(network, config)
@@ -147,13 +151,17 @@ def setup(config: TrainConfig) -> Run:
     )
 
 
-def _seed(config: TrainConfig) -> int:
-    """--seed; when resuming without one, the seed of the run being resumed; else a fresh one."""
+def _seed(config: TrainConfig, accelerator: Accelerator) -> int:
+    """--seed; when resuming without one, the seed of the run being resumed; else a fresh one,
+    drawn on the main process and shared, since the data order of every process depends on it."""
     if config.run.seed is not None:
         return config.run.seed
     if config.save.resume:
         return read_progress(Path(config.save.resume)).seed
-    return random.randint(0, 2**32 - 1)
+    seed = [random.randint(0, 2**32 - 1)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(seed, from_process=0)
+    return seed[0]
 
 
 def _load_subsets(config: TrainConfig) -> list[Subset]:
@@ -257,44 +265,50 @@ def training_loop(run: Run) -> list[Path]:
     denoiser = SDDenoiser(run.sd.unet, run.sd.text_encoder, config.model.clip_skip)
     if config.log.log_with:
         accelerator.init_trackers(config.log.log_tracker_name or "network_train")
-    progress = _start_progress(run, network)
-    _print_summary(run, progress)
+    position = _start_progress(run, network)
+    _print_summary(run, position)
     written: list[Path] = []
-    step, epoch = progress.step, progress.epoch
+    step, epoch, accumulation = position.step, position.epoch, config.run.gradient_accumulation_steps
     bar = tqdm(total=run.facts.max_train_steps, initial=step, desc="steps", disable=not accelerator.is_local_main_process)
     try:
         while step < run.facts.max_train_steps:
             network.on_epoch_start(run.sd.text_encoder, run.sd.unet)
-            skip = progress.batches_in_epoch if epoch == progress.epoch else 0
-            for batch_index, items in enumerate(_batches(run, epoch)):
-                if batch_index < skip:
+            batches = list(_batches(run, epoch))
+            skip = position.batches_in_epoch if epoch == position.epoch else 0
+            finite = True
+            for index, items in enumerate(batches):
+                if index < skip:
                     continue  # trained on before the state this run resumed from
-                with accelerator.accumulate():
-                    losses = _train_on(run, denoiser, items)
-                    if accelerator.sync_gradients:
-                        average_gradients(network.get_trainable_params(), accelerator.num_processes)
-                        _clip_gradients(run, network)
-                    run.optimizer.step()
-                    run.optimizer.zero_grad(set_to_none=True)
-                if not accelerator.sync_gradients:
+                # Gradients accumulate over windows of `accumulation` batches; an epoch's last window
+                # may be shorter, and each window's losses are averaged over its own size.
+                window = min(accumulation, len(batches) - index // accumulation * accumulation)
+                losses = _train_on(run, denoiser, items, 1.0 / window)
+                finite = finite and bool(torch.isfinite(losses.total))
+                if (index + 1) % accumulation and index + 1 < len(batches):
                     continue
-                # One optimizer step done.
+                # One optimizer step: average across processes, check, clip, step.
+                average_gradients(network.get_trainable_params(), accelerator.num_processes)
+                _stop_if_diverged(finite, network, losses)
+                finite = True
+                _clip_gradients(run, network)
+                run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
                 run.lr_scheduler.step()
                 step += 1
                 _scale_weight_norms(run, network)
                 _log(run, losses, step, bar)
-                if step >= run.facts.max_train_steps:
-                    break
+                position = Progress(step, epoch, index + 1, run.facts.seed, run.facts.max_train_steps)
                 if config.save.save_every_n_steps and step % config.save.save_every_n_steps == 0:
-                    here = Progress(step, epoch, batch_index + 1, run.facts.seed, run.facts.max_train_steps)
-                    written.append(_save(run, network, step_name(run.output_name, step), here))
+                    written.append(_save(run, network, step_name(run.output_name, step), position))
                     _prune(run, step, config.save.save_every_n_steps, config.save.save_last_n_steps,
                            config.save.save_last_n_steps_state, step_to_remove, step_name)
+                if step >= run.facts.max_train_steps:
+                    break
             else:
                 epoch += 1
+                position = Progress(step, epoch, 0, run.facts.seed, run.facts.max_train_steps)
                 if config.save.save_every_n_epochs and (epoch - 1) % config.save.save_every_n_epochs == 0:
-                    here = Progress(step, epoch, 0, run.facts.seed, run.facts.max_train_steps)
-                    written.append(_save(run, network, epoch_name(run.output_name, epoch - 1), here))
+                    written.append(_save(run, network, epoch_name(run.output_name, epoch - 1), position))
                     _prune(run, epoch - 1, config.save.save_every_n_epochs, config.save.save_last_n_epochs,
                            config.save.save_last_n_epochs_state, epoch_to_remove, epoch_name)
     except KeyboardInterrupt:
@@ -302,11 +316,21 @@ def training_loop(run: Run) -> list[Path]:
         logger.warning("interrupted at step %d: saved %s", step, path)
         raise
     bar.close()
-    final = Progress(step, epoch, 0, run.facts.seed, run.facts.max_train_steps)
-    written.append(_save(run, network, final_name(run.output_name), final, end=True))
+    written.append(_save(run, network, final_name(run.output_name), position, end=True))
     accelerator.end_training()
     _print_end(run, written)
     return written
+
+
+def _stop_if_diverged(finite: bool, network, losses) -> None:
+    """Stop on a NaN/inf loss. Gradients are already averaged, so every process sees a bad one."""
+    grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in network.get_trainable_params() if p.grad is not None)
+    if finite and grads_finite:
+        return
+    raise TrainingDiverged(
+        f"the loss became {losses.total.item()} (main {losses.main.item()}, cat {losses.cat.item()}); training "
+        "stopped and the files already written were kept. Lower the learning rate or use --mixed_precision bf16."
+    )
 
 
 def _start_progress(run: Run, network) -> Progress:
@@ -336,7 +360,8 @@ def _batches(run: Run, epoch: int):
         yield shard[start : start + size]
 
 
-def _train_on(run: Run, denoiser: SDDenoiser, items: list[ImageItem]):
+def _train_on(run: Run, denoiser: SDDenoiser, items: list[ImageItem], loss_scale: float):
+    """Forward and backward one batch; its gradients are added to the adapters' (scaled by `loss_scale`)."""
     config, accelerator = run.config, run.accelerator
     latents = _latents(run, items)
     captions = [item.caption for item in items]
@@ -349,16 +374,10 @@ def _train_on(run: Run, denoiser: SDDenoiser, items: list[ImageItem]):
     )
 
     def backward(loss: torch.Tensor, last: bool) -> None:
-        accelerator.backward(loss)  # gradients are averaged across processes once, before the optimizer step
+        accelerator.backward(loss * loss_scale)  # averaged across processes once, before the optimizer step
 
     with accelerator.autocast():
-        losses = cat_step(denoiser, run.network, batch, config.cat.weight, config.cat.mode, loss_fn, backward)
-    if not torch.isfinite(losses.total):
-        raise TrainingDiverged(
-            f"the loss became {losses.total.item()} (main {losses.main.item()}, cat {losses.cat.item()}); training "
-            "stopped and the files already written were kept. Lower the learning rate or use --mixed_precision bf16."
-        )
-    return losses
+        return cat_step(denoiser, run.network, batch, config.cat.weight, config.cat.mode, loss_fn, backward)
 
 
 def _free_caption(config: TrainConfig, item: ImageItem) -> str:

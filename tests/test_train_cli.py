@@ -50,8 +50,8 @@ def test_files_names_and_metadata(workspace, tmp_path):
                  "--max_train_steps", "5")
     assert train_network_cat.main(argv) == 0
     names = sorted(p.name for p in out.iterdir())
-    # sd-scripts' rule: saving step 4 removes step 1 (older than the last 2 steps); the final file has no step.
-    assert names == [f"cat-step0000000{i}.safetensors" for i in (2, 3, 4)] + ["cat.safetensors"]
+    # sd-scripts' rule: saving step N removes step N-3 (older than the last 2 steps); the last step is saved too.
+    assert names == [f"cat-step0000000{i}.safetensors" for i in (3, 4, 5)] + ["cat.safetensors"]
     tensors, metadata = read_lora_file(out / "cat.safetensors")
     assert metadata["ss_cat_weight"] == "0.5" and metadata["ss_cat_trigger"] == '["sks"]'
     assert metadata["ss_cat_caption"] == "strip" and metadata["ss_cat_mode"] in ("batched", "sequential")
@@ -323,7 +323,7 @@ def test_state_folders_are_pruned_like_files(workspace, tmp_path):
                  "--max_train_steps", "5", "--save_state_on_train_end")
     assert train_network_cat.main(argv) == 0
     states = {p.name for p in out.iterdir() if p.is_dir()}
-    assert states == {f"cat-step0000000{i}-state" for i in (2, 3, 4)} | {"cat-state"}
+    assert states == {f"cat-step0000000{i}-state" for i in (3, 4, 5)} | {"cat-state"}
 
 
 def test_result_does_not_depend_on_where_the_dataset_lives(workspace, tmp_path):
@@ -339,4 +339,23 @@ def test_result_does_not_depend_on_where_the_dataset_lives(workspace, tmp_path):
     assert train_network_cat.main(argv) == 0
     a, _ = read_lora_file(tmp_path / "a" / "cat.safetensors")
     b, _ = read_lora_file(tmp_path / "b" / "cat.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_accumulation_windows_stay_inside_epochs(workspace, tmp_path):
+    # 16 samples per epoch (8 training + 8 regularisation) in batches of 5: 4 batches, so with
+    # accumulation 3 an epoch is 2 optimizer steps (3 batches + a short window of 1).
+    argv = _argv(workspace, tmp_path / "out", "--train_batch_size", "5", "--gradient_accumulation_steps", "3",
+                 "--max_train_epochs", "2", "--save_every_n_epochs", "1", "--save_state")
+    assert train_network_cat.main(argv) == 0
+    _, metadata = read_lora_file(tmp_path / "out" / "cat.safetensors")
+    assert metadata["ss_steps"] == "4" and metadata["ss_max_train_steps"] == "4"
+    _, first_epoch = read_lora_file(tmp_path / "out" / "cat-000001.safetensors")
+    assert first_epoch["ss_steps"] == "2"
+    _reset()
+    resumed = _argv(workspace, tmp_path / "resumed", "--train_batch_size", "5", "--gradient_accumulation_steps", "3",
+                    "--max_train_epochs", "2", "--resume", str(tmp_path / "out" / "cat-000001-state"))
+    assert train_network_cat.main(resumed) == 0
+    a, _ = read_lora_file(tmp_path / "out" / "cat.safetensors")
+    b, _ = read_lora_file(tmp_path / "resumed" / "cat.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
