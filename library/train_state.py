@@ -25,6 +25,7 @@ NETWORK_FILE = "network.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "lr_scheduler.pt"
 RNG_FILE = "rng.pt"
+SCALER_FILE = "grad_scaler.pt"  # fp16 on a GPU only: the loss scale and its growth tracker
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,9 @@ class Progress:
     max_train_steps: int
 
 
-def save_state(folder: Path, network, optimizer, lr_scheduler, generator: torch.Generator, progress: Progress) -> Path:
+def save_state(
+    folder: Path, network, optimizer, lr_scheduler, generator: torch.Generator, progress: Progress, scaler=None
+) -> Path:
     """Write the state folder atomically (a partial folder never carries the final name)."""
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -47,14 +50,21 @@ def save_state(folder: Path, network, optimizer, lr_scheduler, generator: torch.
     torch.save(optimizer.state_dict(), partial / OPTIMIZER_FILE)
     torch.save(lr_scheduler.state_dict(), partial / SCHEDULER_FILE)
     torch.save(_rng_states(generator), partial / RNG_FILE)
+    if scaler is not None:
+        torch.save(scaler.state_dict(), partial / SCALER_FILE)
     (partial / PROGRESS_FILE).write_text(json.dumps(asdict(progress), indent=2), encoding="utf-8")
-    if folder.exists():
-        shutil.rmtree(folder)
-    partial.rename(folder)
+    if folder.exists():  # rename the old one aside first: at no moment is there no complete state
+        old = folder.with_name(folder.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+        partial.rename(folder)
+        shutil.rmtree(old)
+    else:
+        partial.rename(folder)
     return folder
 
 
-def load_state(folder: Path, network, optimizer, lr_scheduler, generator: torch.Generator) -> Progress:
+def load_state(folder: Path, network, optimizer, lr_scheduler, generator: torch.Generator, scaler=None) -> Progress:
     """Restore everything `save_state` wrote; a state that does not fit this run is a UserInputError."""
     progress = read_progress(folder)
     network.load_weights(folder / NETWORK_FILE)
@@ -67,6 +77,8 @@ def load_state(folder: Path, network, optimizer, lr_scheduler, generator: torch.
             "same --network_dim, network_args, optimizer and learning-rate flags as the run that saved it."
         ) from None
     _restore_rng(_load(folder / RNG_FILE), generator)
+    if scaler is not None and (folder / SCALER_FILE).is_file():
+        scaler.load_state_dict(_load(folder / SCALER_FILE))
     return progress
 
 

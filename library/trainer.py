@@ -94,6 +94,8 @@ def setup(config: TrainConfig) -> Run:
         log_with=config.log.log_with,
         project_dir=config.log.logging_dir,
     )
+    if config.run.full_fp16 and accelerator.scaler is not None:
+        _allow_fp16_gradients(accelerator.scaler)
     seed = _seed(config, accelerator)
     set_seed(seed)
 
@@ -149,6 +151,17 @@ def setup(config: TrainConfig) -> Run:
         training_metadata(config, facts, output_name or "last"), output_dir, output_name,
         SAVE_DTYPES.get(config.save.save_precision) if config.save.save_precision else None, {}, generator,
     )
+
+
+def _allow_fp16_gradients(scaler) -> None:
+    """--full_fp16 keeps the adapters in fp16, whose gradients torch's GradScaler refuses to unscale
+    unless told it may (sd-scripts patches the scaler the same way). GPU only: on CPU there is no scaler."""
+    unscale = scaler._unscale_grads_
+
+    def unscale_allowing_fp16(optimizer, inv_scale, found_inf, allow_fp16):
+        return unscale(optimizer, inv_scale, found_inf, True)
+
+    scaler._unscale_grads_ = unscale_allowing_fp16
 
 
 def _seed(config: TrainConfig, accelerator: Accelerator) -> int:
@@ -344,7 +357,7 @@ def _start_progress(run: Run, network) -> Progress:
             f"--resume {folder} was saved by a run with seed {saved.seed}, this run has seed {run.facts.seed}; "
             f"pass --seed {saved.seed} to continue it (the data order and noise depend on it)."
         )
-    progress = load_state(folder, network, run.optimizer, run.lr_scheduler, run.generator)
+    progress = load_state(folder, network, run.optimizer, run.lr_scheduler, run.generator, run.accelerator.scaler)
     logger.info("resumed from %s at step %d (epoch %d, batch %d)", folder, progress.step, progress.epoch,
                 progress.batches_in_epoch)
     return progress
@@ -450,7 +463,7 @@ def _save(run: Run, network, name: str, progress: Progress | None, end: bool = F
         wants_state = run.config.save.save_state or (end and run.config.save.save_state_on_train_end)
         if progress is not None and wants_state:
             state = run.output_dir / state_folder_name(name)
-            save_state(state, network, run.optimizer, run.lr_scheduler, run.generator, progress)
+            save_state(state, network, run.optimizer, run.lr_scheduler, run.generator, progress, run.accelerator.scaler)
     run.accelerator.wait_for_everyone()
     return path
 
