@@ -189,7 +189,22 @@ def _load_subsets(config: TrainConfig) -> list[Subset]:
                 f"captions under {config.data.train_data_dir}; put the trigger in the captions (or the folder "
                 "names' class tokens), or fix --cat_trigger."
             )
+    if config.cat.enabled and config.cat.caption == "class" and not config.cat.class_word:
+        for subset in subsets:
+            if not _class_word(config, subset.class_tokens):
+                raise UserInputError(
+                    f"--cat_caption class needs a class word, and the folder {subset.folder} gives none (its class "
+                    f"tokens '{subset.class_tokens}' are only the trigger); add --cat_class_word, or rename the folder "
+                    "e.g. '10_sks teapot'."
+                )
     return subsets
+
+
+def _class_word(config: TrainConfig, class_tokens: str) -> str:
+    """The class word for --cat_caption class: --cat_class_word, else the class tokens without the trigger."""
+    if config.cat.class_word:
+        return config.cat.class_word
+    return class_word_from_tokens(class_tokens, config.cat.triggers) if config.cat.triggers else class_tokens
 
 
 def _epoch_length(subsets: list[Subset]) -> int:
@@ -394,13 +409,12 @@ def _train_on(run: Run, denoiser: SDDenoiser, items: list[ImageItem], loss_scale
 
 
 def _free_caption(config: TrainConfig, item: ImageItem) -> str:
+    """The trigger-free caption y of this sample (its own caption when CAT is off)."""
     if not config.cat.enabled:
         return item.caption
-    class_word = config.cat.class_word
-    if config.cat.caption == "class" and not class_word:
-        class_word = class_word_from_tokens(item.class_tokens, config.cat.triggers) if config.cat.triggers else item.class_tokens
     if config.cat.caption != "empty" and not config.cat.triggers:
         return item.caption
+    class_word = _class_word(config, item.class_tokens) if config.cat.caption == "class" else None
     return trigger_free_caption(item.caption, config.cat.triggers, config.cat.caption, class_word, config.data.caption_separator)
 
 

@@ -359,3 +359,15 @@ def test_accumulation_windows_stay_inside_epochs(workspace, tmp_path):
     a, _ = read_lora_file(tmp_path / "out" / "cat.safetensors")
     b, _ = read_lora_file(tmp_path / "resumed" / "cat.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_class_caption_without_a_class_word_is_refused_at_start(tmp_path, workspace, capsys):
+    data = tmp_path / "data" / "3_sks"
+    data.mkdir(parents=True)
+    for image in (workspace / "data" / "train" / "2_sks teapot").glob("*.png"):
+        (data / image.name).write_bytes(image.read_bytes())
+    argv = _argv(workspace, tmp_path / "out", "--cat_caption", "class")
+    argv[argv.index("--train_data_dir") + 1] = str(tmp_path / "data")
+    argv[argv.index("--reg_data_dir"): argv.index("--reg_data_dir") + 2] = []
+    assert train_network_cat.main(argv) == 2
+    assert "--cat_class_word" in capsys.readouterr().err
