@@ -32,17 +32,39 @@ class ImageItem:
     caption: str
     class_tokens: str
     is_reg: bool
+    cat_triggers: tuple[str, ...] = ()  # the subset's own triggers (dataset config); () = --cat_trigger
+    cat_class_word: str | None = None
 
 
 @dataclass(frozen=True)
 class Subset:
-    """One `<repeats>_<class tokens>` folder."""
+    """One folder of images: a `<repeats>_<class tokens>` folder, or a dataset-config subset."""
 
     folder: Path
     repeats: int
     class_tokens: str
     is_reg: bool
     items: tuple[ImageItem, ...]
+    cat_triggers: tuple[str, ...] = ()
+    cat_class_word: str | None = None
+
+
+def subset_from_folder(
+    folder: Path, repeats: int, class_tokens: str, is_reg: bool, caption_extension: str,
+    cat_triggers: tuple[str, ...] = (), cat_class_word: str | None = None,
+) -> Subset:
+    """A subset of every image in `folder` (dataset-config subsets); an empty or missing folder is an error."""
+    if not folder.is_dir():
+        raise UserInputError(f"image_dir {folder} is not a folder; check the path")
+    items = tuple(
+        ImageItem(i.path, i.caption, i.class_tokens, i.is_reg, cat_triggers, cat_class_word)
+        for i in _items(folder, class_tokens, caption_extension, is_reg)
+    )
+    if not items:
+        raise UserInputError(f"image_dir {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
+    if repeats < 1:
+        raise UserInputError(f"num_repeats = {repeats} for {folder} must be at least 1")
+    return Subset(folder, repeats, class_tokens, is_reg, items, cat_triggers, cat_class_word)
 
 
 def scan_folders(root: str | Path, caption_extension: str, is_reg: bool) -> list[Subset]:

@@ -76,7 +76,6 @@ NOT_IMPLEMENTED: dict[str, str] = {
     "--skip_until_initial_step": "resuming is not implemented yet",
     "--initial_epoch": "resuming is not implemented yet",
     "--initial_step": "resuming is not implemented yet",
-    "--dataset_config": "dataset config files are not read yet; use --train_data_dir",
     "--enable_bucket": "aspect-ratio buckets are not implemented; images are centre-cropped to --resolution",
     "--shuffle_caption": "caption shuffling is not implemented yet",
     "--keep_tokens": "caption shuffling (and so keep_tokens) is not implemented yet",

@@ -30,12 +30,13 @@ class RunFacts:
     num_epochs: int
     optimizer_name: str
     subsets: list[Subset]
+    resolution: tuple[int, int] = (512, 512)
     training_started_at: float = field(default_factory=time.time)
 
 
 def training_metadata(config: TrainConfig, facts: RunFacts, output_name: str) -> dict[str, str]:
     """The metadata known at the start of training (`ss_steps`/`ss_epoch` are added at each save)."""
-    resolution = config.data.resolution or (512, 512)
+    resolution = facts.resolution
     values: dict[str, object] = {
         "ss_session_id": int(facts.training_started_at * 1000) % 2**31,
         "ss_training_started_at": facts.training_started_at,

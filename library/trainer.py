@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from library.captions import class_word_from_tokens, contains_trigger, trigger_free_caption
 from library.cat_objective import cat_step
+from library.dataset_config import load_dataset_config
 from library.errors import UserInputError
 from library.grad_sync import average_gradients
 from library.folder_dataset import ImageItem, Subset, epoch_order, load_image, scan_folders
@@ -72,6 +73,8 @@ class Run:
     save_dtype: torch.dtype | None
     latent_cache: dict[Path, torch.Tensor]
     generator: torch.Generator
+    resolution: tuple[int, int]
+    batch_size: int
 
 
 def train(config: TrainConfig) -> list[Path]:
@@ -104,7 +107,7 @@ def setup(config: TrainConfig) -> Run:
         scale_v_pred_loss_like_noise_pred=config.loss.scale_v_pred_loss_like_noise_pred,
         v_pred_like_loss=config.loss.v_pred_like_loss,
     )
-    subsets = _load_subsets(config)
+    subsets, resolution, batch_size = _load_data(config)
     sd = load_stable_diffusion(
         config.model.pretrained_model_name_or_path, v2=config.model.v2,
         v_parameterization=config.model.v_parameterization, vae=config.model.vae, model_config=config.model.model_config,
@@ -119,7 +122,7 @@ def setup(config: TrainConfig) -> Run:
             f"{_epoch_length(subsets)} images per epoch cannot be shared by {accelerator.num_processes} processes; "
             "add images or repeats (the folder name's number), or use fewer processes."
         )
-    steps_per_epoch = math.ceil(math.ceil(per_process / config.data.train_batch_size) / config.run.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(math.ceil(per_process / batch_size) / config.run.gradient_accumulation_steps)
     max_steps = config.run.max_train_epochs * steps_per_epoch if config.run.max_train_epochs else config.run.max_train_steps
     groups, descriptions = _optimizer_groups(network, config)
     optimizer, optimizer_name = build_optimizer(
@@ -142,6 +145,7 @@ def setup(config: TrainConfig) -> Run:
         num_reg_images=sum(len(s.items) for s in subsets if s.is_reg),
         num_batches_per_epoch=steps_per_epoch, max_train_steps=max_steps,
         num_epochs=math.ceil(max_steps / steps_per_epoch), optimizer_name=optimizer_name, subsets=subsets,
+        resolution=resolution,
     )
     train_scheduler = zero_terminal_snr_scheduler(sd.noise_scheduler) if config.noise.zero_terminal_snr else sd.noise_scheduler
     generator = torch.Generator().manual_seed(seed)
@@ -150,6 +154,7 @@ def setup(config: TrainConfig) -> Run:
         NoiseSchedule(train=train_scheduler, weights=sd.noise_scheduler), subsets, facts,
         training_metadata(config, facts, output_name or "last"), output_dir, output_name,
         SAVE_DTYPES.get(config.save.save_precision) if config.save.save_precision else None, {}, generator,
+        resolution, batch_size,
     )
 
 
@@ -177,34 +182,60 @@ def _seed(config: TrainConfig, accelerator: Accelerator) -> int:
     return seed[0]
 
 
-def _load_subsets(config: TrainConfig) -> list[Subset]:
-    subsets = scan_folders(config.data.train_data_dir, config.data.caption_extension, is_reg=False)
-    if config.data.reg_data_dir:
-        subsets += scan_folders(config.data.reg_data_dir, config.data.caption_extension, is_reg=True)
-    if config.cat.enabled and config.cat.triggers:
-        train_captions = [item.caption for s in subsets if not s.is_reg for item in s.items]
-        if not any(contains_trigger(c, config.cat.triggers) for c in train_captions):
-            raise UserInputError(
-                f"--cat_trigger {list(config.cat.triggers)} appears in none of the {len(train_captions)} training "
-                f"captions under {config.data.train_data_dir}; put the trigger in the captions (or the folder "
-                "names' class tokens), or fix --cat_trigger."
-            )
-    if config.cat.enabled and config.cat.caption == "class" and not config.cat.class_word:
+def _load_data(config: TrainConfig) -> tuple[list[Subset], tuple[int, int], int]:
+    """The subsets, the resolution and the batch size: from --dataset_config, or from the folders."""
+    if config.data.dataset_config:
+        settings = load_dataset_config(config.data.dataset_config, config.data.caption_extension,
+                                       config.data.caption_separator)
+        subsets = settings.subsets
+        resolution = settings.resolution or config.data.resolution
+        batch_size = settings.batch_size or config.data.train_batch_size
+    else:
+        subsets = scan_folders(config.data.train_data_dir, config.data.caption_extension, is_reg=False)
+        if config.data.reg_data_dir:
+            subsets += scan_folders(config.data.reg_data_dir, config.data.caption_extension, is_reg=True)
+        resolution, batch_size = config.data.resolution, config.data.train_batch_size
+    if resolution is None:
+        raise UserInputError("No resolution: give --resolution (e.g. 512) or resolution in the dataset config.")
+    if config.cat.enabled:
         for subset in subsets:
-            if not _class_word(config, subset.class_tokens):
-                raise UserInputError(
-                    f"--cat_caption class needs a class word, and the folder {subset.folder} gives none (its class "
-                    f"tokens '{subset.class_tokens}' are only the trigger); add --cat_class_word, or rename the folder "
-                    "e.g. '10_sks teapot'."
-                )
-    return subsets
+            _check_cat_subset(config, subset)
+    return subsets, resolution, batch_size
 
 
-def _class_word(config: TrainConfig, class_tokens: str) -> str:
-    """The class word for --cat_caption class: --cat_class_word, else the class tokens without the trigger."""
-    if config.cat.class_word:
-        return config.cat.class_word
-    return class_word_from_tokens(class_tokens, config.cat.triggers) if config.cat.triggers else class_tokens
+def _check_cat_subset(config: TrainConfig, subset: Subset) -> None:
+    """Every training subset needs a trigger that its captions contain, and a class word in class mode."""
+    triggers = _triggers(config, subset.cat_triggers)
+    if subset.is_reg or config.cat.caption == "empty":
+        return
+    if not triggers:
+        raise UserInputError(
+            f"CAT is on but {subset.folder} has no trigger: give --cat_trigger, or cat_trigger in its dataset-config "
+            "subset, or use --cat_caption empty."
+        )
+    if not any(contains_trigger(item.caption, triggers) for item in subset.items):
+        raise UserInputError(
+            f"the trigger {list(triggers)} appears in none of the {len(subset.items)} captions of {subset.folder}; put "
+            "the trigger in the captions (or the folder's class tokens), or fix --cat_trigger / cat_trigger."
+        )
+    if config.cat.caption == "class" and not _class_word(config, subset.class_tokens, triggers, subset.cat_class_word):
+        raise UserInputError(
+            f"--cat_caption class needs a class word, and the folder {subset.folder} gives none (its class "
+            f"tokens '{subset.class_tokens}' are only the trigger); add --cat_class_word (or cat_class_word in the "
+            "dataset config), or rename the folder e.g. '10_sks teapot'."
+        )
+
+
+def _triggers(config: TrainConfig, own: tuple[str, ...]) -> tuple[str, ...]:
+    """A subset's own triggers (multi-concept dataset configs), else --cat_trigger."""
+    return own or config.cat.triggers
+
+
+def _class_word(config: TrainConfig, class_tokens: str, triggers: tuple[str, ...], own: str | None = None) -> str:
+    """The class word for --cat_caption class: the subset's, --cat_class_word, else its class tokens without the trigger."""
+    if own or config.cat.class_word:
+        return own or config.cat.class_word
+    return class_word_from_tokens(class_tokens, triggers) if triggers else class_tokens
 
 
 def _epoch_length(subsets: list[Subset]) -> int:
@@ -383,7 +414,7 @@ def _batches(run: Run, epoch: int):
     processes = run.accelerator.num_processes
     order = order[: len(order) - len(order) % processes]  # every process runs the same number of steps
     shard = order[run.accelerator.process_index :: processes]
-    size = run.config.data.train_batch_size
+    size = run.batch_size
     for start in range(0, len(shard), size):
         yield shard[start : start + size]
 
@@ -409,13 +440,13 @@ def _train_on(run: Run, denoiser: SDDenoiser, items: list[ImageItem], loss_scale
 
 
 def _free_caption(config: TrainConfig, item: ImageItem) -> str:
-    """The trigger-free caption y of this sample (its own caption when CAT is off)."""
-    if not config.cat.enabled:
+    """The trigger-free caption y of this sample (its own caption when CAT is off); each sample strips its own trigger."""
+    triggers = _triggers(config, item.cat_triggers)
+    if not config.cat.enabled or (config.cat.caption != "empty" and not triggers):
         return item.caption
-    if config.cat.caption != "empty" and not config.cat.triggers:
-        return item.caption
-    class_word = _class_word(config, item.class_tokens) if config.cat.caption == "class" else None
-    return trigger_free_caption(item.caption, config.cat.triggers, config.cat.caption, class_word, config.data.caption_separator)
+    class_word = (_class_word(config, item.class_tokens, triggers, item.cat_class_word)
+                  if config.cat.caption == "class" else None)
+    return trigger_free_caption(item.caption, triggers, config.cat.caption, class_word, config.data.caption_separator)
 
 
 @torch.no_grad()
@@ -434,7 +465,7 @@ def _latents(run: Run, items: list[ImageItem]) -> torch.Tensor:
 
 def _encode(run: Run, paths: list[Path]) -> torch.Tensor:
     vae = run.sd.vae
-    pixels = torch.stack([load_image(p, run.config.data.resolution or (512, 512)) for p in paths]).to(vae.device, vae.dtype)
+    pixels = torch.stack([load_image(p, run.resolution) for p in paths]).to(vae.device, vae.dtype)
     dist = vae.encode(pixels).latent_dist
     noise = torch.stack([
         torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(run.facts.seed ^ _image_key(p)))

@@ -1,0 +1,120 @@
+"""--dataset_config: sd-scripts' three levels, strict checking, and per-subset CAT triggers."""
+
+import shutil
+
+import pytest
+from accelerate.state import AcceleratorState, GradientState
+
+import train_network_cat
+from library.dataset_config import load_dataset_config
+from library.demo_data import write_demo_dataset
+from library.errors import UserInputError
+from library.lora_file import read_lora_file
+from library.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
+from library.trainer import _free_caption
+from library.train_args import parse_args
+
+
+@pytest.fixture()
+def two_concepts(tmp_path):
+    write_demo_dataset(tmp_path / "a", with_reg=True)
+    teapot = tmp_path / "a" / "train" / "2_sks teapot"
+    mug = tmp_path / "mug"
+    shutil.copytree(teapot, mug)
+    for caption in mug.glob("*.txt"):
+        caption.write_text(caption.read_text().replace("sks teapot", "zxc mug"))
+    config = tmp_path / "dataset.toml"
+    config.write_text(f"""
+[general]
+caption_extension = ".txt"
+
+[[datasets]]
+resolution = 64
+batch_size = 2
+
+  [[datasets.subsets]]
+  image_dir = "{teapot}"
+  num_repeats = 2
+  class_tokens = "sks teapot"
+  cat_trigger = "sks"
+
+  [[datasets.subsets]]
+  image_dir = "{mug}"
+  cat_trigger = ["zxc"]
+  cat_class_word = "mug"
+
+  [[datasets.subsets]]
+  image_dir = "{tmp_path / 'a' / 'reg' / '1_teapot'}"
+  is_reg = true
+""", encoding="utf-8")
+    return config
+
+
+def test_levels_and_subset_triggers(two_concepts):
+    settings = load_dataset_config(two_concepts, ".caption", ",")
+    assert settings.resolution == (64, 64) and settings.batch_size == 2
+    teapot, mug, reg = settings.subsets
+    assert (teapot.repeats, teapot.cat_triggers, mug.repeats, mug.cat_triggers) == (2, ("sks",), 1, ("zxc",))
+    assert mug.cat_class_word == "mug" and reg.is_reg
+    assert teapot.items[0].caption.startswith("a photo of sks"), "caption_extension from [general]"
+
+
+def test_each_sample_strips_its_own_trigger(two_concepts, tmp_path):
+    config = parse_args(["--pretrained_model_name_or_path", "x", "--output_dir", str(tmp_path),
+                         "--dataset_config", str(two_concepts), "--cat_caption", "class"])
+    teapot, mug, _ = load_dataset_config(two_concepts, ".txt", ",").subsets
+    assert _free_caption(config, teapot.items[0]) == "a photo of teapot"
+    assert _free_caption(config, mug.items[0]) == "a photo of mug"
+
+
+def test_multi_concept_run_end_to_end(two_concepts, tmp_path):
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    model = tmp_path / "tiny.safetensors"
+    save_single_file(build_tiny_sd(seed=0), model)
+    argv = ["--pretrained_model_name_or_path", str(model), "--model_config", str(tiny_config_dir(False)),
+            "--dataset_config", str(two_concepts), "--output_dir", str(tmp_path / "out"), "--output_name", "multi",
+            "--max_train_steps", "3", "--seed", "1", "--max_data_loader_n_workers", "0"]
+    assert train_network_cat.main(argv) == 0
+    _, metadata = read_lora_file(tmp_path / "out" / "multi.safetensors")
+    assert metadata["ss_resolution"] == "(64, 64)" and metadata["ss_num_reg_images"] == "2"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[[datasets]]\n[[datasets.subsets]]\nimage_dri = "x"\n', "unknown key 'image_dri'; did you mean image_dir"),
+    ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\nflip_aug = true\n', "flip_aug = True is accepted"),
+    ('[[datasets]]\n[[datasets.subsets]]\nnum_repeats = 2\n', "has no image_dir"),
+    ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\nnum_repeats = "2"\n', "should be an integer"),
+    ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "/no/such/folder"\n', "/no/such/folder is not a folder"),
+    ('[general]\nresolution = 64\n', "exactly one [[datasets]]"),
+    ('[[datasets]\n', "not valid TOML"),
+])
+def test_bad_files_name_the_file_and_the_fix(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(UserInputError) as error:
+        load_dataset_config(path, ".txt", ",")
+    assert message in str(error.value) and "bad.toml" in str(error.value)
+
+
+def test_all_problems_are_reported_together(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[[datasets]]\nbatchsize = 2\n[[datasets.subsets]]\nimage_dir = "x"\ncolor_aug = true\n')
+    with pytest.raises(UserInputError) as error:
+        load_dataset_config(path, ".txt", ",")
+    assert "batchsize" in str(error.value) and "color_aug" in str(error.value)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (('cat_trigger = ["zxc"]', ""), "has no trigger"),
+    (('cat_trigger = ["zxc"]', 'cat_trigger = ["qqq"]'), "appears in none of the 4 captions"),
+])
+def test_subset_trigger_problems_stop_the_run_at_start(two_concepts, tmp_path, capsys, edit, message):
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    two_concepts.write_text(two_concepts.read_text().replace(*edit))
+    argv = ["--pretrained_model_name_or_path", str(tmp_path / "unused.safetensors"), "--dataset_config",
+            str(two_concepts), "--output_dir", str(tmp_path / "out")]
+    assert train_network_cat.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "mug" in err
