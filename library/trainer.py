@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
+from library.caption_transforms import sample_rng, transform_caption
 from library.captions import class_word_from_tokens, contains_trigger, trigger_free_caption
 from library.cat_objective import cat_step
 from library.dataset_config import load_dataset_config
@@ -341,7 +342,7 @@ def training_loop(run: Run) -> list[Path]:
                 # Gradients accumulate over windows of `accumulation` batches; an epoch's last window
                 # may be shorter, and each window's losses are averaged over its own size.
                 window = min(accumulation, len(batches) - index // accumulation * accumulation)
-                losses = _train_on(run, denoiser, items, 1.0 / window)
+                losses = _train_on(run, denoiser, items, epoch, 1.0 / window)
                 finite = finite and bool(torch.isfinite(losses.total))
                 if (index + 1) % accumulation and index + 1 < len(batches):
                     continue
@@ -413,18 +414,20 @@ def _batches(run: Run, epoch: int):
     order = epoch_order(run.subsets, epoch, run.facts.seed)
     processes = run.accelerator.num_processes
     order = order[: len(order) - len(order) % processes]  # every process runs the same number of steps
-    shard = order[run.accelerator.process_index :: processes]
+    positions = list(range(run.accelerator.process_index, len(order), processes))
     size = run.batch_size
-    for start in range(0, len(shard), size):
-        yield shard[start : start + size]
+    for start in range(0, len(positions), size):
+        yield [(p, order[p]) for p in positions[start : start + size]]
 
 
-def _train_on(run: Run, denoiser: SDDenoiser, items: list[ImageItem], loss_scale: float):
-    """Forward and backward one batch; its gradients are added to the adapters' (scaled by `loss_scale`)."""
+def _train_on(run: Run, denoiser: SDDenoiser, batch_items: list[tuple[int, ImageItem]], epoch: int, loss_scale: float):
+    """Forward and backward one batch; its gradients are added to the adapters' (scaled by `loss_scale`).
+    `batch_items` are (position in the epoch's order, image) pairs."""
     config, accelerator = run.config, run.accelerator
+    items = [item for _, item in batch_items]
     latents = _latents(run, items)
-    captions = [item.caption for item in items]
-    free = [_free_caption(config, item) for item in items]
+    captions = [_training_caption(run, item, epoch, position) for position, item in batch_items]
+    free = [_free_caption(config, item, caption) for (_, item), caption in zip(batch_items, captions)]
     weights = torch.tensor([config.loss.prior_loss_weight if item.is_reg else 1.0 for item in items])
     batch, loss_fn = build_cat_batch(
         latents, tokenize(run.sd.tokenizer, captions, config.model.max_token_length),
@@ -439,14 +442,24 @@ def _train_on(run: Run, denoiser: SDDenoiser, items: list[ImageItem], loss_scale
         return cat_step(denoiser, run.network, batch, config.cat.weight, config.cat.mode, loss_fn, backward)
 
 
-def _free_caption(config: TrainConfig, item: ImageItem) -> str:
-    """The trigger-free caption y of this sample (its own caption when CAT is off); each sample strips its own trigger."""
+def _training_caption(run: Run, item: ImageItem, epoch: int, position: int) -> str:
+    """The caption this sample trains on this epoch (shuffled / dropped out as the flags say)."""
+    data = run.config.data
+    return transform_caption(
+        item.caption, sample_rng(run.facts.seed, epoch, position), shuffle=data.shuffle_caption,
+        keep_tokens=data.keep_tokens, dropout_rate=data.caption_dropout_rate, separator=data.caption_separator,
+    )
+
+
+def _free_caption(config: TrainConfig, item: ImageItem, caption: str) -> str:
+    """The trigger-free caption y of this sample's training caption (the same caption when CAT is off);
+    each sample strips its own trigger."""
     triggers = _triggers(config, item.cat_triggers)
     if not config.cat.enabled or (config.cat.caption != "empty" and not triggers):
-        return item.caption
+        return caption
     class_word = (_class_word(config, item.class_tokens, triggers, item.cat_class_word)
                   if config.cat.caption == "class" else None)
-    return trigger_free_caption(item.caption, triggers, config.cat.caption, class_word, config.data.caption_separator)
+    return trigger_free_caption(caption, triggers, config.cat.caption, class_word, config.data.caption_separator)
 
 
 @torch.no_grad()

@@ -63,8 +63,8 @@ def test_each_sample_strips_its_own_trigger(two_concepts, tmp_path):
     config = parse_args(["--pretrained_model_name_or_path", "x", "--output_dir", str(tmp_path),
                          "--dataset_config", str(two_concepts), "--cat_caption", "class"])
     teapot, mug, _ = load_dataset_config(two_concepts, ".txt", ",").subsets
-    assert _free_caption(config, teapot.items[0]) == "a photo of teapot"
-    assert _free_caption(config, mug.items[0]) == "a photo of mug"
+    assert _free_caption(config, teapot.items[0], teapot.items[0].caption) == "a photo of teapot"
+    assert _free_caption(config, mug.items[0], mug.items[0].caption) == "a photo of mug"
 
 
 def test_multi_concept_run_end_to_end(two_concepts, tmp_path):

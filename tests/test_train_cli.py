@@ -226,7 +226,8 @@ def _reset():
 
 
 def test_resume_equals_uninterrupted(workspace, tmp_path):
-    steps = ("--max_train_steps", "7", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--network_dropout", "0.1")
+    steps = ("--max_train_steps", "7", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--network_dropout", "0.1",
+             "--shuffle_caption", "--keep_tokens", "1", "--caption_dropout_rate", "0.3")
     assert train_network_cat.main(_argv(workspace, tmp_path / "full", *steps)) == 0
     _reset()
     saving = _argv(workspace, tmp_path / "saving", *steps, "--save_state", "--save_every_n_steps", "3")
