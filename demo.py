@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
 
 import library  # noqa: F401  (before diffusers: quiets an irrelevant bitsandbytes import warning)
 import networks.lora_cat as lora_cat
@@ -117,10 +116,7 @@ def _predict(denoiser: SDDenoiser, ids: torch.Tensor, latents: torch.Tensor) -> 
 def _diffusers_gap(checkpoint: Path, lora: Path, ids: torch.Tensor, latents: torch.Tensor, ours: torch.Tensor) -> float:
     """Load the LoRA the way users of diffusers do and compare its U-Net output with ours."""
     sd = load_stable_diffusion(checkpoint, model_config=tiny_config_dir(False))
-    pipe = StableDiffusionPipeline(
-        vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet, scheduler=sd.noise_scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    pipe = sd.pipeline()
     pipe.load_lora_weights(str(lora))
     theirs = _predict(SDDenoiser(pipe.unet, pipe.text_encoder), ids, latents)
     return (theirs - ours).abs().max().item()

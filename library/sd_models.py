@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from library import sd_folder, sd_single_file
@@ -37,6 +37,13 @@ class StableDiffusionModels:
     noise_scheduler: DDPMScheduler
     v2: bool
     v_parameterization: bool
+
+    def pipeline(self) -> StableDiffusionPipeline:
+        """A diffusers pipeline sharing these models (no safety checker), e.g. to `load_lora_weights` or save."""
+        return StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=self.noise_scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
 
     @property
     def model_version(self) -> str:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -64,17 +64,7 @@ def _perturb(model: torch.nn.Module) -> None:
 
 def save_diffusers_folder(models: StableDiffusionModels, path: str | os.PathLike) -> Path:
     """Write `models` as a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
-    pipeline = StableDiffusionPipeline(
-        vae=models.vae,
-        text_encoder=models.text_encoder,
-        tokenizer=models.tokenizer,
-        unet=models.unet,
-        scheduler=models.noise_scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(path)
+    models.pipeline().save_pretrained(path)
     return Path(path)
 
 

@@ -29,7 +29,6 @@ from library.errors import UserInputError
 from library.grad_sync import average_gradients
 from library.folder_dataset import ImageItem, Subset, epoch_order, load_image, scan_folders
 from library.lr_schedulers import build_lr_scheduler, current_learning_rates
-from library.network_protocol import unwrap_network
 from library.noise import check_snr_weighting_flags, zero_terminal_snr_scheduler
 from library.optimizers import build_optimizer
 from library.output_files import (
@@ -117,10 +116,11 @@ def setup(config: TrainConfig) -> Run:
     _prepare_models(config, sd, accelerator, weight_dtype)
     network = _build_network(config, sd, accelerator)
 
-    per_process = _epoch_length(subsets) // accelerator.num_processes
+    epoch_length = len(epoch_order(subsets, 1, 0))  # training images with repeats, plus as many regularisation
+    per_process = epoch_length // accelerator.num_processes
     if per_process == 0:
         raise UserInputError(
-            f"{_epoch_length(subsets)} images per epoch cannot be shared by {accelerator.num_processes} processes; "
+            f"{epoch_length} images per epoch cannot be shared by {accelerator.num_processes} processes; "
             "add images or repeats (the folder name's number), or use fewer processes."
         )
     steps_per_epoch = math.ceil(math.ceil(per_process / batch_size) / config.run.gradient_accumulation_steps)
@@ -239,12 +239,6 @@ def _class_word(config: TrainConfig, class_tokens: str, triggers: tuple[str, ...
     return class_word_from_tokens(class_tokens, triggers) if triggers else class_tokens
 
 
-def _epoch_length(subsets: list[Subset]) -> int:
-    train = sum(len(s.items) * s.repeats for s in subsets if not s.is_reg)
-    has_reg = any(s.is_reg for s in subsets)
-    return train * 2 if has_reg else train
-
-
 def _prepare_models(config: TrainConfig, sd: StableDiffusionModels, accelerator: Accelerator, weight_dtype) -> None:
     vae_dtype = torch.float32 if config.model.no_half_vae else weight_dtype
     for model, dtype in ((sd.unet, weight_dtype), (sd.text_encoder, weight_dtype), (sd.vae, vae_dtype)):
@@ -321,7 +315,7 @@ def _optimizer_groups(network, config: TrainConfig) -> tuple[list[dict], list[st
 
 def training_loop(run: Run) -> list[Path]:
     config, accelerator = run.config, run.accelerator
-    network = unwrap_network(run.network)
+    network = run.network
     denoiser = SDDenoiser(run.sd.unet, run.sd.text_encoder, config.model.clip_skip)
     if config.log.log_with:
         accelerator.init_trackers(config.log.log_tracker_name or "network_train")

@@ -23,7 +23,6 @@ from library.lora_file import LoRAFileEntry, describe_lora_state_dict, read_lora
 from library.lora_layer import LoRAModule
 from library.lora_metadata import with_model_hashes
 from library.lora_targets import (
-    TEXT_ENCODER_PREFIX,
     UNET_PREFIX,
     LoRATarget,
     text_encoder_prefixes,

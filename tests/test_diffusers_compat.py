@@ -4,17 +4,9 @@ import copy
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 
 import networks.lora_cat as lora_cat
 from library.tiny_sd import build_tiny_sd
-
-
-def _pipeline(sd):
-    return StableDiffusionPipeline(
-        vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
-        scheduler=sd.noise_scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
 
 
 def _trained_network(sd, network_args):
@@ -43,7 +35,7 @@ def test_diffusers_load_lora_weights_reproduces_our_outputs(tmp_path, v2, networ
     path = tmp_path / "lora.safetensors"
     network.save_weights(path, torch.float32, {"ss_network_module": "networks.lora_cat"})
 
-    pipe = _pipeline(theirs)
+    pipe = theirs.pipeline()
     pipe.load_lora_weights(str(path), adapter_name="cat")
     pipe.set_adapters(["cat"], adapter_weights=[0.8])
 

@@ -5,7 +5,6 @@ import copy
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from diffusers import StableDiffusionPipeline
 
 import library.trainer as trainer
 import networks.lora_cat as lora_cat
@@ -72,10 +71,7 @@ def test_diffusers_loads_the_trained_lora(workspace, tmp_path):
     network, _ = lora_cat.create_network_from_weights(1.0, path, sd.vae, sd.text_encoder, sd.unet)
     network.apply_to(sd.text_encoder, sd.unet)
     network.load_weights(path)
-    pipe = StableDiffusionPipeline(
-        vae=theirs.vae, text_encoder=theirs.text_encoder, tokenizer=theirs.tokenizer, unet=theirs.unet,
-        scheduler=theirs.noise_scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    pipe = theirs.pipeline()
     pipe.load_lora_weights(str(path))
     ids = sd.tokenizer(["a photo of sks teapot"], padding="max_length", return_tensors="pt").input_ids
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
