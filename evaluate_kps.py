@@ -1,0 +1,273 @@
+"""Measure how well LoRAs preserve the base model: PS, IS and KPS (arXiv 2404.07554, Section 3).
+
+    python evaluate_kps.py --pretrained_model_name_or_path sd15.safetensors \
+        --lora plain.safetensors cat.safetensors --trigger sks --train_data_dir data/train \
+        --clip_model ViT-L-14 --clip_pretrained ViT-L-14.pt --seed 0 --images_per_prompt 2 --output_dir kps
+
+For each LoRA (loaded with diffusers' `load_lora_weights`, as users load it) and for the base model,
+it generates images from the trigger prompts (`y_T`), from the same prompts without the trigger
+(`y`, same seed), and from each training image's caption; then scores them with open_clip and
+writes results.json, results.md and grid_<adapter>.png to --output_dir. A re-run with the same
+arguments reuses the images already generated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+import library  # noqa: F401  (before diffusers: quiets an irrelevant bitsandbytes import warning)
+from library.captions import CAPTION_MODES, contains_trigger, trigger_free_caption
+from library.errors import UserInputError
+from library.kps_clip import load_clip
+from library.kps_data import read_prompt_file, training_images
+from library.kps_images import (
+    Adapter, GenerationSettings, PromptPair, bytes_fingerprint, files_fingerprint, generate_images, plan_images,
+)
+from library.kps_report import results_json, results_table, write_grid, write_text
+from library.kps_scoring import score_adapters
+from library.lora_fit import check_lora_fits
+from library.samplers import SAMPLERS, inference_scheduler
+from library.sd_models import StableDiffusionModels, load_stable_diffusion
+
+BASE_MODEL = "base model"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class KPSConfig:
+    """Everything the evaluation reads from its command line, checked."""
+
+    pretrained_model_name_or_path: Path
+    v2: bool
+    v_parameterization: bool
+    vae: Path | None
+    model_config: Path | None
+    loras: tuple[Path, ...]
+    triggers: tuple[str, ...]
+    caption_mode: str
+    class_word: str | None
+    prompt_file: Path | None
+    train_data_dir: Path | None
+    dataset_config: Path | None
+    caption_extension: str
+    seeds: tuple[int, ...]
+    output_dir: Path
+    clip_model: str
+    clip_pretrained: str | None
+    device: str
+    dtype: str
+    sampler: str
+    sample_steps: int
+    guidance_scale: float
+    width: int | None
+    height: int | None
+
+
+def parse_args(argv: Sequence[str] | None = None) -> KPSConfig:
+    """Read the command line into a `KPSConfig`; conflicting flags stop here with a sentence."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.seeds is not None and (args.seed is not None or args.images_per_prompt is not None):
+        parser.error("give either --seeds, or --seed with --images_per_prompt, not both")
+    if args.images_per_prompt is not None and args.images_per_prompt < 1:
+        parser.error(f"--images_per_prompt must be at least 1, got {args.images_per_prompt}")
+    if args.sample_steps < 1:
+        parser.error(f"--sample_steps must be at least 1, got {args.sample_steps}")
+    if args.train_data_dir is not None and args.dataset_config is not None:
+        parser.error("give either --train_data_dir or --dataset_config, not both")
+    if args.prompt_file is None and args.train_data_dir is None and args.dataset_config is None:
+        parser.error("give --prompt_file, or the training images (--train_data_dir or --dataset_config) whose captions are the prompts")
+    if args.cat_caption == "class" and not args.cat_class_word:
+        parser.error("--cat_caption class needs --cat_class_word (the word that replaces the trigger)")
+    for flag in ("width", "height"):
+        if getattr(args, flag) is not None and getattr(args, flag) % 8:
+            parser.error(f"--{flag} {getattr(args, flag)} is not a multiple of 8, as the VAE needs")
+    seeds = args.seeds or list(range(args.seed or 0, (args.seed or 0) + (args.images_per_prompt or 1)))
+    return KPSConfig(
+        pretrained_model_name_or_path=Path(args.pretrained_model_name_or_path), v2=args.v2,
+        v_parameterization=args.v_parameterization, vae=_path(args.vae), model_config=_path(args.model_config),
+        loras=tuple(Path(p) for p in args.lora), triggers=tuple(args.trigger), caption_mode=args.cat_caption,
+        class_word=args.cat_class_word, prompt_file=_path(args.prompt_file), train_data_dir=_path(args.train_data_dir),
+        dataset_config=_path(args.dataset_config), caption_extension=args.caption_extension, seeds=tuple(seeds),
+        output_dir=Path(args.output_dir), clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype=args.dtype,
+        sampler=args.sampler, sample_steps=args.sample_steps, guidance_scale=args.guidance_scale,
+        width=args.width, height=args.height,
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="PS, IS and KPS of LoRAs (arXiv 2404.07554, Section 3)")
+    model = parser.add_argument_group("base model (as for training)")
+    model.add_argument("--pretrained_model_name_or_path", required=True, help="diffusers folder or .safetensors/.ckpt")
+    model.add_argument("--v2", action="store_true", help="Stable Diffusion 2.x model")
+    model.add_argument("--v_parameterization", action="store_true", help="v-prediction model")
+    model.add_argument("--vae", default=None, help="replacement VAE (folder or file)")
+    model.add_argument("--model_config", default=None, help="architecture config folder for single files")
+    model.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and sampling dtype")
+    what = parser.add_argument_group("what to evaluate")
+    what.add_argument("--lora", "--network_weights", nargs="+", required=True, help="kohya LoRA .safetensors files")
+    what.add_argument("--trigger", "--cat_trigger", nargs="+", required=True, help="trigger words or phrases")
+    what.add_argument("--cat_caption", choices=CAPTION_MODES, default="strip", help="how y is derived from y_T")
+    what.add_argument("--cat_class_word", default=None, help="class word for --cat_caption class")
+    what.add_argument("--prompt_file", default=None, help="trigger prompts, one a line (default: the training captions)")
+    what.add_argument("--train_data_dir", default=None, help="<repeats>_<class tokens> folders (Identity Score)")
+    what.add_argument("--dataset_config", default=None, help="dataset TOML (its subsets' image_dir)")
+    what.add_argument("--caption_extension", default=".txt", help="caption file suffix (default .txt)")
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds, one image per prompt each")
+    sampling.add_argument("--seed", type=int, default=None, help="first seed (default 0)")
+    sampling.add_argument("--images_per_prompt", type=int, default=None, help="seeds --seed, --seed+1, ... (default 1)")
+    sampling.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    sampling.add_argument("--sample_steps", type=int, default=30)
+    sampling.add_argument("--guidance_scale", type=float, default=7.5)
+    sampling.add_argument("--width", type=int, default=None, help="default: the model's native size")
+    sampling.add_argument("--height", type=int, default=None, help="default: the model's native size")
+    sampling.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    scoring = parser.add_argument_group("scoring")
+    scoring.add_argument("--clip_model", default="ViT-L-14", help="open_clip model name or model-config JSON")
+    scoring.add_argument("--clip_pretrained", default=None, help="CLIP weights file (or an open_clip pretrained tag)")
+    parser.add_argument("--output_dir", required=True)
+    return parser
+
+
+def evaluate(config: KPSConfig) -> dict:
+    """Generate (or reuse) the images, score them, write the results; returns results.json's content."""
+    # Check every input before the slow parts: a mistake found after an hour of sampling costs the hour.
+    training = _training_images(config)
+    pairs = _prompt_pairs(config, training)
+    adapters = _adapters(config.loras)
+    embedder = load_clip(config.clip_model, config.clip_pretrained, config.device)
+    sd = load_stable_diffusion(
+        config.pretrained_model_name_or_path, v2=config.v2, v_parameterization=config.v_parameterization,
+        vae=config.vae, model_config=config.model_config, dtype=DTYPES[config.dtype],
+    )
+    for adapter in adapters[1:]:
+        check_lora_fits(adapter.path, sd.unet, sd.text_encoder)
+
+    settings = _settings(config, sd)
+    planned = plan_images(adapters, pairs, [caption for _, caption in training], config.seeds)
+    files, generated = generate_images(_pipeline(sd, config), adapters, planned, settings, config.output_dir / "images")
+    scores = score_adapters(embedder, [a.name for a in adapters], files, pairs, [path for path, _ in training])
+
+    results = results_json(_jsonable(asdict(config)) | {"width": settings.width, "height": settings.height},
+                           scores, files, pairs, generated)
+    write_text(config.output_dir / "results.json", _dumps(results))
+    table = results_table(scores)
+    write_text(config.output_dir / "results.md", table)
+    for adapter in adapters[1:]:
+        write_grid(config.output_dir / f"grid_{adapter.name}.png", adapter.name, BASE_MODEL, files, len(pairs), config.seeds[0])
+    print(f"{generated} images generated, {len(set(files.values())) - generated} reused; results in {config.output_dir}")
+    print(table)
+    return results
+
+
+def _training_images(config: KPSConfig) -> list[tuple[Path, str]]:
+    """(image, caption) pairs for the Identity Score; each caption must hold a trigger."""
+    if config.train_data_dir is None and config.dataset_config is None:
+        return []
+    pairs = training_images(config.train_data_dir, config.dataset_config, config.caption_extension)
+    for image, caption in pairs:
+        if not contains_trigger(caption, config.triggers):
+            raise UserInputError(
+                f"The caption of the training image {image}, {caption!r}, holds none of the triggers "
+                f"{list(config.triggers)}; add the trigger to its caption or pass the trigger the captions use."
+            )
+    return pairs
+
+
+def _prompt_pairs(config: KPSConfig, training: list[tuple[Path, str]]) -> list[PromptPair]:
+    """The trigger prompts (from --prompt_file, else the distinct training captions) with their y and P."""
+    if config.prompt_file is not None:
+        sourced = [(prompt, f"{config.prompt_file} line {line}") for line, prompt in read_prompt_file(config.prompt_file)]
+        for prompt, source in sourced:
+            if not contains_trigger(prompt, config.triggers):
+                raise UserInputError(
+                    f"The prompt {prompt!r} ({source}) holds none of the triggers {list(config.triggers)}; every "
+                    "prompt must contain the trigger (the trigger-free prompt is derived from it)."
+                )
+    else:
+        first_source: dict[str, str] = {}  # each distinct caption once, in dataset order
+        for image, caption in training:
+            first_source.setdefault(caption, f"caption of {image}")
+        sourced = list(first_source.items())
+    return [
+        PromptPair(
+            with_trigger=prompt,
+            without_trigger=trigger_free_caption(prompt, config.triggers, config.caption_mode, config.class_word),
+            caption_part=trigger_free_caption(prompt, config.triggers, "strip"),
+            source=source,
+        )
+        for prompt, source in sourced
+    ]
+
+
+def _adapters(loras: Sequence[Path]) -> list[Adapter]:
+    """The base model, then one row per LoRA file, named by its file stem."""
+    for path in loras:
+        if not path.is_file():
+            raise UserInputError(f"The --lora file {path} does not exist; check the path.")
+    stems = [path.stem for path in loras]
+    duplicates = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if duplicates:
+        raise UserInputError(f"Several --lora files are named {duplicates[0]}; rename them so each row has its own name.")
+    if BASE_MODEL in stems:
+        raise UserInputError(f"A --lora file is named {BASE_MODEL!r}, the name of the base model's row; rename it.")
+    return [Adapter(BASE_MODEL, None, None)] + [Adapter(p.stem, p, bytes_fingerprint(p)) for p in loras]
+
+
+def _settings(config: KPSConfig, sd: StableDiffusionModels) -> GenerationSettings:
+    native = sd.unet.config.sample_size * 2 ** (len(sd.vae.config.block_out_channels) - 1)
+    return GenerationSettings(
+        model=files_fingerprint(config.pretrained_model_name_or_path, config.vae, config.model_config)
+        + f"-v2={config.v2}-v={config.v_parameterization}",
+        sampler=config.sampler, steps=config.sample_steps, guidance_scale=config.guidance_scale,
+        width=config.width or native, height=config.height or native, dtype=config.dtype,
+        device_type=torch.device(config.device).type,
+    )
+
+
+def _pipeline(sd: StableDiffusionModels, config: KPSConfig):
+    pipe = sd.pipeline()
+    pipe.scheduler = inference_scheduler(config.sampler, sd.noise_scheduler)
+    pipe.set_progress_bar_config(disable=True)  # one bar over all images instead
+    return pipe.to(config.device)
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value is not None else None
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def _dumps(results: dict) -> str:
+    return json.dumps(results, indent=2) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, evaluate, and turn user mistakes into one readable sentence (exit code 2)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        evaluate(parse_args(argv))
+    except UserInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

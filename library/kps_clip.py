@@ -1,0 +1,120 @@
+"""The CLIP model that embeds prompts and images for the scores, loaded with open_clip.
+
+`model` is an open_clip model name (e.g. "ViT-L-14", or "hf-hub:org/repo") or the path of an
+open_clip model-config JSON (`embed_dim`, `vision_cfg`, `text_cfg`); `pretrained` is a local weights
+file, or an open_clip pretrained tag (e.g. "openai"), which open_clip downloads. Random CLIP
+weights give meaningless scores, so weights are required, except for an hf-hub model (they come
+with it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import open_clip
+import torch
+from PIL import Image
+from torch import Tensor
+
+from library.errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".npz")
+
+
+@dataclass
+class ClipEmbedder:
+    """An open_clip model with its image preprocessing and tokenizer, on one device."""
+
+    model: torch.nn.Module
+    preprocess: Callable[[Image.Image], Tensor]
+    tokenizer: Callable[[list[str]], Tensor]
+    device: torch.device
+
+    @torch.no_grad()
+    def images(self, paths: Sequence[Path], batch_size: int = 32) -> Tensor:
+        """E_img of the image files at `paths`, one row each (float32, not normalised)."""
+        rows = []
+        for start in range(0, len(paths), batch_size):
+            batch = [self.preprocess(_load_rgb(p)) for p in paths[start:start + batch_size]]
+            rows.append(self.model.encode_image(torch.stack(batch).to(self.device)).float().cpu())
+        return torch.cat(rows) if rows else torch.empty(0)
+
+    @torch.no_grad()
+    def texts(self, texts: Sequence[str], batch_size: int = 64) -> Tensor:
+        """E_txt of `texts`, one row each (float32, not normalised)."""
+        rows = []
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(list(texts[start:start + batch_size])).to(self.device)
+            rows.append(self.model.encode_text(tokens).float().cpu())
+        return torch.cat(rows) if rows else torch.empty(0)
+
+
+def load_clip(model: str, pretrained: str | None, device: torch.device | str) -> ClipEmbedder:
+    """Load the open_clip model `model` with the weights `pretrained` (see the module docstring)."""
+    name = _register_model(model)
+    checkpoint = _checkpoint(name, pretrained)
+    try:
+        clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=checkpoint, device=device)
+    except RuntimeError as err:
+        raise UserInputError(
+            f"The CLIP weights {checkpoint} could not be loaded into the open_clip model {model} ({_first_line(err)}); "
+            "give --clip_pretrained weights trained for that --clip_model."
+        ) from None
+    clip.eval()
+    return ClipEmbedder(clip, preprocess, open_clip.get_tokenizer(name), torch.device(device))
+
+
+def _register_model(model: str) -> str:
+    """The open_clip name of `model`; a config JSON is registered with open_clip under its file stem."""
+    if model.endswith(".json"):
+        path = Path(model)
+        if not path.is_file():
+            raise UserInputError(f"The --clip_model config {path} does not exist; give an open_clip model name or config JSON.")
+        if not {"embed_dim", "vision_cfg", "text_cfg"} <= set(json.loads(path.read_text())):
+            raise UserInputError(
+                f"The --clip_model config {path} lacks embed_dim, vision_cfg or text_cfg; give an open_clip model config."
+            )
+        open_clip.add_model_config(path)
+        return path.stem
+    if not model.startswith("hf-hub:") and model.replace("/", "-") not in open_clip.list_models():
+        raise UserInputError(
+            f"The --clip_model {model!r} is not an open_clip model name (e.g. ViT-L-14, ViT-B-32) nor a config JSON; "
+            "see open_clip.list_models()."
+        )
+    return model
+
+
+def _checkpoint(name: str, pretrained: str | None) -> str | None:
+    """The weights argument for open_clip: a file that exists, a pretrained tag, or None for hf-hub models."""
+    if pretrained is None:
+        if name.startswith("hf-hub:"):
+            return None
+        raise UserInputError(
+            f"--clip_pretrained is missing for the CLIP model {name}: random CLIP weights give meaningless scores; "
+            "give the weights file (e.g. ViT-L-14 weights) or an open_clip pretrained tag."
+        )
+    path = Path(pretrained)
+    looks_like_file = path.suffix.lower() in WEIGHT_SUFFIXES or len(path.parts) > 1
+    if looks_like_file and not path.is_file():
+        raise UserInputError(f"The --clip_pretrained weights file {path} does not exist; check the path.")
+    if not looks_like_file and pretrained not in open_clip.list_pretrained_tags_by_model(name):
+        raise UserInputError(
+            f"The --clip_pretrained {pretrained!r} is neither a weights file nor a pretrained tag of {name} "
+            f"({', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none known'})."
+        )
+    return pretrained
+
+
+def _load_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
