@@ -1,27 +1,37 @@
-"""Training images from sd-scripts' DreamBooth folders: `--train_data_dir` / `--reg_data_dir`.
+"""Training images and their captions, as sd-scripts finds them.
 
-Each holds sub-folders named `<repeats>_<class tokens>` (e.g. `10_sks teapot`). An image's caption is
-the first line of `<stem><caption_extension>` beside it, or the folder's class tokens when there is
-none. Regularisation images are repeated up to the number of training images and weighted by
-`--prior_loss_weight`. Images are resized (shorter side) and centre-cropped to the resolution.
+- DreamBooth folders (`--train_data_dir` / `--reg_data_dir`, or a dataset-config subset's
+  `image_dir`): sub-folders named `<repeats>_<class tokens>` (e.g. `10_sks teapot`); an image's
+  caption is the first line of `<stem><caption_extension>` beside it, or the class tokens when there
+  is none.
+- Fine-tune subsets (`metadata_file`): a JSON `{image: {"caption": ..., "tags": ...}}`; the caption
+  is the caption, then ", " and the tags.
+
+Each image carries its subset's options (caption transforms, augmentations) and CAT trigger.
 """
 
 from __future__ import annotations
 
-import math
-import random
+import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image, ImageOps
-
+from library.caption_transforms import CaptionOptions
 from library.errors import UserInputError
+from library.image_loading import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FOLDER_NAME = re.compile(r"^(\d+)_(.*)$")
+
+
+@dataclass(frozen=True)
+class SubsetOptions:
+    """How a subset's images are captioned and augmented (sd-scripts' subset options)."""
+
+    captions: CaptionOptions = field(default_factory=CaptionOptions)
+    flip_aug: bool = False
+    color_aug: bool = False
+    random_crop: bool = False
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,7 @@ class ImageItem:
     is_reg: bool
     cat_triggers: tuple[str, ...] = ()  # the subset's own triggers (dataset config); () = --cat_trigger
     cat_class_word: str | None = None
+    options: SubsetOptions = field(default_factory=SubsetOptions)
 
 
 @dataclass(frozen=True)
@@ -47,27 +58,100 @@ class Subset:
     items: tuple[ImageItem, ...]
     cat_triggers: tuple[str, ...] = ()
     cat_class_word: str | None = None
+    options: SubsetOptions = field(default_factory=SubsetOptions)
+    metadata_file: Path | None = None  # fine-tune subsets: captions come from this JSON
+
+    @property
+    def name(self) -> str:
+        """The name sd-scripts files its tag frequency and folder counts under."""
+        return self.metadata_file.name if self.metadata_file else self.folder.name
+
+    def with_options(self, options: SubsetOptions) -> "Subset":
+        """The same subset, every image carrying `options`."""
+        items = tuple(replace(item, options=options) for item in self.items)
+        return replace(self, options=options, items=items)
 
 
 def subset_from_folder(
     folder: Path, repeats: int, class_tokens: str, is_reg: bool, caption_extension: str,
-    cat_triggers: tuple[str, ...] = (), cat_class_word: str | None = None,
+    cat_triggers: tuple[str, ...] = (), cat_class_word: str | None = None, options: SubsetOptions = SubsetOptions(),
 ) -> Subset:
     """A subset of every image in `folder` (dataset-config subsets); an empty or missing folder is an error."""
     if not folder.is_dir():
         raise UserInputError(f"image_dir {folder} is not a folder; check the path")
     items = tuple(
-        ImageItem(i.path, i.caption, i.class_tokens, i.is_reg, cat_triggers, cat_class_word)
+        ImageItem(i.path, i.caption, i.class_tokens, i.is_reg, cat_triggers, cat_class_word, options)
         for i in _items(folder, class_tokens, caption_extension, is_reg)
     )
     if not items:
         raise UserInputError(f"image_dir {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
     if repeats < 1:
         raise UserInputError(f"num_repeats = {repeats} for {folder} must be at least 1")
-    return Subset(folder, repeats, class_tokens, is_reg, items, cat_triggers, cat_class_word)
+    return Subset(folder, repeats, class_tokens, is_reg, items, cat_triggers, cat_class_word, options)
 
 
-def scan_folders(root: str | Path, caption_extension: str, is_reg: bool) -> list[Subset]:
+def subset_from_metadata(
+    metadata_file: Path, image_dir: Path | None, repeats: int, cat_triggers: tuple[str, ...] = (),
+    cat_class_word: str | None = None, options: SubsetOptions = SubsetOptions(),
+) -> Subset:
+    """A fine-tune subset: the images named in `metadata_file` (absolute paths, or names relative to
+    `image_dir` with or without their extension), captioned by their caption and tags."""
+    entries = _read_metadata(metadata_file)
+    folder = image_dir or metadata_file.parent
+    items, missing = [], []
+    for key, entry in entries.items():
+        path = _find_image(key, folder)
+        if path is None:
+            missing.append(key)
+            continue
+        items.append(ImageItem(path, _metadata_caption(entry), "", False, cat_triggers, cat_class_word, options))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise UserInputError(f"metadata_file {metadata_file}: no image found for {shown} in {folder}; "
+                             "fix the keys or set image_dir to the folder that holds them")
+    if not items:
+        raise UserInputError(f"metadata_file {metadata_file} lists no images")
+    if repeats < 1:
+        raise UserInputError(f"num_repeats = {repeats} for {metadata_file} must be at least 1")
+    return Subset(folder, repeats, "", False, tuple(items), cat_triggers, cat_class_word, options, metadata_file)
+
+
+def _read_metadata(path: Path) -> dict:
+    if not path.is_file():
+        raise UserInputError(f"metadata_file {path} does not exist; check the path")
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserInputError(f"metadata_file {path} is not valid JSON ({error})") from None
+    if not isinstance(entries, dict) or not all(isinstance(v, dict) for v in entries.values()):
+        raise UserInputError(f'metadata_file {path} must be a JSON object {{"image": {{"caption": "...", '
+                             '"tags": "..."}}}}')
+    return entries
+
+
+def _find_image(key: str, folder: Path) -> Path | None:
+    """The image a metadata key names: an existing path, or `folder/key` with or without an image suffix."""
+    for candidate in (Path(key), folder / key):
+        if candidate.is_file():
+            return candidate
+    for suffix in IMAGE_SUFFIXES:
+        for candidate in (folder / f"{key}{suffix}", folder / f"{key}{suffix.upper()}"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _metadata_caption(entry: dict) -> str:
+    """sd-scripts' rule: the caption, then ", " and the tags; the tags alone when there is no caption."""
+    caption, tags = entry.get("caption"), entry.get("tags")
+    if caption is None:
+        return str(tags or "").strip()
+    return f"{caption}, {tags}".strip() if tags else str(caption).strip()
+
+
+def scan_folders(
+    root: str | Path, caption_extension: str, is_reg: bool, options: SubsetOptions = SubsetOptions(),
+) -> list[Subset]:
     """All `<repeats>_<class tokens>` sub-folders of `root`, each problem reported in one error."""
     root = Path(root)
     flag = "--reg_data_dir" if is_reg else "--train_data_dir"
@@ -83,7 +167,8 @@ def scan_folders(root: str | Path, caption_extension: str, is_reg: bool) -> list
         if not items:
             problems.append(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
             continue
-        subsets.append(Subset(folder, int(match.group(1)), match.group(2).strip(), is_reg, items))
+        subset = Subset(folder, int(match.group(1)), match.group(2).strip(), is_reg, items)
+        subsets.append(subset.with_options(options))
     if not subsets and not problems:
         problems.append(f"{root}: no '<repeats>_<class tokens>' folders inside")
     if problems:
@@ -96,52 +181,16 @@ def _items(folder: Path, class_tokens: str, caption_extension: str, is_reg: bool
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
-        caption_file = path.with_suffix(caption_extension)
+        # sd-scripts appends the extension to the stem; "txt" (no dot) is read as the ".txt" it means.
+        caption_file = path.parent / (path.stem + ("" if caption_extension.startswith(".") else ".") + caption_extension)
         caption = _first_line(caption_file) if caption_file.is_file() else ""
         items.append(ImageItem(path, caption or class_tokens, class_tokens, is_reg))
     return items
 
 
 def _first_line(path: Path) -> str:
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return lines[0].strip() if lines else ""
-
-
-def epoch_order(subsets: list[Subset], epoch: int, seed: int) -> list[ImageItem]:
-    """The images of one epoch: each repeated by its folder's repeats, regularisation images up to
-    the training-image count, shuffled by (seed, epoch) so a resumed run sees the same order."""
-    train = [item for s in subsets if not s.is_reg for item in s.items for _ in range(s.repeats)]
-    reg_pool = [item for s in subsets if s.is_reg for item in s.items for _ in range(s.repeats)]
-    reg = []
-    if reg_pool:
-        reg = (reg_pool * math.ceil(len(train) / len(reg_pool)))[: len(train)]
-    order = train + reg
-    random.Random(seed * 100_003 + epoch).shuffle(order)
-    return order
-
-
-def load_image(path: Path, resolution: tuple[int, int]) -> torch.Tensor:
-    """RGB image as a (3, H, W) tensor in [-1, 1]: EXIF-rotated, alpha flattened on white,
-    shorter side resized to cover the resolution, centre-cropped."""
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            image = _flatten_alpha(image)
-            width, height = resolution
-            scale = max(width / image.width, height / image.height)
-            size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-            image = image.resize(size, Image.Resampling.LANCZOS)
-            left, top = (size[0] - width) // 2, (size[1] - height) // 2
-            image = image.crop((left, top, left + width, top + height))
-            array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    except (OSError, ValueError) as error:
-        raise UserInputError(f"Image {path} cannot be read ({error}); replace or remove it.") from None
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
-def _flatten_alpha(image: Image.Image) -> Image.Image:
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as error:
+        raise UserInputError(f"caption file {path} is not UTF-8 text ({error}); save it as UTF-8") from None
+    return lines[0].strip() if lines else ""

@@ -25,6 +25,8 @@ from library.captions import CAPTION_MODES
 from library.cat_objective import CAT_MODES
 from library.config_file import config_path, load_config_file, toml_text, write_config_file
 from library.errors import UserInputError
+from library.preservation_signal import read_preservation_prompts
+from library.sample_prompts import SAMPLER_ALIASES, SAMPLERS
 from library.train_config import (
     CATArgs,
     DataArgs,
@@ -35,6 +37,7 @@ from library.train_config import (
     NetworkArgs,
     NoiseArgs,
     OptimizerArgs,
+    PreservationArgs,
     RunArgs,
     SampleArgs,
     SaveArgs,
@@ -54,45 +57,24 @@ LR_SCHEDULERS = (
 )
 # Schedulers that sd-scripts builds without a warmup and refuses a warmup for.
 SCHEDULERS_WITHOUT_WARMUP = ("constant", "adafactor")
-SAMPLERS = (
-    "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++", "dpmsingle",
-    "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a",
-)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 # Flags that are accepted (sd-scripts users and GUIs pass them) but not implemented yet: giving one
 # a value other than its default is refused at parse time, all of them in one sentence. Remove an
-# entry when its feature lands. The bucket sizes (--min_bucket_reso, --max_bucket_reso,
-# --bucket_reso_steps, --bucket_no_upscale) are not listed: they do nothing without --enable_bucket.
+# entry when its feature lands.
 NOT_IMPLEMENTED: dict[str, str] = {
     "--cache_text_encoder_outputs": "text-encoder outputs are not cached; it is trained",
     "--mem_eff_attn": "use --sdpa or --xformers",
     "--masked_loss": "masked loss is not implemented",
     "--alpha_mask": "masked loss is not implemented",
-    "--sample_prompts": "sample images are not generated during training yet",
-    "--sample_every_n_steps": "sample images are not generated during training yet",
-    "--sample_every_n_epochs": "sample images are not generated during training yet",
-    "--sample_at_first": "sample images are not generated during training yet",
     "--skip_until_initial_step": "resuming is not implemented yet",
     "--initial_epoch": "resuming is not implemented yet",
     "--initial_step": "resuming is not implemented yet",
-    "--enable_bucket": "aspect-ratio buckets are not implemented; images are centre-cropped to --resolution",
-    "--flip_aug": "flip augmentation is not implemented yet",
-    "--cache_latents_to_disk": "latents are cached in memory only; use --cache_latents",
-    "--color_aug": "colour augmentation is not implemented",
-    "--random_crop": "random crops are not implemented",
-    "--caption_dropout_every_n_epochs": "caption dropout per epoch is not implemented",
-    "--caption_tag_dropout_rate": "tag dropout is not implemented",
-    "--keep_tokens_separator": "use --keep_tokens",
-    "--caption_prefix": "caption prefixes are not implemented",
-    "--caption_suffix": "caption suffixes are not implemented",
     "--secondary_separator": "secondary caption separators are not implemented",
     "--enable_wildcard": "caption wildcards are not implemented",
     "--face_crop_aug_range": "face crops are not implemented",
     "--token_warmup_min": "token warmup is not implemented",
     "--token_warmup_step": "token warmup is not implemented",
-    "--in_json": "fine-tuning metadata files are not read; use --train_data_dir",
-    "--skip_cache_check": "latents are not cached to disk",
     "--weighted_captions": "weighted captions are not implemented",
     "--fp8_base": "fp8 base weights are not implemented",
     "--log_with": "only tensorboard logging is implemented (wandb is not)",
@@ -114,10 +96,8 @@ NOT_IMPLEMENTED: dict[str, str] = {
 }
 # Values of a NOT_IMPLEMENTED flag that are implemented (so not refused).
 IMPLEMENTED_VALUES: dict[str, tuple[Any, ...]] = {"log_with": ("tensorboard",)}
-# A NOT_IMPLEMENTED flag that does nothing unless one of these is set is not refused on its own:
-# sd-scripts ignores a prompt file without a sampling schedule, and GUIs may always write one.
+# A NOT_IMPLEMENTED flag that does nothing unless one of these is set is not refused on its own.
 INERT_WITHOUT: dict[str, tuple[str, ...]] = {
-    "sample_prompts": ("sample_every_n_steps", "sample_every_n_epochs", "sample_at_first"),
     "save_last_n_epochs_state": ("save_state",),
     "save_last_n_steps_state": ("save_state",),
 }
@@ -315,7 +295,7 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--persistent_data_loader_workers", action="store_true", help="keep DataLoader workers")
     group.add_argument("--cache_latents", action="store_true", help="cache VAE latents in memory")
     group.add_argument("--cache_latents_to_disk", action="store_true", help="cache VAE latents on disk")
-    group.add_argument("--skip_cache_check", action="store_true", help="do not validate cached latents")
+    group.add_argument("--skip_cache_check", action="store_true", help="accepted for sd-scripts' configs; cache files are always checked (it is cheap)")
     group.add_argument("--vae_batch_size", type=int, default=1, help="batch size when caching latents")
     group.add_argument("--cache_text_encoder_outputs", action="store_true", help="cache text-encoder outputs")
 
@@ -421,7 +401,17 @@ def _add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sample_every_n_steps", type=int, default=None, help="sample every N steps")
     group.add_argument("--sample_every_n_epochs", type=int, default=None, help="sample every N epochs")
     group.add_argument("--sample_at_first", action="store_true", help="sample before training")
-    group.add_argument("--sample_sampler", type=str, default="ddim", choices=SAMPLERS, help="sampler (default ddim)")
+    group.add_argument("--sample_sampler", type=str, default="ddim", choices=SAMPLERS + tuple(SAMPLER_ALIASES),
+                       help="sampler (default ddim)")
+    group.add_argument("--sample_cat_compare", action="store_true",
+                       help="each sample a strip of three from the same noise: base model and adapted model on "
+                            "the trigger-free prompt, adapted model on the prompt as written")
+    group = parser.add_argument_group("preservation signal")
+    group.add_argument("--preservation_prompts", type=str, default=None,
+                       help="text file of trigger-free prompts, one per line: logs preservation/drift, how far "
+                            "the adapter moved the U-Net's predictions on them")
+    group.add_argument("--preservation_every_n_steps", type=int, default=None,
+                       help="measure the drift every N steps (and before the first)")
 
 
 def _add_unsupported_arguments(parser: argparse.ArgumentParser) -> None:
@@ -750,8 +740,23 @@ def _warn_cat(args: ArgValues) -> None:
         logger.info("--cat_weight 0: CAT is off, --cat_trigger is not used (plain LoRA training).")
 
 
+def _check_preservation(args: ArgValues) -> None:
+    """The preservation signal needs a readable, non-empty prompt file and an interval of 1 or more."""
+    path, every = args["preservation_prompts"], args["preservation_every_n_steps"]
+    if path is None:
+        if every is not None:
+            raise UserInputError(f"{args.show('preservation_every_n_steps')} without --preservation_prompts: give the "
+                                 "file of trigger-free prompts to measure the drift on, or leave the interval out.")
+        return
+    if every is None or every < 1:
+        shown = "no --preservation_every_n_steps" if every is None else args.show("preservation_every_n_steps")
+        raise UserInputError(f"{args.show('preservation_prompts')} with {shown}: give how often to measure the "
+                             "drift, e.g. --preservation_every_n_steps 50 (1 or more).")
+    read_preservation_prompts(path, args.show("preservation_prompts"))
+
+
 _CHECKS = (_check_required, _check_resolution, _check_positive, _check_network, _check_cat, _check_precision,
-           _check_optimizer, _check_scheduler, _check_timesteps, _check_saving)
+           _check_optimizer, _check_scheduler, _check_timesteps, _check_saving, _check_preservation)
 _WARNINGS = (_warn_model, _warn_cat)
 
 
@@ -816,6 +821,7 @@ def _train_config(args: ArgValues) -> TrainConfig:
         metadata=_pick(MetadataArgs, args, prefix="metadata_", training_comment=args["training_comment"]),
         log=_pick(LogArgs, args),
         sample=_pick(SampleArgs, args, prefix="sample_"),
+        preservation=_pick(PreservationArgs, args, prefix="preservation_"),
         config_file=args.config_file,
     )
 

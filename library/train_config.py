@@ -154,12 +154,15 @@ class DataArgs:
     train_data_dir: str | None
     reg_data_dir: str | None
     dataset_config: str | None
+    in_json: str | None  # fine-tune metadata for --train_data_dir (sd-scripts' older fine-tune method)
     resolution: tuple[int, int] | None  # (width, height)
     caption_extension: str
     caption_separator: str
     shuffle_caption: bool
     keep_tokens: int
     keep_tokens_separator: str
+    caption_prefix: str | None
+    caption_suffix: str | None
     caption_dropout_rate: float
     caption_dropout_every_n_epochs: int
     caption_tag_dropout_rate: float
@@ -252,6 +255,15 @@ class SampleArgs:
     every_n_epochs: int | None
     at_first: bool
     sampler: str
+    cat_compare: bool  # each sample a strip: base | adapted without trigger | adapted with trigger
+
+
+@dataclass(frozen=True)
+class PreservationArgs:
+    """The preservation signal during training (`--preservation_*`): drift on trigger-free prompts."""
+
+    prompts: str | None  # a text file of trigger-free prompts, one per line
+    every_n_steps: int | None  # given (>= 1) exactly when `prompts` is
 
 
 @dataclass(frozen=True)
@@ -271,4 +283,5 @@ class TrainConfig:
     metadata: MetadataArgs
     log: LogArgs
     sample: SampleArgs
+    preservation: PreservationArgs
     config_file: Path | None  # the --config_file that was read, if any

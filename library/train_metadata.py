@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Mapping
 
 from library.folder_dataset import Subset
+from library.training_data import Dataset, TrainingData
 from library.lora_metadata import modelspec_metadata, stringify_metadata
 from library.train_config import TrainConfig
 
@@ -29,14 +30,13 @@ class RunFacts:
     max_train_steps: int
     num_epochs: int
     optimizer_name: str
-    subsets: list[Subset]
-    resolution: tuple[int, int] = (512, 512)
+    data: TrainingData
     training_started_at: float = field(default_factory=time.time)
 
 
 def training_metadata(config: TrainConfig, facts: RunFacts, output_name: str) -> dict[str, str]:
     """The metadata known at the start of training (`ss_steps`/`ss_epoch` are added at each save)."""
-    resolution = facts.resolution
+    resolution = facts.data.datasets[0].spec.buckets.resolution
     values: dict[str, object] = {
         "ss_session_id": int(facts.training_started_at * 1000) % 2**31,
         "ss_training_started_at": facts.training_started_at,
@@ -92,14 +92,7 @@ def training_metadata(config: TrainConfig, facts: RunFacts, output_name: str) ->
         "ss_sd_model_name": Path(config.model.pretrained_model_name_or_path).name,
         "ss_vae_name": Path(config.model.vae).name if config.model.vae else None,
         "ss_network_args": json.dumps(dict(config.network.args)) if config.network.args else None,
-        "ss_resolution": f"({resolution[0]}, {resolution[1]})",
-        "ss_enable_bucket": False,
-        "ss_keep_tokens": config.data.keep_tokens,
-        "ss_flip_aug": config.data.flip_aug,
-        "ss_color_aug": config.data.color_aug,
-        "ss_dataset_dirs": json.dumps(_dataset_dirs(facts.subsets, is_reg=False)),
-        "ss_reg_dataset_dirs": json.dumps(_dataset_dirs(facts.subsets, is_reg=True)),
-        "ss_tag_frequency": json.dumps(tag_frequency(facts.subsets, config.data.caption_separator)),
+        **_dataset_metadata(config, facts.data),
         "ss_cat_weight": config.cat.weight,
         "ss_cat_trigger": json.dumps(list(config.cat.triggers)),
         "ss_cat_caption": config.cat.caption,
@@ -116,20 +109,86 @@ def at_save(metadata: Mapping[str, str], epoch: int, step: int) -> dict[str, str
     return {**metadata, "ss_epoch": str(epoch), "ss_steps": str(step), "ss_training_finished_at": str(time.time())}
 
 
-def tag_frequency(subsets: list[Subset], separator: str = ",") -> dict[str, dict[str, int]]:
-    """`{folder name: {lowercased tag: count}}` over each subset's captions, as sd-scripts counts them."""
+def _dataset_metadata(config: TrainConfig, data: TrainingData) -> dict[str, object]:
+    """sd-scripts' dataset keys: `ss_datasets` with a dataset config, the flat `ss_*` keys without
+    one; `ss_tag_frequency` in both cases."""
+    frequency = {name: counts for d in data.datasets for name, counts in tag_frequency(list(d.subsets)).items()}
+    if config.data.dataset_config:
+        return {"ss_datasets": json.dumps([_dataset_entry(d) for d in data.datasets]),
+                "ss_tag_frequency": json.dumps(frequency)}
+    dataset = data.datasets[0]
+    buckets = dataset.spec.buckets
+    return {
+        "ss_batch_size_per_device": dataset.spec.batch_size,
+        "ss_resolution": f"({buckets.resolution[0]}, {buckets.resolution[1]})",
+        "ss_enable_bucket": buckets.enable,
+        "ss_min_bucket_reso": buckets.min_reso,
+        "ss_max_bucket_reso": buckets.max_reso,
+        "ss_bucket_no_upscale": buckets.no_upscale,
+        "ss_keep_tokens": config.data.keep_tokens,
+        "ss_shuffle_caption": config.data.shuffle_caption,
+        "ss_flip_aug": config.data.flip_aug,
+        "ss_color_aug": config.data.color_aug,
+        "ss_random_crop": config.data.random_crop,
+        "ss_dataset_dirs": json.dumps(_dataset_dirs(dataset.subsets, is_reg=False)),
+        "ss_reg_dataset_dirs": json.dumps(_dataset_dirs(dataset.subsets, is_reg=True)),
+        "ss_tag_frequency": json.dumps(frequency),
+        "ss_bucket_info": json.dumps(dataset.bucket_info()),
+    }
+
+
+def _dataset_entry(dataset: Dataset) -> dict[str, object]:
+    """One dataset of `ss_datasets`, with sd-scripts' keys."""
+    buckets = dataset.spec.buckets
+    dreambooth = all(s.metadata_file is None for s in dataset.subsets)
+    return {
+        "is_dreambooth": dreambooth,
+        "batch_size_per_device": dataset.spec.batch_size,
+        "num_train_images": dataset.num_train_images,
+        "num_reg_images": dataset.num_reg_images,
+        "resolution": list(buckets.resolution),
+        "enable_bucket": buckets.enable,
+        "min_bucket_reso": buckets.min_reso,
+        "max_bucket_reso": buckets.max_reso,
+        "tag_frequency": tag_frequency(list(dataset.subsets)),
+        "bucket_info": dataset.bucket_info(),
+        "subsets": [_subset_entry(s, dreambooth) for s in dataset.subsets],
+    }
+
+
+def _subset_entry(subset: Subset, dreambooth: bool) -> dict[str, object]:
+    options, captions = subset.options, subset.options.captions
+    entry: dict[str, object] = {
+        "img_count": len(subset.items), "num_repeats": subset.repeats, "color_aug": options.color_aug,
+        "flip_aug": options.flip_aug, "random_crop": options.random_crop, "shuffle_caption": captions.shuffle,
+        "keep_tokens": captions.keep_tokens, "keep_tokens_separator": captions.keep_tokens_separator,
+        "caption_prefix": captions.prefix or None, "caption_suffix": captions.suffix or None,
+        "image_dir": subset.folder.name,
+    }
+    if dreambooth:
+        entry.update(class_tokens=subset.class_tokens or None, is_reg=subset.is_reg)
+    else:
+        entry["metadata_file"] = subset.name
+    if subset.cat_triggers:
+        entry["cat_trigger"] = list(subset.cat_triggers)
+    return entry
+
+
+def tag_frequency(subsets: list[Subset]) -> dict[str, dict[str, int]]:
+    """`{folder name: {lowercased tag: count}}` over each subset's captions, as sd-scripts counts them
+    (split on "," whatever the caption separator)."""
     frequency: dict[str, dict[str, int]] = {}
     for subset in subsets:
-        counts: Counter[str] = Counter()
+        counts: Counter[str] = Counter(frequency.get(subset.name, {}))
         for item in subset.items:
-            counts.update(tag.strip().lower() for tag in item.caption.split(separator or ",") if tag.strip())
-        frequency[subset.folder.name] = dict(counts)
+            counts.update(tag.strip().lower() for tag in item.caption.split(",") if tag.strip())
+        frequency[subset.name] = dict(counts)
     return frequency
 
 
-def _dataset_dirs(subsets: list[Subset], is_reg: bool) -> dict[str, dict[str, int]]:
+def _dataset_dirs(subsets: tuple[Subset, ...], is_reg: bool) -> dict[str, dict[str, int]]:
     return {
-        s.folder.name: {"n_repeats": s.repeats, "img_count": len(s.items)} for s in subsets if s.is_reg == is_reg
+        s.name: {"n_repeats": s.repeats, "img_count": len(s.items)} for s in subsets if s.is_reg == is_reg
     }
 
 

@@ -12,8 +12,7 @@ import math
 import os
 import random
 import shutil
-import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -24,10 +23,13 @@ from tqdm.auto import tqdm
 from library.caption_transforms import sample_rng, transform_caption
 from library.captions import class_word_from_tokens, contains_trigger, trigger_free_caption
 from library.cat_objective import cat_step
-from library.dataset_config import load_dataset_config
+from library.buckets import BucketSettings, check_bucket_settings
+from library.dataset_config import load_dataset_config, subset_options
 from library.errors import UserInputError
 from library.grad_sync import average_gradients
-from library.folder_dataset import ImageItem, Subset, epoch_order, load_image, scan_folders
+from library.folder_dataset import ImageItem, Subset, scan_folders, subset_from_metadata
+from library.image_loading import MAX_HUE_SHIFT, Augmentation, load_image
+from library.latents import LatentCache, LatentKey, encode, key_for, sample_latents
 from library.lr_schedulers import build_lr_scheduler, current_learning_rates
 from library.noise import check_snr_weighting_flags, zero_terminal_snr_scheduler
 from library.optimizers import build_optimizer
@@ -38,7 +40,11 @@ from library.output_files import (
 from library.sd_denoiser import SDDenoiser
 from library.sd_models import StableDiffusionModels, load_stable_diffusion
 from library.prompt_tokens import tokenize
+from library.preservation_signal import PreservationDrift
+from library.sample_images import SampleImages, scheduled_sample_prompts
+from library.sample_prompts import SamplePrompt
 from library.train_batch import NoiseSchedule, build_cat_batch
+from library.training_data import DatasetSpec, Sample, TrainingData, place_datasets
 from library.train_config import TrainConfig
 from library.train_metadata import RunFacts, at_save, training_metadata
 from library.train_state import Progress, load_state, read_progress, save_state
@@ -65,16 +71,16 @@ class Run:
     lr_scheduler: object
     lr_descriptions: list[str]
     schedule: NoiseSchedule
-    subsets: list[Subset]
+    data: TrainingData
     facts: RunFacts
     metadata: dict[str, str]
     output_dir: Path
     output_name: str | None
     save_dtype: torch.dtype | None
-    latent_cache: dict[Path, torch.Tensor]
+    latent_cache: LatentCache | None
     generator: torch.Generator
-    resolution: tuple[int, int]
-    batch_size: int
+    resolution: tuple[int, int]  # the first dataset's (each dataset has its own)
+    sample_prompts: tuple[SamplePrompt, ...] = ()  # --sample_prompts, read at start
 
 
 def train(config: TrainConfig) -> list[Path]:
@@ -89,6 +95,7 @@ def train(config: TrainConfig) -> list[Path]:
 def setup(config: TrainConfig) -> Run:
     output_dir = check_writable(config.save.output_dir)
     output_name = config.save.output_name
+    sample_prompts = scheduled_sample_prompts(config.sample)  # a bad prompt file stops the run before any model loads
     accelerator = Accelerator(
         # Several processes on a machine without a GPU (torchrun): accelerate runs them as MULTI_CPU
         # (gloo) only when told to use the CPU; otherwise each would train alone.
@@ -107,7 +114,7 @@ def setup(config: TrainConfig) -> Run:
         scale_v_pred_loss_like_noise_pred=config.loss.scale_v_pred_loss_like_noise_pred,
         v_pred_like_loss=config.loss.v_pred_like_loss,
     )
-    subsets, resolution, batch_size = _load_data(config)
+    data = _load_data(config)
     sd = load_stable_diffusion(
         config.model.pretrained_model_name_or_path, v2=config.model.v2,
         v_parameterization=config.model.v_parameterization, vae=config.model.vae, model_config=config.model.model_config,
@@ -116,14 +123,14 @@ def setup(config: TrainConfig) -> Run:
     _prepare_models(config, sd, accelerator, weight_dtype)
     network = _build_network(config, sd, accelerator)
 
-    epoch_length = len(epoch_order(subsets, 1, 0))  # training images with repeats, plus as many regularisation
-    per_process = epoch_length // accelerator.num_processes
+    batches_per_epoch = data.batches_per_epoch()
+    per_process = batches_per_epoch // accelerator.num_processes
     if per_process == 0:
         raise UserInputError(
-            f"{epoch_length} images per epoch cannot be shared by {accelerator.num_processes} processes; "
-            "add images or repeats (the folder name's number), or use fewer processes."
+            f"{batches_per_epoch} batches per epoch cannot be shared by {accelerator.num_processes} processes; "
+            "add images or repeats (the folder name's number), lower the batch size, or use fewer processes."
         )
-    steps_per_epoch = math.ceil(math.ceil(per_process / batch_size) / config.run.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(per_process / config.run.gradient_accumulation_steps)
     max_steps = config.run.max_train_epochs * steps_per_epoch if config.run.max_train_epochs else config.run.max_train_steps
     groups, descriptions = _optimizer_groups(network, config)
     optimizer, optimizer_name = build_optimizer(
@@ -142,21 +149,21 @@ def setup(config: TrainConfig) -> Run:
 
     facts = RunFacts(
         model_version=sd.model_version, seed=seed,
-        num_train_images=sum(len(s.items) * s.repeats for s in subsets if not s.is_reg),
-        num_reg_images=sum(len(s.items) for s in subsets if s.is_reg),
+        num_train_images=data.num_train_images, num_reg_images=data.num_reg_images,
         num_batches_per_epoch=steps_per_epoch, max_train_steps=max_steps,
-        num_epochs=math.ceil(max_steps / steps_per_epoch), optimizer_name=optimizer_name, subsets=subsets,
-        resolution=resolution,
+        num_epochs=math.ceil(max_steps / steps_per_epoch), optimizer_name=optimizer_name, data=data,
     )
     train_scheduler = zero_terminal_snr_scheduler(sd.noise_scheduler) if config.noise.zero_terminal_snr else sd.noise_scheduler
     generator = torch.Generator().manual_seed(seed)
-    return Run(
+    run = Run(
         config, accelerator, sd, network, optimizer, lr_scheduler, descriptions,
-        NoiseSchedule(train=train_scheduler, weights=sd.noise_scheduler), subsets, facts,
+        NoiseSchedule(train=train_scheduler, weights=sd.noise_scheduler), data, facts,
         training_metadata(config, facts, output_name or "last"), output_dir, output_name,
-        SAVE_DTYPES.get(config.save.save_precision) if config.save.save_precision else None, {}, generator,
-        resolution, batch_size,
+        SAVE_DTYPES.get(config.save.save_precision) if config.save.save_precision else None, None, generator,
+        data.datasets[0].spec.buckets.resolution, sample_prompts,
     )
+    _cache_latents(run)
+    return run
 
 
 def _allow_fp16_gradients(scaler) -> None:
@@ -183,25 +190,48 @@ def _seed(config: TrainConfig, accelerator: Accelerator) -> int:
     return seed[0]
 
 
-def _load_data(config: TrainConfig) -> tuple[list[Subset], tuple[int, int], int]:
-    """The subsets, the resolution and the batch size: from --dataset_config, or from the folders."""
-    if config.data.dataset_config:
-        settings = load_dataset_config(config.data.dataset_config, config.data.caption_extension,
-                                       config.data.caption_separator)
-        subsets = settings.subsets
-        resolution = settings.resolution or config.data.resolution
-        batch_size = settings.batch_size or config.data.train_batch_size
+def _load_data(config: TrainConfig) -> TrainingData:
+    """The datasets (from --dataset_config, or the folders), every image checked and placed in its bucket."""
+    data = config.data
+    if data.dataset_config:
+        specs = load_dataset_config(data.dataset_config, data)
     else:
-        subsets = scan_folders(config.data.train_data_dir, config.data.caption_extension, is_reg=False)
-        if config.data.reg_data_dir:
-            subsets += scan_folders(config.data.reg_data_dir, config.data.caption_extension, is_reg=True)
-        resolution, batch_size = config.data.resolution, config.data.train_batch_size
-    if resolution is None:
-        raise UserInputError("No resolution: give --resolution (e.g. 512) or resolution in the dataset config.")
+        options = subset_options({**asdict(data), "caption_prefix": data.caption_prefix or "",
+                                  "caption_suffix": data.caption_suffix or ""})
+        if data.in_json:  # sd-scripts' older fine-tune method: captions from a metadata file
+            subsets = [subset_from_metadata(Path(data.in_json), Path(data.train_data_dir), 1, options=options)]
+        else:
+            subsets = scan_folders(data.train_data_dir, data.caption_extension, is_reg=False, options=options)
+        if data.reg_data_dir:
+            subsets += scan_folders(data.reg_data_dir, data.caption_extension, is_reg=True, options=options)
+        if data.resolution is None:
+            raise UserInputError("No resolution: give --resolution (e.g. 512) or resolution in the dataset config.")
+        buckets = BucketSettings(data.resolution, data.enable_bucket, data.min_bucket_reso, data.max_bucket_reso,
+                                 data.bucket_reso_steps, data.bucket_no_upscale)
+        problems = check_bucket_settings(buckets, "the command line")
+        if problems:
+            raise UserInputError("; ".join(problems))
+        specs = [DatasetSpec(tuple(subsets), data.train_batch_size, buckets)]
+    _check_augmentations(config, specs)
     if config.cat.enabled:
-        for subset in subsets:
-            _check_cat_subset(config, subset)
-    return subsets, resolution, batch_size
+        for spec in specs:
+            for subset in spec.subsets:
+                _check_cat_subset(config, subset)
+    return place_datasets(specs)
+
+
+def _check_augmentations(config: TrainConfig, specs: list[DatasetSpec]) -> None:
+    """Cached latents are encoded once, so they cannot follow per-step random crops or colour shifts
+    (sd-scripts refuses the same); flips are cached both ways."""
+    if not (config.data.cache_latents or config.data.cache_latents_to_disk):
+        return
+    for spec in specs:
+        for subset in spec.subsets:
+            if subset.options.color_aug or subset.options.random_crop:
+                raise UserInputError(
+                    f"--cache_latents cannot be used with color_aug or random_crop (set for {subset.folder}): "
+                    "cached latents are encoded once. Turn the cache or those augmentations off."
+                )
 
 
 def _check_cat_subset(config: TrainConfig, subset: Subset) -> None:
@@ -324,19 +354,23 @@ def training_loop(run: Run) -> list[Path]:
     written: list[Path] = []
     step, epoch, accumulation = position.step, position.epoch, config.run.gradient_accumulation_steps
     bar = tqdm(total=run.facts.max_train_steps, initial=step, desc="steps", disable=not accelerator.is_local_main_process)
+    # Side trips that leave training exactly as it was: sample images and the drift on trigger-free prompts.
+    sample_images, drift = SampleImages(run), PreservationDrift(run)
+    sample_images.at_first(step)
+    drift.measure(step, bar)  # before training: exactly 0 for a fresh LoRA (its up-projections start at zero)
     try:
         while step < run.facts.max_train_steps:
             network.on_epoch_start(run.sd.text_encoder, run.sd.unet)
             batches = list(_batches(run, epoch))
             skip = position.batches_in_epoch if epoch == position.epoch else 0
             finite = True
-            for index, items in enumerate(batches):
+            for index, samples in enumerate(batches):
                 if index < skip:
                     continue  # trained on before the state this run resumed from
                 # Gradients accumulate over windows of `accumulation` batches; an epoch's last window
                 # may be shorter, and each window's losses are averaged over its own size.
                 window = min(accumulation, len(batches) - index // accumulation * accumulation)
-                losses = _train_on(run, denoiser, items, epoch, 1.0 / window)
+                losses = _train_on(run, denoiser, samples, epoch, 1.0 / window)
                 finite = finite and bool(torch.isfinite(losses.total))
                 if (index + 1) % accumulation and index + 1 < len(batches):
                     continue
@@ -351,15 +385,19 @@ def training_loop(run: Run) -> list[Path]:
                 step += 1
                 _scale_weight_norms(run, network)
                 _log(run, losses, step, bar)
+                drift.after_step(step, bar)
+                sample_images.after_step(step)
                 position = Progress(step, epoch, index + 1, run.facts.seed, run.facts.max_train_steps)
                 if config.save.save_every_n_steps and step % config.save.save_every_n_steps == 0:
                     written.append(_save(run, network, step_name(run.output_name, step), position))
                     _prune(run, step, config.save.save_every_n_steps, config.save.save_last_n_steps,
                            config.save.save_last_n_steps_state, step_to_remove, step_name)
                 if step >= run.facts.max_train_steps:
+                    sample_images.at_epoch_end(epoch, step)  # the last epoch ends here; sd-scripts samples it too
                     break
             else:
                 epoch += 1
+                sample_images.at_epoch_end(epoch - 1, step)
                 position = Progress(step, epoch, 0, run.facts.seed, run.facts.max_train_steps)
                 if config.save.save_every_n_epochs and (epoch - 1) % config.save.save_every_n_epochs == 0:
                     written.append(_save(run, network, epoch_name(run.output_name, epoch - 1), position))
@@ -404,24 +442,22 @@ def _start_progress(run: Run, network) -> Progress:
     return progress
 
 
-def _batches(run: Run, epoch: int):
-    order = epoch_order(run.subsets, epoch, run.facts.seed)
+def _batches(run: Run, epoch: int) -> list[list[Sample]]:
+    """This process's batches of the epoch: every n-th batch, the epoch cut to a multiple of the
+    number of processes so that every process runs the same number of steps."""
+    batches = run.data.epoch_batches(epoch, run.facts.seed)
     processes = run.accelerator.num_processes
-    order = order[: len(order) - len(order) % processes]  # every process runs the same number of steps
-    positions = list(range(run.accelerator.process_index, len(order), processes))
-    size = run.batch_size
-    for start in range(0, len(positions), size):
-        yield [(p, order[p]) for p in positions[start : start + size]]
+    batches = batches[: len(batches) - len(batches) % processes]
+    return batches[run.accelerator.process_index :: processes]
 
 
-def _train_on(run: Run, denoiser: SDDenoiser, batch_items: list[tuple[int, ImageItem]], epoch: int, loss_scale: float):
-    """Forward and backward one batch; its gradients are added to the adapters' (scaled by `loss_scale`).
-    `batch_items` are (position in the epoch's order, image) pairs."""
+def _train_on(run: Run, denoiser: SDDenoiser, samples: list[Sample], epoch: int, loss_scale: float):
+    """Forward and backward one batch; its gradients are added to the adapters' (scaled by `loss_scale`)."""
     config, accelerator = run.config, run.accelerator
-    items = [item for _, item in batch_items]
-    latents = _latents(run, items)
-    captions = [_training_caption(run, item, epoch, position) for position, item in batch_items]
-    free = [_free_caption(config, item, caption) for (_, item), caption in zip(batch_items, captions)]
+    items = [sample.item for sample in samples]
+    latents = _latents(run, samples, epoch)
+    captions = [_training_caption(run, sample, epoch) for sample in samples]
+    free = [_free_caption(config, item, caption) for item, caption in zip(items, captions)]
     weights = torch.tensor([config.loss.prior_loss_weight if item.is_reg else 1.0 for item in items])
     batch, loss_fn = build_cat_batch(
         latents, tokenize(run.sd.tokenizer, captions, config.model.max_token_length),
@@ -436,13 +472,10 @@ def _train_on(run: Run, denoiser: SDDenoiser, batch_items: list[tuple[int, Image
         return cat_step(denoiser, run.network, batch, config.cat.weight, config.cat.mode, loss_fn, backward)
 
 
-def _training_caption(run: Run, item: ImageItem, epoch: int, position: int) -> str:
-    """The caption this sample trains on this epoch (shuffled / dropped out as the flags say)."""
-    data = run.config.data
-    return transform_caption(
-        item.caption, sample_rng(run.facts.seed, epoch, position), shuffle=data.shuffle_caption,
-        keep_tokens=data.keep_tokens, dropout_rate=data.caption_dropout_rate, separator=data.caption_separator,
-    )
+def _training_caption(run: Run, sample: Sample, epoch: int) -> str:
+    """The caption this sample trains on this epoch (its subset's prefix, dropout, shuffle...)."""
+    rng = sample_rng(run.facts.seed, epoch, sample.position)
+    return transform_caption(sample.item.caption, rng, sample.item.options.captions, epoch)
 
 
 def _free_caption(config: TrainConfig, item: ImageItem, caption: str) -> str:
@@ -453,37 +486,58 @@ def _free_caption(config: TrainConfig, item: ImageItem, caption: str) -> str:
         return caption
     class_word = (_class_word(config, item.class_tokens, triggers, item.cat_class_word)
                   if config.cat.caption == "class" else None)
-    return trigger_free_caption(caption, triggers, config.cat.caption, class_word, config.data.caption_separator)
+    return trigger_free_caption(caption, triggers, config.cat.caption, class_word, item.options.captions.separator)
 
 
-@torch.no_grad()
-def _latents(run: Run, items: list[ImageItem]) -> torch.Tensor:
-    """VAE latents of the images. Each image's latent sample is drawn from its own seeded stream, so
-    caching, batching and resuming cannot change what is trained."""
-    missing = [item.path for item in items if item.path not in run.latent_cache]
-    if missing:
-        encoded = _encode(run, missing)
-        if not run.config.data.cache_latents:
-            by_path = dict(zip(missing, encoded))
-            return torch.stack([by_path[item.path] for item in items]).to(run.accelerator.device, run.sd.unet.dtype)
-        run.latent_cache.update({path: latent.cpu() for path, latent in zip(missing, encoded)})
-    return torch.stack([run.latent_cache[item.path] for item in items]).to(run.accelerator.device, run.sd.unet.dtype)
+def _augmentation(run: Run, sample: Sample, epoch: int) -> Augmentation:
+    """This sample's random crop, flip and hue shift, from its own stream (apart from the caption's)."""
+    options = sample.item.options
+    rng = sample_rng(run.facts.seed, epoch, sample.position, "image")
+    crop = (rng.random(), rng.random()) if options.random_crop else None
+    flip = options.flip_aug and rng.random() < 0.5
+    hue = rng.uniform(-MAX_HUE_SHIFT, MAX_HUE_SHIFT) if options.color_aug else 0.0
+    return Augmentation(crop, flip, hue)
 
 
-def _encode(run: Run, paths: list[Path]) -> torch.Tensor:
-    vae = run.sd.vae
-    pixels = torch.stack([load_image(p, run.resolution) for p in paths]).to(vae.device, vae.dtype)
-    dist = vae.encode(pixels).latent_dist
-    noise = torch.stack([
-        torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(run.facts.seed ^ _image_key(p)))
-        for p in paths
-    ]).to(dist.mean.device, dist.mean.dtype)
-    return (dist.mean + dist.std * noise) * vae.config.scaling_factor
+def _latents(run: Run, samples: list[Sample], epoch: int) -> torch.Tensor:
+    """The batch's scaled VAE latents: from the cache, or encoded now from the augmented images.
+    Either way each latent's noise comes from its image's own seeded stream (see library.latents)."""
+    augmentations = [_augmentation(run, s, epoch) for s in samples]
+    keys = [key_for(s.item.path, s.placement, a.flip) for s, a in zip(samples, augmentations)]
+    if run.latent_cache is not None:
+        dists = [run.latent_cache.get(key) for key in keys]
+    else:
+        pixels = torch.stack([
+            load_image(s.item.path, s.placement.bucket, s.placement.resized, a) for s, a in zip(samples, augmentations)
+        ])
+        dists = encode(run.sd.vae, pixels, run.config.data.vae_batch_size)
+    latents = sample_latents(keys, dists, run.facts.seed, run.sd.vae.config.scaling_factor)
+    return latents.to(run.accelerator.device, run.sd.unet.dtype)
 
 
-def _image_key(path: Path) -> int:
-    """A number naming an image by its folder and file name: the same wherever the dataset lives."""
-    return zlib.crc32(f"{path.parent.name}/{path.name}".encode())
+def _cache_latents(run: Run) -> None:
+    """--cache_latents / --cache_latents_to_disk: encode every image (and its flip where flip_aug is
+    on) before training. The main process writes the disk files; the others then read them."""
+    data = run.config.data
+    if not (data.cache_latents or data.cache_latents_to_disk):
+        return
+    keys = [
+        key_for(item.path, dataset.placements[item.path], flip)
+        for dataset in run.data.datasets for subset in dataset.subsets for item in subset.items
+        for flip in ((False, True) if subset.options.flip_aug else (False,))
+    ]
+
+    def pixels(key: LatentKey) -> torch.Tensor:
+        return load_image(key.path, key.bucket, key.resized, Augmentation(flip=key.flip))
+
+    cache = LatentCache(to_disk=data.cache_latents_to_disk)
+    accelerator = run.accelerator
+    if accelerator.is_main_process:
+        cache.fill(keys, pixels, run.sd.vae, data.vae_batch_size)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        cache.fill(keys, pixels, run.sd.vae, data.vae_batch_size, write=False)
+    run.latent_cache = cache
 
 
 def _clip_gradients(run: Run, network) -> None:
@@ -544,6 +598,7 @@ def _print_summary(run: Run, progress: Progress) -> None:
         f"CAT: weight {cat.weight}, trigger {list(cat.triggers)}, caption '{cat.caption}', mode {cat.mode}"
         + ("" if cat.enabled else " (off: plain LoRA training)")
     )
+    print(run.data.bucket_table())
 
 
 def _print_end(run: Run, written: list[Path]) -> None:

@@ -1,13 +1,13 @@
-"""--shuffle_caption, --keep_tokens and --caption_dropout_rate on the caption a sample trains on."""
+"""sd-scripts' caption options on the caption a sample trains on."""
 
-from library.caption_transforms import sample_rng, transform_caption
+from library.caption_transforms import CaptionOptions, sample_rng, transform_caption
 from library.captions import trigger_free_caption
 
 CAPTION = "sks teapot, red, on a table, studio light, close-up"
 
 
 def test_keep_tokens_stay_first_and_the_rest_is_a_permutation():
-    outputs = {transform_caption(CAPTION, sample_rng(0, 1, i), shuffle=True, keep_tokens=1) for i in range(20)}
+    outputs = {transform_caption(CAPTION, sample_rng(0, 1, i), CaptionOptions(shuffle=True, keep_tokens=1)) for i in range(20)}
     assert len(outputs) > 1
     for out in outputs:
         tags = out.split(", ")
@@ -15,22 +15,64 @@ def test_keep_tokens_stay_first_and_the_rest_is_a_permutation():
 
 
 def test_same_seed_epoch_and_position_give_the_same_caption():
-    a = transform_caption(CAPTION, sample_rng(3, 2, 5), shuffle=True, dropout_rate=0.3)
-    b = transform_caption(CAPTION, sample_rng(3, 2, 5), shuffle=True, dropout_rate=0.3)
+    a = transform_caption(CAPTION, sample_rng(3, 2, 5), CaptionOptions(shuffle=True, dropout_rate=0.3))
+    b = transform_caption(CAPTION, sample_rng(3, 2, 5), CaptionOptions(shuffle=True, dropout_rate=0.3))
     assert a == b
 
 
 def test_dropout_rate_drops_whole_captions():
-    outs = [transform_caption(CAPTION, sample_rng(0, 1, i), dropout_rate=0.5) for i in range(400)]
+    outs = [transform_caption(CAPTION, sample_rng(0, 1, i), CaptionOptions(dropout_rate=0.5)) for i in range(400)]
     dropped = outs.count("")
     assert 150 < dropped < 250 and all(o in ("", CAPTION) for o in outs)
 
 
 def test_no_options_leave_the_caption_alone():
-    assert transform_caption(CAPTION, sample_rng(0, 1, 0)) == CAPTION
+    assert transform_caption(CAPTION, sample_rng(0, 1, 0), CaptionOptions()) == CAPTION
 
 
 def test_trigger_free_caption_is_derived_from_the_shuffled_one():
-    shuffled = transform_caption(CAPTION, sample_rng(1, 1, 1), shuffle=True)
+    shuffled = transform_caption(CAPTION, sample_rng(1, 1, 1), CaptionOptions(shuffle=True))
     free = trigger_free_caption(shuffled, ["sks"], "strip")
     assert "sks" not in free and sorted(free.split(", ")) == sorted(["teapot", "red", "on a table", "studio light", "close-up"])
+
+
+def test_prefix_and_suffix_join_with_a_space():
+    options = CaptionOptions(prefix="masterpiece,", suffix=", best")
+    assert transform_caption("sks teapot", sample_rng(0, 1, 0), options) == "masterpiece, sks teapot , best"
+
+
+def test_dropout_every_n_epochs_empties_those_epochs_only():
+    options = CaptionOptions(dropout_every_n_epochs=3)
+    assert [transform_caption(CAPTION, sample_rng(0, e, 0), options, epoch=e) for e in (1, 2, 3, 6)] == [
+        CAPTION, CAPTION, "", ""]
+
+
+def test_tag_dropout_thins_the_flexible_tags_only():
+    options = CaptionOptions(keep_tokens=1, tag_dropout_rate=0.5)
+    outs = [transform_caption(CAPTION, sample_rng(0, 1, i), options).split(", ") for i in range(200)]
+    assert all(out[0] == "sks teapot" for out in outs)
+    kept = sum(len(out) - 1 for out in outs) / (200 * 4)
+    assert 0.4 < kept < 0.6
+    assert all(out[1:] == [t for t in CAPTION.split(", ")[1:] if t in out[1:]] for out in outs), "order kept unshuffled"
+
+
+def test_keep_tokens_separator_fixes_head_and_tail():
+    caption = "sks teapot, photo ||| red, blue, green ||| high quality"
+    options = CaptionOptions(shuffle=True, keep_tokens_separator="|||")
+    outs = {transform_caption(caption, sample_rng(0, 1, i), options) for i in range(30)}
+    assert len(outs) > 1
+    for out in outs:
+        tags = out.split(", ")
+        assert tags[:2] == ["sks teapot", "photo"] and tags[-1] == "high quality"
+        assert sorted(tags[2:5]) == ["blue", "green", "red"]
+
+
+def test_separator_without_shuffle_is_removed_not_trained_on():
+    options = CaptionOptions(keep_tokens_separator="|||")
+    assert transform_caption("sks teapot ||| red", sample_rng(0, 1, 0), options) == "sks teapot, red"
+
+
+def test_other_caption_separator_is_split_on_and_joined_with_comma():
+    options = CaptionOptions(shuffle=True, separator=";", keep_tokens=1)
+    out = transform_caption("sks teapot; red; blue", sample_rng(0, 1, 0), options)
+    assert out.startswith("sks teapot, ") and sorted(out.split(", ")[1:]) == ["blue", "red"]

@@ -1,5 +1,6 @@
 """--dataset_config: sd-scripts' three levels, strict checking, and per-subset CAT triggers."""
 
+import json
 import shutil
 
 import pytest
@@ -13,6 +14,12 @@ from library.lora_file import read_lora_file
 from library.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
 from library.trainer import _free_caption
 from library.train_args import parse_args
+
+
+def cli_data(*flags: str):
+    """The command line's dataset values (the fallbacks of every level of the file)."""
+    return parse_args(["--pretrained_model_name_or_path", "x", "--output_dir", "out", "--dataset_config", "d.toml",
+                       *flags]).data
 
 
 @pytest.fixture()
@@ -51,9 +58,9 @@ batch_size = 2
 
 
 def test_levels_and_subset_triggers(two_concepts):
-    settings = load_dataset_config(two_concepts, ".caption", ",")
-    assert settings.resolution == (64, 64) and settings.batch_size == 2
-    teapot, mug, reg = settings.subsets
+    (spec,) = load_dataset_config(two_concepts, cli_data())
+    assert spec.buckets.resolution == (64, 64) and spec.batch_size == 2
+    teapot, mug, reg = spec.subsets
     assert (teapot.repeats, teapot.cat_triggers, mug.repeats, mug.cat_triggers) == (2, ("sks",), 1, ("zxc",))
     assert mug.cat_class_word == "mug" and reg.is_reg
     assert teapot.items[0].caption.startswith("a photo of sks"), "caption_extension from [general]"
@@ -62,7 +69,7 @@ def test_levels_and_subset_triggers(two_concepts):
 def test_each_sample_strips_its_own_trigger(two_concepts, tmp_path):
     config = parse_args(["--pretrained_model_name_or_path", "x", "--output_dir", str(tmp_path),
                          "--dataset_config", str(two_concepts), "--cat_caption", "class"])
-    teapot, mug, _ = load_dataset_config(two_concepts, ".txt", ",").subsets
+    teapot, mug, _ = load_dataset_config(two_concepts, cli_data())[0].subsets
     assert _free_caption(config, teapot.items[0], teapot.items[0].caption) == "a photo of teapot"
     assert _free_caption(config, mug.items[0], mug.items[0].caption) == "a photo of mug"
 
@@ -77,32 +84,41 @@ def test_multi_concept_run_end_to_end(two_concepts, tmp_path):
             "--max_train_steps", "3", "--seed", "1", "--max_data_loader_n_workers", "0"]
     assert train_network_cat.main(argv) == 0
     _, metadata = read_lora_file(tmp_path / "out" / "multi.safetensors")
-    assert metadata["ss_resolution"] == "(64, 64)" and metadata["ss_num_reg_images"] == "2"
+    (dataset,) = json.loads(metadata["ss_datasets"])
+    assert dataset["resolution"] == [64, 64] and metadata["ss_num_reg_images"] == "2"
+    assert [s["num_repeats"] for s in dataset["subsets"]] == [2, 1, 1] and dataset["subsets"][2]["is_reg"]
 
 
 @pytest.mark.parametrize("text, message", [
     ('[[datasets]]\n[[datasets.subsets]]\nimage_dri = "x"\n', "unknown key 'image_dri'; did you mean image_dir"),
-    ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\nflip_aug = true\n', "flip_aug = True is accepted"),
+    ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\nalpha_mask = true\n', "alpha_mask = True is accepted"),
+    ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\nnum_repeats = 0\n', "num_repeats = 0 should be at least 1"),
+    ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\ncaption_dropout_rate = 1.5\n', "between 0 and 1"),
+    ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\nflip_aug = 1\n', "flip_aug = 1 should be true or false"),
+    ('[[datasets]]\nenable_bucket = true\nmin_bucket_reso = 512\nmax_bucket_reso = 256\n'
+     '[[datasets.subsets]]\nimage_dir = "."\n', "min_bucket_reso = 512 is larger than max_bucket_reso"),
     ('[[datasets]]\n[[datasets.subsets]]\nnum_repeats = 2\n', "has no image_dir"),
     ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\nnum_repeats = "2"\n', "should be an integer"),
     ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "/no/such/folder"\n', "/no/such/folder is not a folder"),
-    ('[general]\nresolution = 64\n', "exactly one [[datasets]]"),
+    ('[general]\nresolution = 64\n', "there is no [[datasets]] table"),
     ('[[datasets]\n', "not valid TOML"),
 ])
 def test_bad_files_name_the_file_and_the_fix(tmp_path, text, message):
     path = tmp_path / "bad.toml"
     path.write_text(text, encoding="utf-8")
     with pytest.raises(UserInputError) as error:
-        load_dataset_config(path, ".txt", ",")
+        load_dataset_config(path, cli_data("--resolution", "64"))
     assert message in str(error.value) and "bad.toml" in str(error.value)
 
 
 def test_all_problems_are_reported_together(tmp_path):
     path = tmp_path / "bad.toml"
-    path.write_text('[[datasets]]\nbatchsize = 2\n[[datasets.subsets]]\nimage_dir = "x"\ncolor_aug = true\n')
+    path.write_text('[[datasets]]\nbatchsize = 2\n[[datasets.subsets]]\nimage_dir = "x"\nenable_wildcard = true\n'
+                    '[[datasets]]\n[[datasets.subsets]]\nimage_dri = "y"\n')
     with pytest.raises(UserInputError) as error:
-        load_dataset_config(path, ".txt", ",")
-    assert "batchsize" in str(error.value) and "color_aug" in str(error.value)
+        load_dataset_config(path, cli_data())
+    message = str(error.value)
+    assert "batchsize" in message and "enable_wildcard" in message and "[[datasets]] #2" in message
 
 
 @pytest.mark.parametrize("edit, message", [

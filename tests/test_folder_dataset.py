@@ -5,7 +5,10 @@ import pytest
 from PIL import Image
 
 from library.errors import UserInputError
-from library.folder_dataset import epoch_order, load_image, scan_folders
+from library.buckets import BucketSettings
+from library.folder_dataset import scan_folders
+from library.image_loading import load_image
+from library.training_data import DatasetSpec, place_datasets
 
 
 def test_alpha_is_flattened_on_white(tmp_path):
@@ -35,8 +38,11 @@ def test_folders_repeats_captions_and_problems(tmp_path):
     (good / "a.txt").write_text("a photo of sks dog\nsecond line ignored\n")
     (subset,) = scan_folders(tmp_path / "train", ".txt", is_reg=False)
     assert subset.repeats == 3 and [i.caption for i in subset.items] == ["a photo of sks dog", "sks dog"]
-    assert len(epoch_order([subset], 1, 0)) == 6
-    assert epoch_order([subset], 1, 0) == epoch_order([subset], 1, 0) != epoch_order([subset], 2, 0)
+    data = place_datasets([DatasetSpec((subset,), 1, BucketSettings((8, 8)))])
+    order = [[s.item.path.name for s in batch] for batch in data.epoch_batches(1, 0)]
+    assert len(order) == 6 and sorted(order) == [["a.png"]] * 3 + [["b.png"]] * 3
+    assert data.epoch_batches(1, 0) == data.epoch_batches(1, 0)
+    assert [data.epoch_batches(e, 0) for e in range(1, 6)] != [data.epoch_batches(1, 0)] * 5, "epochs reshuffle"
     (tmp_path / "train" / "no_repeats").mkdir()
     (tmp_path / "train" / "2_empty").mkdir()
     with pytest.raises(UserInputError) as error:
