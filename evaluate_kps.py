@@ -260,7 +260,9 @@ def _dumps(results: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, evaluate, and turn user mistakes into one readable sentence (exit code 2)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # open_clip logs its every step to the root logger at INFO; only ours are worth reading.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("library").setLevel(logging.INFO)
     try:
         evaluate(parse_args(argv))
     except UserInputError as error:

@@ -2,7 +2,9 @@
 
 No CLIP weights can be downloaded on our machines; `configs/clip/tiny_open_clip.json` describes a
 model of 1.6M parameters (mostly the token embedding) that open_clip builds and loads like any
-other. Its scores show the mechanics of the evaluation, not image quality.
+other. Its image embedding averages the patch tokens (`pool_type: avg`): with random weights the
+class token barely depends on the image, the average does. Its scores show the mechanics of the
+evaluation, not image quality.
 
     .venv/bin/python -m library.tiny_clip demo_output/tiny_open_clip.safetensors
 """
