@@ -24,8 +24,6 @@ from library.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".npz")
-
 
 @dataclass
 class ClipEmbedder:
@@ -92,23 +90,20 @@ def _register_model(model: str) -> str:
 
 def _checkpoint(name: str, pretrained: str | None) -> str | None:
     """The weights argument for open_clip: a file that exists, a pretrained tag, or None for hf-hub models."""
+    if name.startswith("hf-hub:"):
+        return None  # the weights come with the hub model; open_clip ignores `pretrained` for it
     if pretrained is None:
-        if name.startswith("hf-hub:"):
-            return None
         raise UserInputError(
             f"--clip_pretrained is missing for the CLIP model {name}: random CLIP weights give meaningless scores; "
             "give the weights file (e.g. ViT-L-14 weights) or an open_clip pretrained tag."
         )
-    path = Path(pretrained)
-    looks_like_file = path.suffix.lower() in WEIGHT_SUFFIXES or len(path.parts) > 1
-    if looks_like_file and not path.is_file():
-        raise UserInputError(f"The --clip_pretrained weights file {path} does not exist; check the path.")
-    if not looks_like_file and pretrained not in open_clip.list_pretrained_tags_by_model(name):
-        raise UserInputError(
-            f"The --clip_pretrained {pretrained!r} is neither a weights file nor a pretrained tag of {name} "
-            f"({', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none known'})."
-        )
-    return pretrained
+    if Path(pretrained).is_file() or pretrained in open_clip.list_pretrained_tags_by_model(name):
+        return pretrained
+    tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+    raise UserInputError(
+        f"The --clip_pretrained weights file {pretrained} does not exist (and it is not one of {name}'s open_clip "
+        f"pretrained tags: {tags}); check the path."
+    )
 
 
 def _load_rgb(path: Path) -> Image.Image:

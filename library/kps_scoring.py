@@ -6,11 +6,11 @@ scores can be recomputed from the saved images alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import torch
+from torch import Tensor
 
 from library.kps_clip import ClipEmbedder
 from library.kps_images import PlannedImage, PromptPair
@@ -24,7 +24,7 @@ class AdapterScores:
     prompt: Score
     identity: Score | None
     preservation: Score
-    similarities: dict[str, list[dict]] = field(default_factory=dict)
+    similarities: dict[str, list[dict]]  # "prompt", "preservation", "identity": one row per pair
 
 
 def score_adapters(
@@ -35,48 +35,46 @@ def score_adapters(
     training_images: Sequence[Path],
 ) -> dict[str, AdapterScores]:
     """PS, IS and KPS of each adapter from the image files of `files`."""
+    # Each distinct file and text is embedded once; roles that share an image share its embedding.
     images = sorted(set(files.values()) | set(training_images))
     image_embeddings = dict(zip(images, embedder.images(images)))
     texts = sorted({pair.caption_part for pair in pairs})
     text_embeddings = dict(zip(texts, embedder.texts(texts)))
-    by_role = {(image.adapter, image.role, image.source, image.seed): path for image, path in files.items()}
-
-    def similarities(left: list, right: list[Path], left_embeddings: dict) -> list[float]:
-        return pairwise_similarities(
-            torch.stack([left_embeddings[x] for x in left]), torch.stack([image_embeddings[p] for p in right])
-        )
 
     results = {}
     for name in adapter_names:
-        with_trigger = sorted((k, p) for k, p in by_role.items() if k[0] == name and k[1] == "with_trigger")
-        keys = [key for key, _ in with_trigger]
-        generated = [path for _, path in with_trigger]
-        without = [by_role[(name, "without_trigger", source, seed)] for _, _, source, seed in keys]
-        captions = [pairs[source].caption_part for _, _, source, _ in keys]
-        prompt_sims = similarities(captions, generated, text_embeddings)
-        preservation_sims = similarities(without, generated, image_embeddings)
-
-        identity = sorted((k, p) for k, p in by_role.items() if k[0] == name and k[1] == "identity")
-        originals = [training_images[source] for (_, _, source, _), _ in identity]
-        identity_sims = similarities(originals, [p for _, p in identity], image_embeddings) if identity else []
-
+        mine = {(image.role, image.source, image.seed): path for image, path in files.items() if image.adapter == name}
+        prompt_rows, preservation_rows, identity_rows = [], [], []
+        for role, source, seed in sorted(mine):
+            generated = mine[(role, source, seed)]
+            if role == "with_trigger":
+                text, without = pairs[source].caption_part, mine[("without_trigger", source, seed)]
+                prompt_rows.append({
+                    "prompt_index": source, "seed": seed, "text": text, "image": str(generated),
+                    "similarity": _similarity(text_embeddings[text], image_embeddings[generated]),
+                })
+                preservation_rows.append({
+                    "prompt_index": source, "seed": seed, "without_trigger": str(without), "with_trigger": str(generated),
+                    "similarity": _similarity(image_embeddings[without], image_embeddings[generated]),
+                })
+            elif role == "identity":
+                original = training_images[source]
+                identity_rows.append({
+                    "training_index": source, "seed": seed, "original": str(original), "generated": str(generated),
+                    "similarity": _similarity(image_embeddings[original], image_embeddings[generated]),
+                })
         results[name] = AdapterScores(
-            prompt=prompt_score(prompt_sims),
-            identity=identity_score(identity_sims) if identity_sims else None,
-            preservation=knowledge_preservation_score(preservation_sims),
-            similarities={
-                "prompt": [
-                    {"prompt_index": k[2], "seed": k[3], "text": t, "image": str(p), "similarity": s}
-                    for k, t, p, s in zip(keys, captions, generated, prompt_sims)
-                ],
-                "preservation": [
-                    {"prompt_index": k[2], "seed": k[3], "without_trigger": str(w), "with_trigger": str(p), "similarity": s}
-                    for k, w, p, s in zip(keys, without, generated, preservation_sims)
-                ],
-                "identity": [
-                    {"training_index": k[2], "seed": k[3], "original": str(o), "generated": str(p), "similarity": s}
-                    for (k, p), o, s in zip(identity, originals, identity_sims)
-                ],
-            },
+            prompt=prompt_score(_values(prompt_rows)),
+            identity=identity_score(_values(identity_rows)) if identity_rows else None,
+            preservation=knowledge_preservation_score(_values(preservation_rows)),
+            similarities={"prompt": prompt_rows, "preservation": preservation_rows, "identity": identity_rows},
         )
     return results
+
+
+def _similarity(a: Tensor, b: Tensor) -> float:
+    return pairwise_similarities(a[None], b[None])[0]
+
+
+def _values(rows: list[dict]) -> list[float]:
+    return [row["similarity"] for row in rows]
