@@ -91,6 +91,8 @@ def parse_args(argv: Sequence[str] | None = None) -> KPSConfig:
         if getattr(args, flag) is not None and getattr(args, flag) % 8:
             parser.error(f"--{flag} {getattr(args, flag)} is not a multiple of 8, as the VAE needs")
     seeds = args.seeds or list(range(args.seed or 0, (args.seed or 0) + (args.images_per_prompt or 1)))
+    if len(set(seeds)) != len(seeds):
+        parser.error(f"--seeds {' '.join(map(str, seeds))} repeats a seed; a repeated seed repeats the same images")
     return KPSConfig(
         pretrained_model_name_or_path=Path(args.pretrained_model_name_or_path), v2=args.v2,
         v_parameterization=args.v_parameterization, vae=_path(args.vae), model_config=_path(args.model_config),
