@@ -125,7 +125,7 @@ def check_bucket_settings(settings: BucketSettings, where: str) -> list[str]:
         if settings.min_reso > settings.max_reso:
             problems.append(f"{where}: min_bucket_reso = {settings.min_reso} is larger than max_bucket_reso = "
                             f"{settings.max_reso}; swap them")
-        if max(settings.resolution) > settings.max_reso or min(settings.resolution) < settings.min_reso:
+        elif max(settings.resolution) > settings.max_reso or min(settings.resolution) < settings.min_reso:
             problems.append(f"{where}: resolution {settings.resolution} must lie within min_bucket_reso "
                             f"{settings.min_reso} and max_bucket_reso {settings.max_reso}")
     if any(side % 8 for side in settings.resolution):

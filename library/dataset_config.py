@@ -63,8 +63,12 @@ class _Where:
         return f"{self.path}: {self.table}"
 
 
-def load_dataset_config(path: str | Path, data: DataArgs) -> list[DatasetSpec]:
-    """Read, check and resolve the file; `data` (the command line) gives the values no level sets."""
+def load_dataset_config(path: str | Path, data: DataArgs, found: list[str] | None = None) -> list[DatasetSpec]:
+    """Read, check and resolve the file; `data` (the command line) gives the values no level sets.
+
+    Mistakes in the file itself are raised at once, all together. Problems with what it points to
+    (a missing folder, an empty one) are added to `found` when given, so that the caller can report
+    them with its own, else raised."""
     path = Path(path)
     config = _read(path)
     problems: list[str] = []
@@ -80,7 +84,10 @@ def load_dataset_config(path: str | Path, data: DataArgs) -> list[DatasetSpec]:
         _check_dataset_keys(dataset, where, problems)
     _raise(problems)  # values of the wrong type would make the rest fail in confusing ways
     specs = [_dataset(dataset, general, data, where, problems) for dataset, where in zip(datasets, wheres)]
-    _raise(problems)
+    if found is None:
+        _raise(problems)
+    else:
+        found += problems
     return [spec for spec in specs if spec is not None]
 
 

@@ -151,12 +151,26 @@ def _metadata_caption(entry: dict) -> str:
 
 def scan_folders(
     root: str | Path, caption_extension: str, is_reg: bool, options: SubsetOptions = SubsetOptions(),
+    problems: list[str] | None = None,
 ) -> list[Subset]:
-    """All `<repeats>_<class tokens>` sub-folders of `root`, each problem reported in one error."""
+    """All `<repeats>_<class tokens>` sub-folders of `root`. Every problem is reported in one error,
+    or, when a `problems` list is given, added to it (and the good folders returned)."""
     root = Path(root)
     flag = "--reg_data_dir" if is_reg else "--train_data_dir"
+    gathered: list[str] = []
+    subsets = _scan(root, flag, caption_extension, is_reg, options, gathered)
+    if problems is not None:
+        problems += gathered
+    elif gathered:
+        raise UserInputError("\n  - ".join(gathered))
+    return subsets
+
+
+def _scan(root: Path, flag: str, caption_extension: str, is_reg: bool, options: SubsetOptions,
+          gathered: list[str]) -> list[Subset]:
     if not root.is_dir():
-        raise UserInputError(f"{flag} {root} is not a folder; give the folder that holds '<repeats>_<class>' folders.")
+        gathered.append(f"{flag} {root} is not a folder; give the folder that holds '<repeats>_<class>' folders")
+        return []
     subsets, problems = [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         match = FOLDER_NAME.match(folder.name)
@@ -171,8 +185,7 @@ def scan_folders(
         subsets.append(subset.with_options(options))
     if not subsets and not problems:
         problems.append(f"{root}: no '<repeats>_<class tokens>' folders inside")
-    if problems:
-        raise UserInputError(f"{flag} {root} has problems:\n  - " + "\n  - ".join(problems))
+    gathered += [f"{flag}: {problem}" for problem in problems]
     return subsets
 
 

@@ -47,10 +47,11 @@ def image_problem(path: Path) -> str | None:
     JPEG, which is cheap) so truncated and corrupt files are found before training, not at their batch."""
     try:
         with Image.open(path) as image:
-            image.draft("RGB", (max(image.width // 8, 1), max(image.height // 8, 1)))
+            width, height = image.size
+            if width < 8 or height < 8:
+                return f"{path}: the image is {width}x{height} pixels, too small to train on; remove it"
+            image.draft("RGB", (max(width // 8, 1), max(height // 8, 1)))
             image.load()
-            if image.width < 8 or image.height < 8:
-                return f"{path}: the image is {image.width}x{image.height} pixels, too small to train on; remove it"
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         return f"{path}: the image cannot be read ({error}); replace or remove it"
     return None

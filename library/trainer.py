@@ -12,7 +12,7 @@ import math
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,15 +20,10 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from library.caption_transforms import sample_rng, transform_caption
-from library.captions import class_word_from_tokens, contains_trigger, trigger_free_caption
 from library.cat_objective import cat_step
-from library.buckets import BucketSettings, check_bucket_settings
-from library.dataset_config import load_dataset_config, subset_options
 from library.errors import UserInputError
 from library.grad_sync import average_gradients
-from library.folder_dataset import ImageItem, Subset, scan_folders, subset_from_metadata
-from library.image_loading import MAX_HUE_SHIFT, Augmentation, load_image
+from library.image_loading import Augmentation, load_image
 from library.latents import LatentCache, LatentKey, encode, key_for, sample_latents
 from library.lr_schedulers import build_lr_scheduler, current_learning_rates
 from library.noise import check_snr_weighting_flags, zero_terminal_snr_scheduler
@@ -44,7 +39,8 @@ from library.preservation_signal import PreservationDrift
 from library.sample_images import SampleImages, scheduled_sample_prompts
 from library.sample_prompts import SamplePrompt
 from library.train_batch import NoiseSchedule, build_cat_batch
-from library.training_data import DatasetSpec, Sample, TrainingData, place_datasets
+from library.run_data import augmentation, free_caption, load_training_data, training_caption
+from library.training_data import Sample, TrainingData
 from library.train_config import TrainConfig
 from library.train_metadata import RunFacts, at_save, training_metadata
 from library.train_state import Progress, load_state, read_progress, save_state
@@ -114,7 +110,7 @@ def setup(config: TrainConfig) -> Run:
         scale_v_pred_loss_like_noise_pred=config.loss.scale_v_pred_loss_like_noise_pred,
         v_pred_like_loss=config.loss.v_pred_like_loss,
     )
-    data = _load_data(config)
+    data = load_training_data(config)
     sd = load_stable_diffusion(
         config.model.pretrained_model_name_or_path, v2=config.model.v2,
         v_parameterization=config.model.v_parameterization, vae=config.model.vae, model_config=config.model.model_config,
@@ -188,85 +184,6 @@ def _seed(config: TrainConfig, accelerator: Accelerator) -> int:
     if accelerator.num_processes > 1:
         broadcast_object_list(seed, from_process=0)
     return seed[0]
-
-
-def _load_data(config: TrainConfig) -> TrainingData:
-    """The datasets (from --dataset_config, or the folders), every image checked and placed in its bucket."""
-    data = config.data
-    if data.dataset_config:
-        specs = load_dataset_config(data.dataset_config, data)
-    else:
-        options = subset_options({**asdict(data), "caption_prefix": data.caption_prefix or "",
-                                  "caption_suffix": data.caption_suffix or ""})
-        if data.in_json:  # sd-scripts' older fine-tune method: captions from a metadata file
-            subsets = [subset_from_metadata(Path(data.in_json), Path(data.train_data_dir), 1, options=options)]
-        else:
-            subsets = scan_folders(data.train_data_dir, data.caption_extension, is_reg=False, options=options)
-        if data.reg_data_dir:
-            subsets += scan_folders(data.reg_data_dir, data.caption_extension, is_reg=True, options=options)
-        if data.resolution is None:
-            raise UserInputError("No resolution: give --resolution (e.g. 512) or resolution in the dataset config.")
-        buckets = BucketSettings(data.resolution, data.enable_bucket, data.min_bucket_reso, data.max_bucket_reso,
-                                 data.bucket_reso_steps, data.bucket_no_upscale)
-        problems = check_bucket_settings(buckets, "the command line")
-        if problems:
-            raise UserInputError("; ".join(problems))
-        specs = [DatasetSpec(tuple(subsets), data.train_batch_size, buckets)]
-    _check_augmentations(config, specs)
-    if config.cat.enabled:
-        for spec in specs:
-            for subset in spec.subsets:
-                _check_cat_subset(config, subset)
-    return place_datasets(specs)
-
-
-def _check_augmentations(config: TrainConfig, specs: list[DatasetSpec]) -> None:
-    """Cached latents are encoded once, so they cannot follow per-step random crops or colour shifts
-    (sd-scripts refuses the same); flips are cached both ways."""
-    if not (config.data.cache_latents or config.data.cache_latents_to_disk):
-        return
-    for spec in specs:
-        for subset in spec.subsets:
-            if subset.options.color_aug or subset.options.random_crop:
-                raise UserInputError(
-                    f"--cache_latents cannot be used with color_aug or random_crop (set for {subset.folder}): "
-                    "cached latents are encoded once. Turn the cache or those augmentations off."
-                )
-
-
-def _check_cat_subset(config: TrainConfig, subset: Subset) -> None:
-    """Every training subset needs a trigger that its captions contain, and a class word in class mode."""
-    triggers = _triggers(config, subset.cat_triggers)
-    if subset.is_reg or config.cat.caption == "empty":
-        return
-    if not triggers:
-        raise UserInputError(
-            f"CAT is on but {subset.folder} has no trigger: give --cat_trigger, or cat_trigger in its dataset-config "
-            "subset, or use --cat_caption empty."
-        )
-    if not any(contains_trigger(item.caption, triggers) for item in subset.items):
-        raise UserInputError(
-            f"the trigger {list(triggers)} appears in none of the {len(subset.items)} captions of {subset.folder}; put "
-            "the trigger in the captions (or the folder's class tokens), or fix --cat_trigger / cat_trigger."
-        )
-    if config.cat.caption == "class" and not _class_word(config, subset.class_tokens, triggers, subset.cat_class_word):
-        raise UserInputError(
-            f"--cat_caption class needs a class word, and the folder {subset.folder} gives none (its class "
-            f"tokens '{subset.class_tokens}' are only the trigger); add --cat_class_word (or cat_class_word in the "
-            "dataset config), or rename the folder e.g. '10_sks teapot'."
-        )
-
-
-def _triggers(config: TrainConfig, own: tuple[str, ...]) -> tuple[str, ...]:
-    """A subset's own triggers (multi-concept dataset configs), else --cat_trigger."""
-    return own or config.cat.triggers
-
-
-def _class_word(config: TrainConfig, class_tokens: str, triggers: tuple[str, ...], own: str | None = None) -> str:
-    """The class word for --cat_caption class: the subset's, --cat_class_word, else its class tokens without the trigger."""
-    if own or config.cat.class_word:
-        return own or config.cat.class_word
-    return class_word_from_tokens(class_tokens, triggers) if triggers else class_tokens
 
 
 def _prepare_models(config: TrainConfig, sd: StableDiffusionModels, accelerator: Accelerator, weight_dtype) -> None:
@@ -456,8 +373,8 @@ def _train_on(run: Run, denoiser: SDDenoiser, samples: list[Sample], epoch: int,
     config, accelerator = run.config, run.accelerator
     items = [sample.item for sample in samples]
     latents = _latents(run, samples, epoch)
-    captions = [_training_caption(run, sample, epoch) for sample in samples]
-    free = [_free_caption(config, item, caption) for item, caption in zip(items, captions)]
+    captions = [training_caption(run.facts.seed, sample, epoch) for sample in samples]
+    free = [free_caption(config, item, caption) for item, caption in zip(items, captions)]
     weights = torch.tensor([config.loss.prior_loss_weight if item.is_reg else 1.0 for item in items])
     batch, loss_fn = build_cat_batch(
         latents, tokenize(run.sd.tokenizer, captions, config.model.max_token_length),
@@ -472,37 +389,10 @@ def _train_on(run: Run, denoiser: SDDenoiser, samples: list[Sample], epoch: int,
         return cat_step(denoiser, run.network, batch, config.cat.weight, config.cat.mode, loss_fn, backward)
 
 
-def _training_caption(run: Run, sample: Sample, epoch: int) -> str:
-    """The caption this sample trains on this epoch (its subset's prefix, dropout, shuffle...)."""
-    rng = sample_rng(run.facts.seed, epoch, sample.position)
-    return transform_caption(sample.item.caption, rng, sample.item.options.captions, epoch)
-
-
-def _free_caption(config: TrainConfig, item: ImageItem, caption: str) -> str:
-    """The trigger-free caption y of this sample's training caption (the same caption when CAT is off);
-    each sample strips its own trigger."""
-    triggers = _triggers(config, item.cat_triggers)
-    if not config.cat.enabled or (config.cat.caption != "empty" and not triggers):
-        return caption
-    class_word = (_class_word(config, item.class_tokens, triggers, item.cat_class_word)
-                  if config.cat.caption == "class" else None)
-    return trigger_free_caption(caption, triggers, config.cat.caption, class_word, item.options.captions.separator)
-
-
-def _augmentation(run: Run, sample: Sample, epoch: int) -> Augmentation:
-    """This sample's random crop, flip and hue shift, from its own stream (apart from the caption's)."""
-    options = sample.item.options
-    rng = sample_rng(run.facts.seed, epoch, sample.position, "image")
-    crop = (rng.random(), rng.random()) if options.random_crop else None
-    flip = options.flip_aug and rng.random() < 0.5
-    hue = rng.uniform(-MAX_HUE_SHIFT, MAX_HUE_SHIFT) if options.color_aug else 0.0
-    return Augmentation(crop, flip, hue)
-
-
 def _latents(run: Run, samples: list[Sample], epoch: int) -> torch.Tensor:
     """The batch's scaled VAE latents: from the cache, or encoded now from the augmented images.
     Either way each latent's noise comes from its image's own seeded stream (see library.latents)."""
-    augmentations = [_augmentation(run, s, epoch) for s in samples]
+    augmentations = [augmentation(run.facts.seed, s, epoch) for s in samples]
     keys = [key_for(s.item.path, s.placement, a.flip) for s, a in zip(samples, augmentations)]
     if run.latent_cache is not None:
         dists = [run.latent_cache.get(key) for key in keys]

@@ -137,10 +137,10 @@ class TrainingData:
         return "\n".join(lines)
 
 
-def place_datasets(specs: list[DatasetSpec]) -> TrainingData:
+def place_datasets(specs: list[DatasetSpec], earlier: list[str] | None = None) -> TrainingData:
     """Read every image's size (checking that it can be trained on) and place it in its dataset's
-    buckets; every problem is reported in one error."""
-    problems: list[str] = []
+    buckets; every problem, with the `earlier` ones found by the caller, is reported in one error."""
+    problems: list[str] = list(earlier or [])
     sizes: dict[Path, tuple[int, int]] = {}
     for path in sorted({item.path for spec in specs for s in spec.subsets for item in s.items}):
         problem = image_problem(path)
@@ -148,8 +148,7 @@ def place_datasets(specs: list[DatasetSpec]) -> TrainingData:
             problems.append(problem)
         else:
             sizes[path] = image_size(path)
-    if problems:
-        raise UserInputError(f"{len(problems)} image(s) cannot be trained on:\n  - " + "\n  - ".join(problems))
+    _raise_all(problems)  # placing needs every size
     datasets = []
     for index, spec in enumerate(specs):
         settings = spec.buckets
@@ -163,6 +162,11 @@ def place_datasets(specs: list[DatasetSpec]) -> TrainingData:
             for path, p in placements.items() if min(p.bucket) < 8
         ]
         datasets.append(Dataset(spec, placements))
-    if problems:
-        raise UserInputError("\n  - ".join(["images that cannot be placed in a bucket:"] + problems))
+    _raise_all(problems)
     return TrainingData(datasets)
+
+
+def _raise_all(problems: list[str]) -> None:
+    if problems:
+        raise UserInputError(f"the training data has {len(problems)} problem(s), all listed here:\n  - "
+                             + "\n  - ".join(problems))

@@ -12,7 +12,7 @@ from library.demo_data import write_demo_dataset
 from library.errors import UserInputError
 from library.lora_file import read_lora_file
 from library.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
-from library.trainer import _free_caption
+from library.run_data import free_caption
 from library.train_args import parse_args
 
 
@@ -70,8 +70,8 @@ def test_each_sample_strips_its_own_trigger(two_concepts, tmp_path):
     config = parse_args(["--pretrained_model_name_or_path", "x", "--output_dir", str(tmp_path),
                          "--dataset_config", str(two_concepts), "--cat_caption", "class"])
     teapot, mug, _ = load_dataset_config(two_concepts, cli_data())[0].subsets
-    assert _free_caption(config, teapot.items[0], teapot.items[0].caption) == "a photo of teapot"
-    assert _free_caption(config, mug.items[0], mug.items[0].caption) == "a photo of mug"
+    assert free_caption(config, teapot.items[0], teapot.items[0].caption) == "a photo of teapot"
+    assert free_caption(config, mug.items[0], mug.items[0].caption) == "a photo of mug"
 
 
 def test_multi_concept_run_end_to_end(two_concepts, tmp_path):

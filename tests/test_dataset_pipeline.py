@@ -1,0 +1,188 @@
+"""A dataset as sd-scripts users have it, end to end through `train_network_cat.py`: mixed image
+sizes in buckets, .txt captions, a regularisation folder, a dataset TOML, a prompt file; the
+captions that reach the step, the latent cache, the metadata, and bad datasets."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
+
+import library.trainer as trainer
+import train_network_cat
+from library.lora_file import read_lora_file
+from library.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
+
+CAPTIONS = ["sks teapot, red, on a table", "sks teapot, blue, in a kitchen", "sks teapot, green, close-up",
+            "sks teapot, white, studio light"]
+SIZES = [(64, 64), (120, 30), (48, 96), (80, 40)]  # buckets 64x64, 128x32, 32x96, 64x64
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return save_single_file(build_tiny_sd(seed=0), tmp_path_factory.mktemp("model") / "tiny.safetensors")
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    """`train/3_sks teapot` (PNG, JPEG, WebP of mixed shapes, .txt captions), `reg/1_teapot` (no captions),
+    a dataset TOML as the kohya_ss GUI writes one, and a prompt file."""
+    rng = np.random.default_rng(0)
+    train, reg = tmp_path / "train" / "3_sks teapot", tmp_path / "reg" / "1_teapot"
+    train.mkdir(parents=True)
+    reg.mkdir(parents=True)
+    for index, ((w, h), caption, suffix) in enumerate(zip(SIZES, CAPTIONS, [".png", ".jpg", ".webp", ".png"])):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(train / f"{index}{suffix}")
+        (train / f"{index}.txt").write_text(caption + "\n", encoding="utf-8")
+    for index in range(2):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(reg / f"r{index}.png")
+    (tmp_path / "dataset.toml").write_text(f"""
+[general]
+caption_extension = ".txt"
+shuffle_caption = true
+keep_tokens = 1
+flip_aug = true
+
+[[datasets]]
+resolution = 64
+batch_size = 2
+enable_bucket = true
+min_bucket_reso = 32
+max_bucket_reso = 128
+bucket_reso_steps = 32
+
+  [[datasets.subsets]]
+  image_dir = "{train}"
+  num_repeats = 3
+  class_tokens = "sks teapot"
+
+  [[datasets.subsets]]
+  image_dir = "{reg}"
+  class_tokens = "teapot"
+  is_reg = true
+""", encoding="utf-8")
+    (tmp_path / "prompts.txt").write_text("sks teapot on a beach --w 64 --h 64 --d 5 --s 2\n", encoding="utf-8")
+    return tmp_path
+
+
+def _argv(model, dataset, out, *extra):
+    return [
+        "--pretrained_model_name_or_path", str(model), "--model_config", str(tiny_config_dir(False)),
+        "--dataset_config", str(dataset / "dataset.toml"), "--output_dir", str(out), "--output_name", "lora",
+        "--network_dim", "4", "--learning_rate", "1e-3", "--max_train_steps", "4", "--seed", "2",
+        "--cat_trigger", "sks", "--max_data_loader_n_workers", "0", *extra,
+    ]
+
+
+def test_sd_scripts_dataset_trains_unchanged_with_samples(model, dataset, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = _argv(model, dataset, out, "--sample_prompts", str(dataset / "prompts.txt"), "--sample_every_n_steps", "2")
+    assert train_network_cat.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "dataset 0: batch size 2" in printed and "bucket 0:" in printed, "the bucket table is printed at start"
+    _, metadata = read_lora_file(out / "lora.safetensors")
+    (entry,) = json.loads(metadata["ss_datasets"])
+    assert entry["enable_bucket"] is True and entry["num_train_images"] == 12 and entry["num_reg_images"] == 2
+    resolutions = {tuple(b["resolution"]) for b in entry["bucket_info"]["buckets"].values()}
+    assert len(resolutions) >= 3 and all(w * h <= 64 * 64 for w, h in resolutions)
+    assert sum(b["count"] for b in entry["bucket_info"]["buckets"].values()) == 24, "12 training + 12 regularisation"
+    assert [s["is_reg"] for s in entry["subsets"]] == [False, True] and entry["subsets"][0]["flip_aug"] is True
+    frequency = json.loads(metadata["ss_tag_frequency"])
+    assert frequency["3_sks teapot"]["sks teapot"] == 4 and frequency["1_teapot"] == {"teapot": 2}
+    assert metadata["ss_num_train_images"] == "12"
+    samples = sorted(p.name for p in (out / "sample").iterdir())
+    assert len(samples) == 2 and all(name.startswith("lora_") and name.endswith("_5.png") for name in samples)
+
+
+def test_captions_that_reach_the_step(model, dataset, tmp_path, monkeypatch):
+    seen = []
+    tokenize = trainer.tokenize
+
+    def recording(tokenizer, captions, max_length):
+        seen.append(list(captions))
+        return tokenize(tokenizer, captions, max_length)
+
+    monkeypatch.setattr(trainer, "tokenize", recording)
+    assert train_network_cat.main(_argv(model, dataset, tmp_path / "out", "--max_train_steps", "6")) == 0
+    trained, free = seen[0::2], seen[1::2]  # each step tokenizes the training captions, then the trigger-free ones
+    captions = [c for batch in trained for c in batch]
+    assert len(captions) == 12
+    for caption, stripped in zip(captions, [c for batch in free for c in batch]):
+        if caption == "teapot":
+            assert stripped == "teapot", "a regularisation caption is its own trigger-free caption"
+            continue
+        tags = caption.split(", ")
+        assert tags[0] == "sks teapot", "keep_tokens = 1 keeps the first tag in place"
+        assert sorted(tags[1:]) in [sorted(c.split(", ")[1:]) for c in CAPTIONS]
+        assert stripped == caption.replace("sks ", "", 1), "the trigger-free caption is the shuffled one, stripped"
+    assert any(c not in CAPTIONS for c in captions if c != "teapot"), "tags were shuffled"
+    again = []
+    monkeypatch.setattr(trainer, "tokenize", lambda t, c, m: again.append(list(c)) or tokenize(t, c, m))
+    AcceleratorState._reset_state(True)
+    assert train_network_cat.main(_argv(model, dataset, tmp_path / "out2", "--max_train_steps", "6")) == 0
+    assert again == seen, "the same seed gives the same captions"
+
+
+def test_latent_cache_on_disk_gives_the_same_lora_and_is_reused(model, dataset, tmp_path):
+    assert train_network_cat.main(_argv(model, dataset, tmp_path / "plain")) == 0
+    AcceleratorState._reset_state(True)
+    assert train_network_cat.main(_argv(model, dataset, tmp_path / "cached", "--cache_latents_to_disk")) == 0
+    plain, _ = read_lora_file(tmp_path / "plain" / "lora.safetensors")
+    cached, _ = read_lora_file(tmp_path / "cached" / "lora.safetensors")
+    assert plain.keys() == cached.keys() and all(torch.equal(plain[k], cached[k]) for k in plain)
+    files = sorted((dataset / "train" / "3_sks teapot").glob("*.npz"))
+    assert len(files) == 4
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    AcceleratorState._reset_state(True)
+    assert train_network_cat.main(_argv(model, dataset, tmp_path / "again", "--cache_latents_to_disk")) == 0
+    assert {f: f.stat().st_mtime_ns for f in files} == stamps, "valid cache files are reused, not rewritten"
+
+
+def test_folders_with_bucket_flags_write_the_flat_metadata(model, dataset, tmp_path):
+    argv = [
+        "--pretrained_model_name_or_path", str(model), "--model_config", str(tiny_config_dir(False)),
+        "--train_data_dir", str(dataset / "train"), "--reg_data_dir", str(dataset / "reg"), "--resolution", "64",
+        "--enable_bucket", "--min_bucket_reso", "32", "--max_bucket_reso", "128", "--bucket_reso_steps", "32",
+        "--caption_extension", ".txt", "--caption_prefix", "photo,", "--color_aug", "--random_crop",
+        "--caption_tag_dropout_rate", "0.2", "--output_dir", str(tmp_path / "out"), "--output_name", "lora",
+        "--max_train_steps", "2", "--train_batch_size", "2", "--cat_trigger", "sks", "--max_data_loader_n_workers", "0",
+    ]
+    assert train_network_cat.main(argv) == 0
+    _, metadata = read_lora_file(tmp_path / "out" / "lora.safetensors")
+    assert metadata["ss_enable_bucket"] == "True" and metadata["ss_color_aug"] == "True"
+    assert metadata["ss_random_crop"] == "True" and metadata["ss_resolution"] == "(64, 64)"
+    assert len(json.loads(metadata["ss_bucket_info"])["buckets"]) >= 3
+    assert json.loads(metadata["ss_dataset_dirs"]) == {"3_sks teapot": {"n_repeats": 3, "img_count": 4}}
+
+
+def test_cache_with_per_step_augmentations_is_refused(model, dataset, tmp_path, capsys):
+    argv = _argv(model, dataset, tmp_path / "out", "--cache_latents", "--random_crop")
+    assert train_network_cat.main(argv) == 2
+    assert "--cache_latents cannot be used with color_aug or random_crop" in capsys.readouterr().err
+
+
+def test_every_dataset_problem_is_reported_together_before_training(model, dataset, tmp_path, capsys):
+    train = dataset / "train" / "3_sks teapot"
+    (train / "broken.png").write_bytes(b"not an image")
+    (dataset / "train" / "no_repeats").mkdir()
+    (dataset / "reg" / "2_empty").mkdir()
+    argv = [
+        "--pretrained_model_name_or_path", str(model), "--model_config", str(tiny_config_dir(False)),
+        "--train_data_dir", str(dataset / "train"), "--reg_data_dir", str(dataset / "reg"), "--resolution", "64",
+        "--caption_extension", ".txt", "--output_dir", str(tmp_path / "out"), "--cat_trigger", "zzz",
+    ]
+    assert train_network_cat.main(argv) == 2
+    err = capsys.readouterr().err
+    for words in ("broken.png", "no_repeats", "2_empty", "appears in none of the 5 captions"):
+        assert words in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), "nothing written"
