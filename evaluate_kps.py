@@ -29,7 +29,8 @@ from library.errors import UserInputError
 from library.kps_clip import load_clip
 from library.kps_data import read_prompt_file, training_images
 from library.kps_images import (
-    Adapter, GenerationSettings, PromptPair, bytes_fingerprint, files_fingerprint, generate_images, plan_images,
+    Adapter, GenerationSettings, PlannedImage, PromptPair, bytes_fingerprint, files_fingerprint, generate_images,
+    plan_images,
 )
 from library.kps_report import results_json, results_table, write_grid, write_text
 from library.kps_scoring import score_adapters
@@ -160,16 +161,25 @@ def evaluate(config: KPSConfig) -> dict:
     files, generated = generate_images(_pipeline(sd, config), adapters, planned, settings, config.output_dir / "images")
     scores = score_adapters(embedder, [a.name for a in adapters], files, pairs, [path for path, _ in training])
 
-    results = results_json(_jsonable(asdict(config)) | {"width": settings.width, "height": settings.height},
-                           scores, files, pairs, generated)
-    write_text(config.output_dir / "results.json", _dumps(results))
-    table = results_table(scores)
-    write_text(config.output_dir / "results.md", table)
-    for adapter in adapters[1:]:
-        write_grid(config.output_dir / f"grid_{adapter.name}.png", adapter.name, BASE_MODEL, files, len(pairs), config.seeds[0])
-    print(f"{generated} images generated, {len(set(files.values())) - generated} reused; results in {config.output_dir}")
-    print(table)
+    settings_json = _jsonable(asdict(config)) | {"width": settings.width, "height": settings.height}
+    results = results_json(settings_json, scores, files, pairs, generated)
+    _write_outputs(config, results, results_table(scores), adapters, files, len(pairs))
     return results
+
+
+def _write_outputs(
+    config: KPSConfig, results: dict, table: str, adapters: Sequence[Adapter], files: dict[PlannedImage, Path],
+    prompt_count: int,
+) -> None:
+    """results.json, results.md and a grid per LoRA; the table is printed too."""
+    out = config.output_dir
+    write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    write_text(out / "results.md", table)
+    for adapter in adapters[1:]:
+        write_grid(out / f"grid_{adapter.name}.png", adapter.name, BASE_MODEL, files, prompt_count, config.seeds[0])
+    reused = results["images_reused"]
+    print(f"{results['images_generated']} images generated, {reused} reused; results in {out}")
+    print(table)
 
 
 def _training_images(config: KPSConfig) -> list[tuple[Path, str]]:
@@ -254,10 +264,6 @@ def _jsonable(value):
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return str(value) if isinstance(value, Path) else value
-
-
-def _dumps(results: dict) -> str:
-    return json.dumps(results, indent=2) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,7 +10,6 @@ with it).
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -21,8 +20,6 @@ from PIL import Image
 from torch import Tensor
 
 from library.errors import UserInputError
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass

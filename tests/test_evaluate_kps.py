@@ -169,3 +169,12 @@ def test_conflicting_seed_flags_stop_at_parse_time(workspace, tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate_kps.parse_args(_argv(workspace, tmp_path, "--seeds", "1", "2"))
     assert "either --seeds" in capsys.readouterr().err
+
+
+def test_clip_weights_for_another_clip_model_are_refused(workspace, tmp_path):
+    other = json.loads(TINY_CLIP_CONFIG.read_text())
+    other["embed_dim"] = 16
+    config = tmp_path / "narrow_clip.json"
+    config.write_text(json.dumps(other))
+    with pytest.raises(UserInputError, match="could not be loaded into the open_clip model .*narrow_clip.json"):
+        load_clip(str(config), str(workspace / "clip.safetensors"), "cpu")

@@ -51,6 +51,7 @@ def test_one_lora_at_a_time_and_cached_images_are_not_regenerated(tmp_path):
     assert generated == 1 and again.calls == [(str(tmp_path / "b.safetensors"), "sks teapot", 6)]
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 copy= notice inside diffusers
 def test_samplers_keep_the_models_noise_schedule():
     training = DDPMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction")
     scheduler = inference_scheduler("k_euler_a", training)
@@ -60,6 +61,7 @@ def test_samplers_keep_the_models_noise_schedule():
         inference_scheduler("plms", training)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_every_sampler_name_builds_a_scheduler_that_sets_its_steps():
     training = DDPMScheduler(beta_schedule="scaled_linear", clip_sample=False)
     for name in SAMPLERS:
