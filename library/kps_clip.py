@@ -2,7 +2,8 @@
 
 `model` is an open_clip model name (e.g. "ViT-L-14", or "hf-hub:org/repo") or the path of an
 open_clip model-config JSON (`embed_dim`, `vision_cfg`, `text_cfg`); `pretrained` is a local weights
-file, or an open_clip pretrained tag (e.g. "openai"), which open_clip downloads. Random CLIP
+file (open_clip's state dicts, or OpenAI's TorchScript archives such as `ViT-L-14.pt`), or an
+open_clip pretrained tag (e.g. "openai"), which open_clip downloads. Random CLIP
 weights give meaningless scores, so weights are required, except for an hf-hub model (they come
 with it).
 """
@@ -10,6 +11,7 @@ with it).
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -54,6 +56,8 @@ def load_clip(model: str, pretrained: str | None, device: torch.device | str) ->
     """Load the open_clip model `model` with the weights `pretrained` (see the module docstring)."""
     name = _register_model(model)
     checkpoint = _checkpoint(name, pretrained)
+    if checkpoint is not None and _is_torchscript(checkpoint):
+        return _load_openai_archive(name, checkpoint, device)
     try:
         clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=checkpoint, device=device)
     except RuntimeError as err:
@@ -63,6 +67,34 @@ def load_clip(model: str, pretrained: str | None, device: torch.device | str) ->
         ) from None
     clip.eval()
     return ClipEmbedder(clip, preprocess, open_clip.get_tokenizer(name), torch.device(device))
+
+
+def _is_torchscript(path: str) -> bool:
+    """OpenAI's own CLIP files (e.g. ViT-L-14.pt) are TorchScript archives: zips holding `constants.pkl`."""
+    if not (Path(path).is_file() and zipfile.is_zipfile(path)):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(entry.endswith("constants.pkl") for entry in archive.namelist())
+
+
+def _load_openai_archive(name: str, path: str, device: torch.device | str) -> ClipEmbedder:
+    """open_clip's loader for OpenAI's files, which torch.load refuses with weights_only.
+
+    It rebuilds the architecture from the weights (QuickGELU, as every OpenAI model); `name` gives the
+    tokenizer and must agree on the embedding size.
+    """
+    try:
+        clip = open_clip.load_openai_model(path, precision="fp32", device=device)
+    except (RuntimeError, KeyError) as err:
+        raise UserInputError(f"The --clip_pretrained archive {path} is not an OpenAI CLIP model ({_first_line(err)}).") from None
+    embed_dim = open_clip.get_model_config(name)["embed_dim"]
+    if clip.text_projection.shape[1] != embed_dim:
+        raise UserInputError(
+            f"The --clip_pretrained archive {path} holds a CLIP model with {clip.text_projection.shape[1]}-dim "
+            f"embeddings, but --clip_model {name} has {embed_dim}; give the --clip_model of these weights."
+        )
+    preprocess = open_clip.image_transform(clip.visual.image_size, is_train=False)
+    return ClipEmbedder(clip.eval(), preprocess, open_clip.get_tokenizer(name), torch.device(device))
 
 
 def _register_model(model: str) -> str:

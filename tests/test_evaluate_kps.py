@@ -178,3 +178,35 @@ def test_clip_weights_for_another_clip_model_are_refused(workspace, tmp_path):
     config.write_text(json.dumps(other))
     with pytest.raises(UserInputError, match="could not be loaded into the open_clip model .*narrow_clip.json"):
         load_clip(str(config), str(workspace / "clip.safetensors"), "cpu")
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")
+def test_an_openai_torchscript_archive_loads_through_open_clip(tmp_path):
+    """OpenAI's ViT-L-14.pt is a TorchScript archive; a tiny one traced from open_clip stands in for it."""
+    import open_clip
+
+    config = {  # widths of 64: OpenAI's layout has one 64-wide head per 64 channels
+        "embed_dim": 32, "quick_gelu": True,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1},
+    }
+    config_path = tmp_path / "tiny_openai_clip.json"
+    config_path.write_text(json.dumps(config))
+    open_clip.add_model_config(config_path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        original = open_clip.create_model("tiny_openai_clip").eval()
+    with torch.no_grad():  # OpenAI's weights are float16, and open_clip's loader rounds to it
+        for parameter in original.parameters():
+            parameter.copy_(parameter.half().float())
+    # OpenAI's model keeps its causal mask as a plain attribute, out of the state dict.
+    mask = original._buffers.pop("attn_mask")
+    original.attn_mask = mask
+    tokens = open_clip.get_tokenizer("tiny_openai_clip")(["a photo of a teapot"])
+    images = torch.randn(1, 3, 32, 32)
+    torch.jit.save(torch.jit.trace(original, (images, tokens), check_trace=False), tmp_path / "tiny.pt")
+
+    clip = load_clip(str(config_path), str(tmp_path / "tiny.pt"), "cpu")
+    with torch.no_grad():
+        assert torch.allclose(clip.model.encode_text(tokens), original.encode_text(tokens), atol=1e-5)
+        assert torch.allclose(clip.model.encode_image(images), original.encode_image(images), atol=1e-5)
