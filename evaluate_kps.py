@@ -85,7 +85,9 @@ def parse_args(argv: Sequence[str] | None = None) -> KPSConfig:
     if args.train_data_dir is not None and args.dataset_config is not None:
         parser.error("give either --train_data_dir or --dataset_config, not both")
     if args.prompt_file is None and args.train_data_dir is None and args.dataset_config is None:
-        parser.error("give --prompt_file, or the training images (--train_data_dir or --dataset_config) whose captions are the prompts")
+        parser.error(
+            "give --prompt_file, or the training images (--train_data_dir or --dataset_config) whose captions are the prompts"
+        )
     if args.cat_caption == "class" and not args.cat_class_word:
         parser.error("--cat_caption class needs --cat_class_word (the word that replaces the trigger)")
     for flag in ("width", "height"):

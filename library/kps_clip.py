@@ -86,7 +86,9 @@ def _load_openai_archive(name: str, path: str, device: torch.device | str) -> Cl
     try:
         clip = open_clip.load_openai_model(path, precision="fp32", device=device)
     except (RuntimeError, KeyError) as err:
-        raise UserInputError(f"The --clip_pretrained archive {path} is not an OpenAI CLIP model ({_first_line(err)}).") from None
+        raise UserInputError(
+            f"The --clip_pretrained archive {path} is not an OpenAI CLIP model ({_first_line(err)})."
+        ) from None
     embed_dim = open_clip.get_model_config(name)["embed_dim"]
     if clip.text_projection.shape[1] != embed_dim:
         raise UserInputError(
@@ -102,7 +104,9 @@ def _register_model(model: str) -> str:
     if model.endswith(".json"):
         path = Path(model)
         if not path.is_file():
-            raise UserInputError(f"The --clip_model config {path} does not exist; give an open_clip model name or config JSON.")
+            raise UserInputError(
+                f"The --clip_model config {path} does not exist; give an open_clip model name or config JSON."
+            )
         if not {"embed_dim", "vision_cfg", "text_cfg"} <= set(json.loads(path.read_text())):
             raise UserInputError(
                 f"The --clip_model config {path} lacks embed_dim, vision_cfg or text_cfg; give an open_clip model config."

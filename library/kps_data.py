@@ -60,7 +60,9 @@ def training_images(
 def _dreambooth_folders(root: Path, extension: str) -> list[tuple[Path, str | None, str]]:
     """(folder, class tokens, caption extension) of each `<repeats>_<class tokens>` folder of `root`."""
     if not root.is_dir():
-        raise UserInputError(f"The --train_data_dir {root} is not a folder; give the folder holding `10_sks teapot`-style folders.")
+        raise UserInputError(
+            f"The --train_data_dir {root} is not a folder; give the folder holding `10_sks teapot`-style folders."
+        )
     folders = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         match = DREAMBOOTH_FOLDER.match(folder.name)
@@ -92,7 +94,9 @@ def _config_folders(path: Path, extension: str) -> list[tuple[Path, str | None, 
                 raise UserInputError(
                     f"{path}: datasets[{d}].subsets[{s}] has no image_dir; evaluation reads images from folders only."
                 )
-            ext = subset.get("caption_extension", dataset.get("caption_extension", general.get("caption_extension", extension)))
+            # The most specific level wins: subset, then dataset, then [general], then the flag.
+            ext = next((level["caption_extension"] for level in (subset, dataset, general) if "caption_extension" in level),
+                       extension)
             folders.append((Path(subset["image_dir"]), subset.get("class_tokens"), ext))
     for folder, _, _ in folders:
         if not folder.is_dir():

@@ -134,7 +134,9 @@ def generate_images(
     generated, seen = 0, set()
     with tqdm(total=len(set(files.values())), desc="generating", unit="image") as bar:
         for adapter in adapters:
-            wanted = {files[image]: image for image in planned if image.adapter == adapter.name and files[image] not in seen}
+            # Two byte-identical LoRA files ask for the same images: the first one makes them.
+            mine = (image for image in planned if image.adapter == adapter.name and files[image] not in seen)
+            wanted = {files[image]: image for image in mine}
             seen.update(wanted)
             missing = {path: image for path, image in wanted.items() if not path.is_file()}
             bar.update(len(wanted) - len(missing))

@@ -57,10 +57,8 @@ def write_grid(
 ) -> None:
     """Rows: prompts (first seed); columns: base model without trigger, adapter without, adapter with."""
     by_role = {(i.adapter, i.role, i.source): p for i, p in files.items() if i.seed == seed}
-    rows = [
-        [by_role[(base, "without_trigger", k)], by_role[(adapter, "without_trigger", k)], by_role[(adapter, "with_trigger", k)]]
-        for k in range(prompt_count)
-    ]
+    columns = ((base, "without_trigger"), (adapter, "without_trigger"), (adapter, "with_trigger"))  # GRID_COLUMNS
+    rows = [[by_role[(name, role, k)] for name, role in columns] for k in range(prompt_count)]
     with Image.open(rows[0][0]) as first:
         width, height = first.size
     grid = Image.new("RGB", (width * len(GRID_COLUMNS), LABEL_HEIGHT + height * len(rows)), "white")

@@ -149,11 +149,13 @@ def test_a_lora_for_another_model_is_refused(workspace, tmp_path):
     key = next(k for k in tensors if k.startswith("lora_unet") and k.endswith("lora_down.weight"))
     reshaped = {**tensors, key: torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 1, *tensors[key].shape[2:])}
     save_lora_file(tmp_path / "wider.safetensors", reshaped, metadata)
-    _fails_early(workspace, tmp_path, "wider.safetensors has .* but this model's layer needs", lora=tmp_path / "wider.safetensors")
+    _fails_early(workspace, tmp_path, "wider.safetensors has .* but this model's layer needs",
+                 lora=tmp_path / "wider.safetensors")
 
 
 def test_a_missing_lora_or_clip_weights_file_is_named(workspace, tmp_path):
-    _fails_early(workspace, tmp_path, "--lora file .*nowhere.safetensors does not exist", lora=tmp_path / "nowhere.safetensors")
+    _fails_early(workspace, tmp_path, "--lora file .*nowhere.safetensors does not exist",
+                 lora=tmp_path / "nowhere.safetensors")
     _fails_early(workspace, tmp_path, "--clip_pretrained weights file .*missing_clip.safetensors does not exist",
                  "--clip_pretrained", str(tmp_path / "missing_clip.safetensors"))
 
