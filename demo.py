@@ -21,7 +21,7 @@ import torch
 import library  # noqa: F401  (before diffusers: quiets an irrelevant bitsandbytes import warning)
 import networks.lora_cat as lora_cat
 from library.demo_data import CONCEPT_CAPTIONS, write_demo_dataset
-from library.folder_dataset import load_image
+from library.image_loading import load_image
 from library.preservation import FixedNoise, denoising_loss, prediction_drift
 from library.sd_denoiser import SDDenoiser
 from library.sd_models import load_stable_diffusion

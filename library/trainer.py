@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from library.cat_objective import cat_step
@@ -39,8 +40,9 @@ from library.preservation_signal import PreservationDrift
 from library.sample_images import SampleImages, scheduled_sample_prompts
 from library.sample_prompts import SamplePrompt
 from library.train_batch import NoiseSchedule, build_cat_batch
-from library.run_data import augmentation, free_caption, load_training_data, training_caption
-from library.training_data import Sample, TrainingData
+from library.batch_loader import EpochBatches, EpochSampler, LoadedBatch, batch_loader
+from library.run_data import free_caption, load_training_data, training_caption
+from library.training_data import TrainingData
 from library.train_config import TrainConfig
 from library.train_metadata import RunFacts, at_save, training_metadata
 from library.train_state import Progress, load_state, read_progress, save_state
@@ -74,6 +76,9 @@ class Run:
     output_name: str | None
     save_dtype: torch.dtype | None
     latent_cache: LatentCache | None
+    batches: EpochBatches  # this process's batches of each epoch
+    loader: DataLoader  # reads them (images decoded and augmented in its workers)
+    sampler: EpochSampler  # points the loader at an epoch
     generator: torch.Generator
     resolution: tuple[int, int]  # the first dataset's (each dataset has its own)
     sample_prompts: tuple[SamplePrompt, ...] = ()  # --sample_prompts, read at start
@@ -151,12 +156,16 @@ def setup(config: TrainConfig) -> Run:
     )
     train_scheduler = zero_terminal_snr_scheduler(sd.noise_scheduler) if config.noise.zero_terminal_snr else sd.noise_scheduler
     generator = torch.Generator().manual_seed(seed)
+    cached = config.data.cache_latents or config.data.cache_latents_to_disk
+    batches = EpochBatches(data, seed, accelerator.num_processes, accelerator.process_index, load_pixels=not cached)
+    loader, sampler = batch_loader(batches, config.data.max_data_loader_n_workers,
+                                   config.data.persistent_data_loader_workers)
     run = Run(
         config, accelerator, sd, network, optimizer, lr_scheduler, descriptions,
         NoiseSchedule(train=train_scheduler, weights=sd.noise_scheduler), data, facts,
         training_metadata(config, facts, output_name or "last"), output_dir, output_name,
-        SAVE_DTYPES.get(config.save.save_precision) if config.save.save_precision else None, None, generator,
-        data.datasets[0].spec.buckets.resolution, sample_prompts,
+        SAVE_DTYPES.get(config.save.save_precision) if config.save.save_precision else None, None, batches, loader,
+        sampler, generator, data.datasets[0].spec.buckets.resolution, sample_prompts,
     )
     _cache_latents(run)
     return run
@@ -278,18 +287,17 @@ def training_loop(run: Run) -> list[Path]:
     try:
         while step < run.facts.max_train_steps:
             network.on_epoch_start(run.sd.text_encoder, run.sd.unet)
-            batches = list(_batches(run, epoch))
-            skip = position.batches_in_epoch if epoch == position.epoch else 0
+            count = len(run.batches.batches(epoch))
+            skip = position.batches_in_epoch if epoch == position.epoch else 0  # trained on before a --resume
+            run.sampler.start(epoch, skip)
             finite = True
-            for index, samples in enumerate(batches):
-                if index < skip:
-                    continue  # trained on before the state this run resumed from
+            for index, batch in enumerate(run.loader, start=skip):
                 # Gradients accumulate over windows of `accumulation` batches; an epoch's last window
                 # may be shorter, and each window's losses are averaged over its own size.
-                window = min(accumulation, len(batches) - index // accumulation * accumulation)
-                losses = _train_on(run, denoiser, samples, epoch, 1.0 / window)
+                window = min(accumulation, count - index // accumulation * accumulation)
+                losses = _train_on(run, denoiser, batch, epoch, 1.0 / window)
                 finite = finite and bool(torch.isfinite(losses.total))
-                if (index + 1) % accumulation and index + 1 < len(batches):
+                if (index + 1) % accumulation and index + 1 < count:
                     continue
                 # One optimizer step: average across processes, check, clip, step.
                 average_gradients(network.get_trainable_params(), accelerator.num_processes)
@@ -359,24 +367,16 @@ def _start_progress(run: Run, network) -> Progress:
     return progress
 
 
-def _batches(run: Run, epoch: int) -> list[list[Sample]]:
-    """This process's batches of the epoch: every n-th batch, the epoch cut to a multiple of the
-    number of processes so that every process runs the same number of steps."""
-    batches = run.data.epoch_batches(epoch, run.facts.seed)
-    processes = run.accelerator.num_processes
-    batches = batches[: len(batches) - len(batches) % processes]
-    return batches[run.accelerator.process_index :: processes]
-
-
-def _train_on(run: Run, denoiser: SDDenoiser, samples: list[Sample], epoch: int, loss_scale: float):
+def _train_on(run: Run, denoiser: SDDenoiser, batch: LoadedBatch, epoch: int, loss_scale: float):
     """Forward and backward one batch; its gradients are added to the adapters' (scaled by `loss_scale`)."""
     config, accelerator = run.config, run.accelerator
+    samples = batch.samples
     items = [sample.item for sample in samples]
-    latents = _latents(run, samples, epoch)
+    latents = _latents(run, batch)
     captions = [training_caption(run.facts.seed, sample, epoch) for sample in samples]
     free = [free_caption(config, item, caption) for item, caption in zip(items, captions)]
     weights = torch.tensor([config.loss.prior_loss_weight if item.is_reg else 1.0 for item in items])
-    batch, loss_fn = build_cat_batch(
+    cat_batch, loss_fn = build_cat_batch(
         latents, tokenize(run.sd.tokenizer, captions, config.model.max_token_length),
         tokenize(run.sd.tokenizer, free, config.model.max_token_length), weights,
         run.schedule, config.noise, config.loss, run.generator,
@@ -386,21 +386,17 @@ def _train_on(run: Run, denoiser: SDDenoiser, samples: list[Sample], epoch: int,
         accelerator.backward(loss * loss_scale)  # averaged across processes once, before the optimizer step
 
     with accelerator.autocast():
-        return cat_step(denoiser, run.network, batch, config.cat.weight, config.cat.mode, loss_fn, backward)
+        return cat_step(denoiser, run.network, cat_batch, config.cat.weight, config.cat.mode, loss_fn, backward)
 
 
-def _latents(run: Run, samples: list[Sample], epoch: int) -> torch.Tensor:
+def _latents(run: Run, batch: LoadedBatch) -> torch.Tensor:
     """The batch's scaled VAE latents: from the cache, or encoded now from the augmented images.
     Either way each latent's noise comes from its image's own seeded stream (see library.latents)."""
-    augmentations = [augmentation(run.facts.seed, s, epoch) for s in samples]
-    keys = [key_for(s.item.path, s.placement, a.flip) for s, a in zip(samples, augmentations)]
+    keys = [key_for(s.item.path, s.placement, a.flip) for s, a in zip(batch.samples, batch.augmentations)]
     if run.latent_cache is not None:
         dists = [run.latent_cache.get(key) for key in keys]
     else:
-        pixels = torch.stack([
-            load_image(s.item.path, s.placement.bucket, s.placement.resized, a) for s, a in zip(samples, augmentations)
-        ])
-        dists = encode(run.sd.vae, pixels, run.config.data.vae_batch_size)
+        dists = encode(run.sd.vae, batch.pixels, run.config.data.vae_batch_size)
     latents = sample_latents(keys, dists, run.facts.seed, run.sd.vae.config.scaling_factor)
     return latents.to(run.accelerator.device, run.sd.unet.dtype)
 

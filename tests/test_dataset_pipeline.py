@@ -134,9 +134,10 @@ def test_captions_that_reach_the_step(model, dataset, tmp_path, monkeypatch):
 
 
 def test_latent_cache_on_disk_gives_the_same_lora_and_is_reused(model, dataset, tmp_path):
-    assert train_network_cat.main(_argv(model, dataset, tmp_path / "plain")) == 0
+    assert train_network_cat.main(_argv(model, dataset, tmp_path / "plain", "--cat_weight", "0")) == 0
     AcceleratorState._reset_state(True)
-    assert train_network_cat.main(_argv(model, dataset, tmp_path / "cached", "--cache_latents_to_disk")) == 0
+    cached_run = _argv(model, dataset, tmp_path / "cached", "--cat_weight", "0", "--cache_latents_to_disk")
+    assert train_network_cat.main(cached_run) == 0
     plain, _ = read_lora_file(tmp_path / "plain" / "lora.safetensors")
     cached, _ = read_lora_file(tmp_path / "cached" / "lora.safetensors")
     assert plain.keys() == cached.keys() and all(torch.equal(plain[k], cached[k]) for k in plain)
@@ -144,7 +145,8 @@ def test_latent_cache_on_disk_gives_the_same_lora_and_is_reused(model, dataset, 
     assert len(files) == 4
     stamps = {f: f.stat().st_mtime_ns for f in files}
     AcceleratorState._reset_state(True)
-    assert train_network_cat.main(_argv(model, dataset, tmp_path / "again", "--cache_latents_to_disk")) == 0
+    again = _argv(model, dataset, tmp_path / "again", "--cat_weight", "0", "--cache_latents_to_disk", "--max_train_steps", "1")
+    assert train_network_cat.main(again) == 0
     assert {f: f.stat().st_mtime_ns for f in files} == stamps, "valid cache files are reused, not rewritten"
 
 
@@ -186,3 +188,32 @@ def test_every_dataset_problem_is_reported_together_before_training(model, datas
     for words in ("broken.png", "no_repeats", "2_empty", "appears in none of the 5 captions"):
         assert words in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), "nothing written"
+
+
+def test_data_loader_workers_do_not_change_the_lora(model, dataset, tmp_path):
+    def argv(out, workers):
+        return [
+            "--pretrained_model_name_or_path", str(model), "--model_config", str(tiny_config_dir(False)),
+            "--train_data_dir", str(dataset / "train"), "--resolution", "64", "--caption_extension", ".txt",
+            "--flip_aug", "--random_crop", "--color_aug", "--shuffle_caption", "--train_batch_size", "4",
+            "--max_train_epochs", "2", "--cat_weight", "0", "--network_dim", "4", "--seed", "1",
+            "--output_dir", str(out), "--output_name", "lora", "--max_data_loader_n_workers", workers,
+        ]
+
+    assert train_network_cat.main(argv(tmp_path / "w0", "0")) == 0
+    AcceleratorState._reset_state(True)
+    assert train_network_cat.main(argv(tmp_path / "w2", "2") + ["--persistent_data_loader_workers"]) == 0
+    inline, _ = read_lora_file(tmp_path / "w0" / "lora.safetensors")
+    workers, metadata = read_lora_file(tmp_path / "w2" / "lora.safetensors")
+    assert metadata["ss_steps"] == "6" and all(torch.equal(inline[k], workers[k]) for k in inline)
+
+
+def test_regularisation_samples_are_weighted_by_prior_loss_weight(model, dataset, tmp_path, monkeypatch):
+    captions, weights = [], []
+    tokenize, build = trainer.tokenize, trainer.build_cat_batch
+    monkeypatch.setattr(trainer, "tokenize", lambda t, c, m: captions.append(list(c)) or tokenize(t, c, m))
+    monkeypatch.setattr(trainer, "build_cat_batch", lambda *a: weights.append(a[3].tolist()) or build(*a))
+    argv = _argv(model, dataset, tmp_path / "out", "--prior_loss_weight", "0.25", "--max_train_steps", "8", "--cat_weight", "0")
+    assert train_network_cat.main(argv) == 0
+    pairs = [(c, w) for batch, ws in zip(captions[0::2], weights) for c, w in zip(batch, ws)]
+    assert {w for c, w in pairs if c == "teapot"} == {0.25} and {w for c, w in pairs if c != "teapot"} == {1.0}

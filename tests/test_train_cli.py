@@ -122,6 +122,14 @@ caption_extension = ".txt"
 resolution = "64,64"
 train_batch_size = 2
 max_data_loader_n_workers = 0
+enable_bucket = true
+bucket_no_upscale = true
+bucket_reso_steps = 64
+min_bucket_reso = 32
+max_bucket_reso = 2048
+cache_latents = true
+cache_latents_to_disk = true
+flip_aug = false
 [training]
 output_dir = "{out}"
 output_name = "gui"
