@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
 
 import train_network_cat
 from library.dataset_config import load_dataset_config
@@ -134,3 +135,62 @@ def test_subset_trigger_problems_stop_the_run_at_start(two_concepts, tmp_path, c
     assert train_network_cat.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "mug" in err
+
+
+def test_fine_tune_subset_reads_captions_and_tags_from_its_metadata_file(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.png", "b.jpg", "c.webp"):
+        Image.new("RGB", (16, 16)).save(images / name)
+    (tmp_path / "meta.json").write_text(json.dumps({
+        "a": {"caption": "sks teapot on a table", "tags": "red, shiny"},
+        str(images / "b.jpg"): {"tags": "sks teapot, blue"},
+        "c.webp": {"caption": "sks teapot"},
+    }), encoding="utf-8")
+    config = tmp_path / "ft.toml"
+    config.write_text('[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "images"\n'
+                      'metadata_file = "meta.json"\nnum_repeats = 2\n', encoding="utf-8")
+    ((subset,),) = [spec.subsets for spec in load_dataset_config(config, cli_data())]
+    assert subset.repeats == 2 and subset.metadata_file == tmp_path / "meta.json"
+    assert [(i.path.name, i.caption) for i in subset.items] == [
+        ("a.png", "sks teapot on a table, red, shiny"), ("b.jpg", "sks teapot, blue"), ("c.webp", "sks teapot")]
+
+
+@pytest.mark.parametrize("meta, message", [
+    ({"missing": {"caption": "x"}}, "no image found for missing"),
+    ([1, 2], "must be a JSON object"),
+])
+def test_bad_metadata_files_are_named(tmp_path, meta, message):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    config = tmp_path / "ft.toml"
+    config.write_text('[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "images"\n'
+                      'metadata_file = "meta.json"\n', encoding="utf-8")
+    with pytest.raises(UserInputError) as error:
+        load_dataset_config(config, cli_data())
+    assert message in str(error.value) and "meta.json" in str(error.value)
+
+
+def test_a_dataset_cannot_mix_folders_and_metadata_files(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "meta.json").write_text('{"a": {"caption": "x"}}', encoding="utf-8")
+    config = tmp_path / "mix.toml"
+    config.write_text('[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "images"\n'
+                      'metadata_file = "meta.json"\n[[datasets.subsets]]\nimage_dir = "images"\n', encoding="utf-8")
+    with pytest.raises(UserInputError, match="mixes image_dir subsets with metadata_file subsets"):
+        load_dataset_config(config, cli_data())
+
+
+def test_in_json_reads_the_older_fine_tune_layout(tmp_path):
+    from library.run_data import load_training_data
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "meta.json").write_text('{"a": {"caption": "a photo of sks teapot"}}', encoding="utf-8")
+    config = parse_args(["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "o"),
+                         "--train_data_dir", str(tmp_path / "images"), "--in_json", str(tmp_path / "meta.json"),
+                         "--resolution", "64", "--cat_trigger", "sks"])
+    (subset,) = load_training_data(config).subsets
+    assert [i.caption for i in subset.items] == ["a photo of sks teapot"] and subset.name == "meta.json"
