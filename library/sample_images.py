@@ -135,7 +135,7 @@ class SampleImages:
 
     def _write(self, pipe, prompt: SamplePrompt, epoch: int | None, step: int) -> Path:
         seed = prompt.seed if prompt.seed is not None else default_seed(self.run.facts.seed, prompt.index)
-        generate = self._generator_for(pipe, prompt, seed)
+        generate = self._text_to_image(pipe, prompt, seed)
         info = PngInfo()
         info.add_text("prompt", prompt.prompt)
         info.add_text("parameters", f"seed {seed}, {prompt.steps} steps, scale {prompt.scale}, "
@@ -153,7 +153,7 @@ class SampleImages:
         image.save(path, pnginfo=info)
         return path
 
-    def _generator_for(self, pipe, prompt: SamplePrompt, seed: int) -> Callable[[str], Image.Image]:
+    def _text_to_image(self, pipe, prompt: SamplePrompt, seed: int) -> Callable[[str], Image.Image]:
         """A function text -> image with this prompt's settings, starting each time from the same noise."""
         run, model = self.run, self.run.config.model
         pipe.scheduler = inference_scheduler(prompt.sampler or self.default_sampler, run.sd.noise_scheduler)
