@@ -81,7 +81,10 @@ def elementwise_loss(
     if huber_c is None:
         raise ValueError(f"loss_type {loss_type!r} needs the per-sample threshold huber_c.")
     c = huber_c.to(device=diff.device, dtype=diff.dtype).view(-1, *([1] * (diff.dim() - 1)))
-    smooth = 2 * (torch.sqrt(diff**2 + c**2) - c)
+    # 2 (sqrt(d^2 + c^2) - c), written as 2 d^2 / (sqrt(d^2 + c^2) + c): the same value without the
+    # cancellation that loses most float32 digits when c is large against d.
+    squared = diff**2
+    smooth = 2 * squared / (torch.sqrt(squared + c**2) + c)
     return c * smooth if loss_type == "huber" else smooth
 
 

@@ -613,6 +613,19 @@ def _check_positive(args: ArgValues) -> None:
         raise UserInputError(f"{args.show('max_data_loader_n_workers')}: this must be 0 or more.")
 
 
+def _check_dataset(args: ArgValues) -> None:
+    """Rates within 0..1, counts not negative, bucket sides sensible (the dataset config checks its own)."""
+    for dest in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+        if not 0 <= args[dest] <= 1:
+            raise UserInputError(f"{args.show(dest)}: a rate must be between 0 and 1.")
+    for dest in ("keep_tokens", "caption_dropout_every_n_epochs"):
+        if args[dest] < 0:
+            raise UserInputError(f"{args.show(dest)}: this must be 0 or more.")
+    for dest in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
+        if args[dest] < 8:
+            raise UserInputError(f"{args.show(dest)}: bucket sizes are pixels, at least 8 (64 is usual for steps).")
+
+
 def _check_network(args: ArgValues) -> None:
     """U-Net-only and text-encoder-only exclude each other; base weight multipliers match the files."""
     if args["network_train_unet_only"] and args["network_train_text_encoder_only"]:
@@ -755,7 +768,7 @@ def _check_preservation(args: ArgValues) -> None:
     read_preservation_prompts(path, args.show("preservation_prompts"))
 
 
-_CHECKS = (_check_required, _check_resolution, _check_positive, _check_network, _check_cat, _check_precision,
+_CHECKS = (_check_required, _check_resolution, _check_positive, _check_dataset, _check_network, _check_cat, _check_precision,
            _check_optimizer, _check_scheduler, _check_timesteps, _check_saving, _check_preservation)
 _WARNINGS = (_warn_model, _warn_cat)
 

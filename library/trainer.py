@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -97,6 +98,10 @@ def setup(config: TrainConfig) -> Run:
     output_dir = check_writable(config.save.output_dir)
     output_name = config.save.output_name
     sample_prompts = scheduled_sample_prompts(config.sample)  # a bad prompt file stops the run before any model loads
+    # accelerate keeps its state per process; a second run in the same process (a GUI or a test
+    # calling main() again) must not inherit the first one's precision or gradient settings.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
     accelerator = Accelerator(
         # Several processes on a machine without a GPU (torchrun): accelerate runs them as MULTI_CPU
         # (gloo) only when told to use the CPU; otherwise each would train alone.

@@ -127,7 +127,8 @@ def test_cat_term_is_the_squared_distance_to_the_base_on_the_free_caption():
 def test_trigger_free_caption_gives_pure_preservation():
     sd, _, network = _setup(trained=False)  # zero-initialised up: adapted == base
     losses, _ = _run(sd, network, _batch(sd, same_captions=True), 1.0, "batched")
-    assert losses.cat == 0.0
+    # Zero, up to the rounding of one U-Net call on 2B samples against one on B (thread-count dependent).
+    assert losses.cat < 1e-10
     sd, _, network = _setup(trained=True)
     losses, grads = _run(sd, network, _batch(sd, same_captions=True), 1.0, "batched")
     assert losses.cat > 0

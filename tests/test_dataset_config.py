@@ -4,7 +4,6 @@ import json
 import shutil
 
 import pytest
-from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
 import train_network_cat
@@ -76,8 +75,6 @@ def test_each_sample_strips_its_own_trigger(two_concepts, tmp_path):
 
 
 def test_multi_concept_run_end_to_end(two_concepts, tmp_path):
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     model = tmp_path / "tiny.safetensors"
     save_single_file(build_tiny_sd(seed=0), model)
     argv = ["--pretrained_model_name_or_path", str(model), "--model_config", str(tiny_config_dir(False)),
@@ -127,8 +124,6 @@ def test_all_problems_are_reported_together(tmp_path):
     (('cat_trigger = ["zxc"]', 'cat_trigger = ["qqq"]'), "appears in none of the 4 captions"),
 ])
 def test_subset_trigger_problems_stop_the_run_at_start(two_concepts, tmp_path, capsys, edit, message):
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     two_concepts.write_text(two_concepts.read_text().replace(*edit))
     argv = ["--pretrained_model_name_or_path", str(tmp_path / "unused.safetensors"), "--dataset_config",
             str(two_concepts), "--output_dir", str(tmp_path / "out")]

@@ -3,12 +3,10 @@ sizes in buckets, .txt captions, a regularisation folder, a dataset TOML, a prom
 captions that reach the step, the latent cache, the metadata, and bad datasets."""
 
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
 import library.trainer as trainer
@@ -20,12 +18,6 @@ CAPTIONS = ["sks teapot, red, on a table", "sks teapot, blue, in a kitchen", "sk
             "sks teapot, white, studio light"]
 SIZES = [(64, 64), (120, 30), (48, 96), (80, 40)]  # buckets 64x64, 128x32, 32x96, 64x64
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
 
 
 @pytest.fixture(scope="module")
@@ -128,14 +120,12 @@ def test_captions_that_reach_the_step(model, dataset, tmp_path, monkeypatch):
     assert any(c not in CAPTIONS for c in captions if c != "teapot"), "tags were shuffled"
     again = []
     monkeypatch.setattr(trainer, "tokenize", lambda t, c, m: again.append(list(c)) or tokenize(t, c, m))
-    AcceleratorState._reset_state(True)
     assert train_network_cat.main(_argv(model, dataset, tmp_path / "out2", "--max_train_steps", "6")) == 0
     assert again == seen, "the same seed gives the same captions"
 
 
 def test_latent_cache_on_disk_gives_the_same_lora_and_is_reused(model, dataset, tmp_path):
     assert train_network_cat.main(_argv(model, dataset, tmp_path / "plain", "--cat_weight", "0")) == 0
-    AcceleratorState._reset_state(True)
     cached_run = _argv(model, dataset, tmp_path / "cached", "--cat_weight", "0", "--cache_latents_to_disk")
     assert train_network_cat.main(cached_run) == 0
     plain, _ = read_lora_file(tmp_path / "plain" / "lora.safetensors")
@@ -144,7 +134,6 @@ def test_latent_cache_on_disk_gives_the_same_lora_and_is_reused(model, dataset, 
     files = sorted((dataset / "train" / "3_sks teapot").glob("*.npz"))
     assert len(files) == 4
     stamps = {f: f.stat().st_mtime_ns for f in files}
-    AcceleratorState._reset_state(True)
     again = _argv(model, dataset, tmp_path / "again", "--cat_weight", "0", "--cache_latents_to_disk", "--max_train_steps", "1")
     assert train_network_cat.main(again) == 0
     assert {f: f.stat().st_mtime_ns for f in files} == stamps, "valid cache files are reused, not rewritten"
@@ -201,7 +190,6 @@ def test_data_loader_workers_do_not_change_the_lora(model, dataset, tmp_path):
         ]
 
     assert train_network_cat.main(argv(tmp_path / "w0", "0")) == 0
-    AcceleratorState._reset_state(True)
     assert train_network_cat.main(argv(tmp_path / "w2", "2") + ["--persistent_data_loader_workers"]) == 0
     inline, _ = read_lora_file(tmp_path / "w0" / "lora.safetensors")
     workers, metadata = read_lora_file(tmp_path / "w2" / "lora.safetensors")

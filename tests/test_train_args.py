@@ -502,19 +502,29 @@ def test_not_implemented_keys_are_flags():
 
 def test_not_implemented_flags_are_refused_together():
     with pytest.raises(UserInputError) as err:
-        parse_args(BASE + ["--random_crop", "--enable_bucket", "--log_with", "wandb", "--masked_loss"])
+        parse_args(BASE + ["--mem_eff_attn", "--enable_wildcard", "--log_with", "wandb", "--masked_loss"])
     message = str(err.value)
-    for flag in ("--random_crop", "--enable_bucket", "--log_with", "--masked_loss"):
+    for flag in ("--mem_eff_attn", "--enable_wildcard", "--log_with", "--masked_loss"):
         assert flag + " (" in message
     assert "are accepted but not implemented yet" in message
     assert message.count(". ") == 0  # one sentence
 
 
 def test_not_implemented_from_the_file_names_the_file(tmp_path):
-    path = write(tmp_path, "color_aug = true\n")
+    path = write(tmp_path, "enable_wildcard = true\n")
     with pytest.raises(UserInputError) as err:
         parse_args(BASE + ["--config_file", str(path)])
-    assert "--color_aug (" in str(err.value) and str(path) in str(err.value)
+    assert "--enable_wildcard (" in str(err.value) and str(path) in str(err.value)
+
+
+def test_dataset_flags_that_landed_parse():
+    config = parse_args(BASE + ["--enable_bucket", "--flip_aug", "--color_aug", "--random_crop", "--caption_prefix", "a",
+                                "--caption_suffix", "b", "--caption_tag_dropout_rate", "0.1", "--cache_latents_to_disk",
+                                "--caption_dropout_every_n_epochs", "3", "--keep_tokens_separator", "|||"])
+    data = config.data
+    assert data.enable_bucket and data.flip_aug and data.color_aug and data.random_crop and data.cache_latents_to_disk
+    assert (data.caption_prefix, data.caption_suffix, data.caption_tag_dropout_rate) == ("a", "b", 0.1)
+    assert (data.caption_dropout_every_n_epochs, data.keep_tokens_separator) == (3, "|||")
 
 
 def test_implemented_values_and_inert_flags_pass():
@@ -522,8 +532,8 @@ def test_implemented_values_and_inert_flags_pass():
                                 "--sample_every_n_steps", "0", "--max_token_length", "75", "--max_bucket_reso", "2048"])
     assert config.log.log_with == "tensorboard"
     assert config.sample.prompts == "prompts.txt" and config.sample.every_n_steps is None
-    with pytest.raises(UserInputError, match="--sample_prompts .*--sample_every_n_steps"):
-        parse_args(BASE + ["--sample_prompts", "prompts.txt", "--sample_every_n_steps", "100"])
+    sampling = parse_args(BASE + ["--sample_prompts", "prompts.txt", "--sample_every_n_steps", "100"])
+    assert sampling.sample.every_n_steps == 100 and not sampling.sample.cat_compare
 
 
 def test_every_not_implemented_flag_is_refused_when_set(tmp_path):
@@ -545,3 +555,13 @@ def test_float_flags_keep_float_values():
     config = parse_args(BASE + ["--network_alpha", "0.5", "--huber_c", "0.25", "--prior_loss_weight", "0.75"])
     assert (config.network.alpha, config.loss.huber_c, config.loss.prior_loss_weight) == (0.5, 0.25, 0.75)
     assert not math.isnan(config.cat.weight)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--caption_tag_dropout_rate", "1.5"], "--caption_tag_dropout_rate 1.5: a rate must be between 0 and 1"),
+    (["--keep_tokens", "-1"], "--keep_tokens -1: this must be 0 or more"),
+    (["--bucket_reso_steps", "0"], "--bucket_reso_steps 0: bucket sizes are pixels"),
+])
+def test_bad_dataset_flags_are_named(flags, message):
+    with pytest.raises(UserInputError, match=message):
+        parse_args(BASE + flags)

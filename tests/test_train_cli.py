@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 
 import library.trainer as trainer
 import networks.lora_cat as lora_cat
@@ -14,13 +13,6 @@ from library.lora_file import read_lora_file
 from library.sd_models import load_stable_diffusion
 from library.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each run builds its own Accelerator, as each process of a real run does."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +80,6 @@ def test_cat_weight_zero_is_bitwise_cat_switched_off(workspace, tmp_path):
     with_trigger = tmp_path / "a"
     without = tmp_path / "b"
     assert train_network_cat.main(_argv(workspace, with_trigger, "--cat_weight", "0")) == 0
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     argv = _argv(workspace, without, "--cat_weight", "0")
     argv = argv[: argv.index("--cat_trigger")] + argv[argv.index("--cat_trigger") + 2 :]
     assert train_network_cat.main(argv) == 0
@@ -100,8 +90,6 @@ def test_cat_weight_zero_is_bitwise_cat_switched_off(workspace, tmp_path):
 
 def test_cat_changes_the_result(workspace, tmp_path):
     assert train_network_cat.main(_argv(workspace, tmp_path / "plain", "--cat_weight", "0")) == 0
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     assert train_network_cat.main(_argv(workspace, tmp_path / "cat", "--cat_weight", "1")) == 0
     plain, _ = read_lora_file(tmp_path / "plain" / "cat.safetensors")
     cat, _ = read_lora_file(tmp_path / "cat" / "cat.safetensors")
@@ -224,22 +212,15 @@ def test_wrong_type_in_config_file_names_file_and_key(workspace, tmp_path, capsy
     assert "bad.toml" in err and "learning_rate" in err and "fast" in err
 
 
-def _reset():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def test_resume_equals_uninterrupted(workspace, tmp_path):
     steps = ("--max_train_steps", "7", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--network_dropout", "0.1",
              "--shuffle_caption", "--keep_tokens", "1", "--caption_dropout_rate", "0.3")
     assert train_network_cat.main(_argv(workspace, tmp_path / "full", *steps)) == 0
-    _reset()
     saving = _argv(workspace, tmp_path / "saving", *steps, "--save_state", "--save_every_n_steps", "3")
     assert train_network_cat.main(saving) == 0
     state = tmp_path / "saving" / "cat-step00000003-state"
     assert sorted(p.name for p in state.iterdir()) == [
         "lr_scheduler.pt", "network.safetensors", "optimizer.pt", "progress.json", "rng.pt"]
-    _reset()
     resumed = _argv(workspace, tmp_path / "resumed", *steps, "--resume", str(state))
     assert train_network_cat.main(resumed) == 0
     full, _ = read_lora_file(tmp_path / "full" / "cat.safetensors")
@@ -252,11 +233,9 @@ def test_resume_equals_uninterrupted(workspace, tmp_path):
 def test_resume_state_that_does_not_fit_the_network(workspace, tmp_path, capsys):
     saving = _argv(workspace, tmp_path / "a", "--save_state", "--save_every_n_steps", "2")
     assert train_network_cat.main(saving) == 0
-    _reset()
     argv = _argv(workspace, tmp_path / "b", "--resume", str(tmp_path / "a" / "cat-step00000002-state"), "--network_dim", "8")
     assert train_network_cat.main(argv) == 2
     assert "rank 4" in capsys.readouterr().err
-    _reset()
     assert train_network_cat.main(_argv(workspace, tmp_path / "c", "--resume", str(tmp_path / "a"))) == 2
     assert "not a state folder" in capsys.readouterr().err
 
@@ -314,7 +293,6 @@ def test_unet_only_and_tensorboard_logging(workspace, tmp_path):
 def test_network_weights_and_base_weights(workspace, tmp_path):
     first = tmp_path / "first"
     assert train_network_cat.main(_argv(workspace, first)) == 0
-    _reset()
     lora = str(first / "cat.safetensors")
     argv = _argv(workspace, tmp_path / "continued", "--network_weights", lora, "--dim_from_weights",
                  "--base_weights", lora, "--base_weights_multiplier", "0.5", "--max_train_steps", "1")
@@ -337,7 +315,6 @@ def test_result_does_not_depend_on_where_the_dataset_lives(workspace, tmp_path):
     moved = tmp_path / "elsewhere" / "data"
     shutil.copytree(workspace / "data", moved)
     assert train_network_cat.main(_argv(workspace, tmp_path / "a")) == 0
-    _reset()
     argv = _argv(workspace, tmp_path / "b")
     argv[argv.index("--train_data_dir") + 1] = str(moved / "train")
     argv[argv.index("--reg_data_dir") + 1] = str(moved / "reg")
@@ -357,7 +334,6 @@ def test_accumulation_windows_stay_inside_epochs(workspace, tmp_path):
     assert metadata["ss_steps"] == "4" and metadata["ss_max_train_steps"] == "4"
     _, first_epoch = read_lora_file(tmp_path / "out" / "cat-000001.safetensors")
     assert first_epoch["ss_steps"] == "2"
-    _reset()
     resumed = _argv(workspace, tmp_path / "resumed", "--train_batch_size", "5", "--gradient_accumulation_steps", "3",
                     "--max_train_epochs", "2", "--resume", str(tmp_path / "out" / "cat-000001-state"))
     assert train_network_cat.main(resumed) == 0
