@@ -613,6 +613,15 @@ def _check_positive(args: ArgValues) -> None:
         raise UserInputError(f"{args.show('max_data_loader_n_workers')}: this must be 0 or more.")
 
 
+def dataset_defaults(**values: Any) -> DataArgs:
+    """The dataset flags as the command line gives them by default, with `values` set: for tools
+    that read a training dataset exactly as the trainer does (evaluate_kps.py)."""
+    defaults = vars(build_parser().parse_args([]))
+    picked = {f.name: defaults[f.name] for f in fields(DataArgs)}
+    picked["resolution"] = None
+    return DataArgs(**{**picked, **values})
+
+
 def _check_dataset(args: ArgValues) -> None:
     """Rates within 0..1, counts not negative, bucket sides sensible (the dataset config checks its own)."""
     for dest in ("caption_dropout_rate", "caption_tag_dropout_rate"):

@@ -17,7 +17,6 @@ def test_dreambooth_folders_captions_and_class_token_fallback(tmp_path):
     first = _image(tmp_path / "10_sks teapot" / "a.png")
     (tmp_path / "10_sks teapot" / "a.txt").write_text("a photo of sks teapot\nsecond line ignored\n")
     second = _image(tmp_path / "10_sks teapot" / "b.JPG")
-    _image(tmp_path / "not_a_dreambooth_folder" / "c.png")
     (tmp_path / "10_sks teapot" / "notes.md").write_text("not an image")
     assert training_images(tmp_path) == [(first, "a photo of sks teapot"), (second, "sks teapot")]
 
@@ -30,7 +29,7 @@ def test_dataset_config_subsets_and_caption_extension(tmp_path):
     config = tmp_path / "dataset.toml"
     config.write_text(
         "[general]\ncaption_extension = '.caption'\n"
-        "[[datasets]]\n"
+        "[[datasets]]\nresolution = 64\n"
         f"  [[datasets.subsets]]\n  image_dir = '{concept.parent}'\n"
         f"  [[datasets.subsets]]\n  image_dir = '{other.parent}'\n  class_tokens = 'zxc mug'\n"
         f"  [[datasets.subsets]]\n  image_dir = '{tmp_path / 'reg'}'\n  is_reg = true\n  class_tokens = 'teapot'\n"
@@ -41,14 +40,14 @@ def test_dataset_config_subsets_and_caption_extension(tmp_path):
 def test_an_image_without_any_caption_is_named(tmp_path):
     _image(tmp_path / "teapot" / "lonely.png")
     config = tmp_path / "dataset.toml"
-    config.write_text(f"[[datasets]]\n  [[datasets.subsets]]\n  image_dir = '{tmp_path / 'teapot'}'\n")
+    config.write_text(f"[[datasets]]\n  [[datasets.subsets]]\n  image_dir = 'teapot'\n")  # relative to the file
     with pytest.raises(UserInputError, match="lonely.png has no caption"):
         training_images(dataset_config=config)
 
 
 def test_folders_that_sd_scripts_would_not_read_are_an_error(tmp_path):
     _image(tmp_path / "teapot" / "a.png")
-    with pytest.raises(UserInputError, match="no `<repeats>_<class tokens>` folder"):
+    with pytest.raises(UserInputError, match="teapot: the name does not start with '<repeats>_'"):
         training_images(tmp_path)
     with pytest.raises(UserInputError, match="is not a folder"):
         training_images(tmp_path / "missing")
