@@ -40,7 +40,7 @@ def test_dataset_config_subsets_and_caption_extension(tmp_path):
 def test_an_image_without_any_caption_is_named(tmp_path):
     _image(tmp_path / "teapot" / "lonely.png")
     config = tmp_path / "dataset.toml"
-    config.write_text(f"[[datasets]]\n  [[datasets.subsets]]\n  image_dir = 'teapot'\n")  # relative to the file
+    config.write_text("[[datasets]]\n  [[datasets.subsets]]\n  image_dir = 'teapot'\n")  # relative to the file
     with pytest.raises(UserInputError, match="lonely.png has no caption"):
         training_images(dataset_config=config)
 

@@ -3,21 +3,14 @@
 import re
 
 import pytest
-from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
 import train_network_cat
 from library.demo_data import write_demo_dataset
 from library.lora_file import read_lora_file
-from library.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
+from library.tiny_sd import build_tiny_sd, save_single_file
+from test_train_cli import _argv  # the same tiny workspace layout: tiny.safetensors, data/train, data/reg
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each run builds its own Accelerator, as each process of a real run does."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
 
 
 @pytest.fixture(scope="module")
@@ -37,23 +30,6 @@ def workspace(tmp_path_factory):
     return root
 
 
-def _argv(workspace, out, *extra):
-    return [
-        "--pretrained_model_name_or_path", str(workspace / "tiny.safetensors"),
-        "--model_config", str(tiny_config_dir(False)),
-        "--train_data_dir", str(workspace / "data" / "train"), "--reg_data_dir", str(workspace / "data" / "reg"),
-        "--caption_extension", ".txt", "--resolution", "64", "--output_dir", str(out), "--output_name", "cat",
-        "--network_dim", "4", "--network_alpha", "2", "--learning_rate", "1e-3", "--max_train_steps", "4",
-        "--train_batch_size", "2", "--seed", "3", "--cat_trigger", "sks", "--max_data_loader_n_workers", "0",
-        *extra,
-    ]
-
-
-def _reset():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def _drift(logs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -67,7 +43,6 @@ def test_samples_and_drift_leave_the_lora_bitwise_unchanged(workspace, tmp_path)
     # (or left the adapters in eval mode) would change the result.
     plain = ("--cat_weight", "0", "--network_dropout", "0.1", "--network_args", "module_dropout=0.1")
     assert train_network_cat.main(_argv(workspace, tmp_path / "without", *plain)) == 0
-    _reset()
     logs = tmp_path / "logs"
     argv = _argv(workspace, tmp_path / "with", *plain, "--sample_prompts", str(workspace / "prompts.txt"),
                  "--sample_every_n_steps", "2", "--sample_at_first", "--sample_cat_compare",
