@@ -762,6 +762,14 @@ def _warn_cat(args: ArgValues) -> None:
         logger.info("--cat_weight 0: CAT is off, --cat_trigger is not used (plain LoRA training).")
 
 
+def _warn_dataset(args: ArgValues) -> None:
+    """With --dataset_config the folder flags are not read (as in sd-scripts, which warns too)."""
+    ignored = [args.show(dest) for dest in ("train_data_dir", "reg_data_dir", "in_json") if args[dest]]
+    if args["dataset_config"] and ignored:
+        logger.warning("%s: not used, because %s gives the images; put the folders in that file instead.",
+                       ", ".join(ignored), args.show("dataset_config"))
+
+
 def _check_preservation(args: ArgValues) -> None:
     """The preservation signal needs a readable, non-empty prompt file and an interval of 1 or more."""
     path, every = args["preservation_prompts"], args["preservation_every_n_steps"]
@@ -779,7 +787,7 @@ def _check_preservation(args: ArgValues) -> None:
 
 _CHECKS = (_check_required, _check_resolution, _check_positive, _check_dataset, _check_network, _check_cat, _check_precision,
            _check_optimizer, _check_scheduler, _check_timesteps, _check_saving, _check_preservation)
-_WARNINGS = (_warn_model, _warn_cat)
+_WARNINGS = (_warn_model, _warn_cat, _warn_dataset)
 
 
 # endregion

@@ -565,3 +565,8 @@ def test_float_flags_keep_float_values():
 def test_bad_dataset_flags_are_named(flags, message):
     with pytest.raises(UserInputError, match=message):
         parse_args(BASE + flags)
+
+
+def test_folder_flags_beside_a_dataset_config_are_named_as_unused(caplog):
+    parse_args(BASE + ["--dataset_config", "d.toml", "--reg_data_dir", "reg"])
+    assert "--reg_data_dir reg" in caplog.text and "not used" in caplog.text
