@@ -67,7 +67,9 @@ def place_image(size: tuple[int, int], settings: BucketSettings, predefined: lis
         resized = _shrink_to_area(size, settings.resolution[0] * settings.resolution[1], settings.reso_steps)
         steps = settings.reso_steps
         bucket = (resized[0] - resized[0] % steps, resized[1] - resized[1] % steps)
-    return Placement(bucket, resized, bucket[0] / bucket[1] - aspect)
+    # A side of 0 (bucket_no_upscale on an image smaller than a step) is reported by the caller.
+    error = bucket[0] / bucket[1] - aspect if min(bucket) > 0 else float("inf")
+    return Placement(bucket, resized, error)
 
 
 def _cover(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int]:

@@ -165,6 +165,9 @@ def _subset(values: dict, where: _Where, problems: list[str]) -> Subset | None:
         problems.append(f"{where}: custom_attributes.diff_output_preservation is sd-scripts' own preservation; CAT "
                         "does this (and more) for every sample: remove it, and keep is_reg = true for pure "
                         "preservation images")
+    for key in ("image_dir", "metadata_file"):  # GUIs write "" for a field left empty
+        if isinstance(values.get(key), str) and not values[key].strip():
+            values.pop(key)
     if "image_dir" not in values and "metadata_file" not in values:
         problems.append(f"{where} has no image_dir; add image_dir = \"/path/to/images\"")
         return None
@@ -221,6 +224,8 @@ def _check_keys(table: dict, allowed: dict[str, tuple[type, ...]], where: _Where
             problems.append(f"{where} has an unknown key {key!r}{hint}")
         elif not _fits(value, allowed[key]):
             problems.append(f"{where} {key} = {value!r} should be {_type_names(allowed[key])}")
+        elif key == "cat_trigger" and isinstance(value, list) and not all(isinstance(t, str) and t.strip() for t in value):
+            problems.append(f"{where} cat_trigger = {value!r} should be a string or a list of non-empty strings")
         elif key in RANGES and not _in_range(value, *RANGES[key]):
             low, high = RANGES[key]
             bound = f"between {low} and {high}" if high is not None else f"at least {low}"
@@ -258,13 +263,12 @@ def _resolution(value: Any, where: _Where, problems: list[str]) -> tuple[int, in
     try:
         if isinstance(value, bool):
             raise ValueError
-        if isinstance(value, int):
-            return value, value
+        sides = [value, value] if isinstance(value, int) else value
         if isinstance(value, str):
-            value = [int(v) for v in value.split(",")] if "," in value else [int(value)] * 2
-        if len(value) != 2 or any(isinstance(v, bool) or int(v) <= 0 for v in value):
+            sides = [int(v) for v in value.split(",")] if "," in value else [int(value)] * 2
+        if len(sides) != 2 or any(isinstance(v, bool) or int(v) <= 0 for v in sides):
             raise ValueError
-        return int(value[0]), int(value[1])
+        return int(sides[0]), int(sides[1])
     except (TypeError, ValueError):
         problems.append(f"{where} resolution = {value!r} should be one size (512) or [width, height]")
         return None

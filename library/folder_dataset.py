@@ -172,7 +172,8 @@ def _scan(root: Path, flag: str, caption_extension: str, is_reg: bool, options: 
         gathered.append(f"{flag} {root} is not a folder; give the folder that holds '<repeats>_<class>' folders")
         return []
     subsets, problems = [], []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    # Hidden entries (.ipynb_checkpoints, macOS ._ files) are not data: sd-scripts' globs skip them too.
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         match = FOLDER_NAME.match(folder.name)
         if not match:
             problems.append(f"{folder}: the name does not start with '<repeats>_' (e.g. '10_sks teapot'); rename it")
@@ -192,7 +193,7 @@ def _scan(root: Path, flag: str, caption_extension: str, is_reg: bool, options: 
 def _items(folder: Path, class_tokens: str, caption_extension: str, is_reg: bool) -> list[ImageItem]:
     items = []
     for path in sorted(folder.iterdir()):
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
+        if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
             continue
         # sd-scripts appends the extension to the stem; "txt" (no dot) is read as the ".txt" it means.
         caption_file = path.parent / (path.stem + ("" if caption_extension.startswith(".") else ".") + caption_extension)

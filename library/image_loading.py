@@ -20,17 +20,21 @@ from library.errors import UserInputError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 EXIF_ORIENTATION = 0x0112
 TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # rotated by 90 degrees: width and height swap
-# sd-scripts' colour augmentation shifts the hue by up to 8 of OpenCV's 180 hue steps.
+# sd-scripts' colour augmentation: a third of the samples get either a hue shift of up to 8 of
+# OpenCV's 180 hue steps or a gamma between 0.95 and 1.05.
+COLOR_AUG_RATE = 0.33
 MAX_HUE_SHIFT = 8 / 180
+GAMMA_RANGE = (0.95, 1.05)
 
 
 @dataclass(frozen=True)
 class Augmentation:
-    """The random choices for one sample: where to crop, whether to flip, how far to shift the hue."""
+    """The random choices for one sample: where to crop, whether to flip, the hue shift and gamma."""
 
     crop_offset: tuple[float, float] | None = None  # fractions of the free room; None: centred
     flip: bool = False
     hue_shift: float = 0.0  # in turns of the colour wheel
+    gamma: float = 1.0  # on values scaled to 0..1
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -74,7 +78,10 @@ def load_image(
             image = image.crop(crop_box(resized, bucket, augmentation.crop_offset))
             if augmentation.hue_shift:
                 image = _shift_hue(image, augmentation.hue_shift)
-            array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+            array = np.asarray(image, dtype=np.float32) / 255.0
+            if augmentation.gamma != 1.0:
+                array = array**augmentation.gamma
+            array = array * 2.0 - 1.0
     except (OSError, ValueError) as error:
         raise UserInputError(f"Image {path} cannot be read ({error}); replace or remove it.") from None
     pixels = torch.from_numpy(array).permute(2, 0, 1).contiguous()

@@ -93,10 +93,11 @@ class LatentCache:
              write: bool = True) -> None:
         """Encode every key not cached yet (reading valid disk files first). `write`: this process
         writes the disk files (the main process; the others read them afterwards)."""
-        keys = sorted(set(keys), key=lambda k: (str(k.path), k.bucket, k.flip))
+        keys = sorted(set(keys), key=lambda k: (k.bucket, k.resized, str(k.path), k.flip))
         missing = [k for k in keys if not self._read(k)]
-        for start in tqdm(range(0, len(missing), vae_batch_size), desc="caching latents", disable=not missing):
-            chunk = missing[start : start + vae_batch_size]
+        # A chunk holds one bucket only: the VAE takes images of one size per call.
+        chunks = [group[i : i + vae_batch_size] for group in _by_bucket(missing) for i in range(0, len(group), vae_batch_size)]
+        for chunk in tqdm(chunks, desc="caching latents", disable=not chunks):
             pixels = torch.stack([load_pixels(k) for k in chunk])
             for key, dist in zip(chunk, encode(vae, pixels, vae_batch_size)):
                 self.dists[key] = Distribution(dist.mean.cpu(), dist.std.cpu())
@@ -123,6 +124,13 @@ class LatentCache:
         write_npz(disk_path(path), plain[0], self.dists[plain[0]], self.dists[flipped[0]] if flipped else None)
 
 
+def _by_bucket(keys: list[LatentKey]) -> list[list[LatentKey]]:
+    groups: dict[tuple, list[LatentKey]] = {}
+    for key in keys:
+        groups.setdefault((key.bucket, key.resized), []).append(key)
+    return list(groups.values())
+
+
 def disk_path(image: Path) -> Path:
     """sd-scripts' cache file of an image: `<stem>.npz` beside it."""
     return image.with_suffix(".npz")
@@ -133,7 +141,7 @@ def write_npz(path: Path, key: LatentKey, dist: Distribution, flipped: Distribut
     arrays = {
         "latents": dist.mean.float().numpy(), "latents_std": dist.std.float().numpy(),
         "original_size": np.array(image_size(key.path)), "crop_ltrb": np.array(crop_box(key.resized, key.bucket)),
-        "resized_size": np.array(key.resized),
+        "resized_size": np.array(key.resized), "image_name": np.array(key.path.name),
     }
     if flipped is not None:
         arrays.update(latents_flipped=flipped.mean.float().numpy(), latents_flipped_std=flipped.std.float().numpy())
@@ -149,7 +157,9 @@ def read_npz(path: Path, key: LatentKey) -> Distribution | None:
     try:
         with np.load(path) as npz:
             names = ("latents_flipped", "latents_flipped_std") if key.flip else ("latents", "latents_std")
-            if not all(n in npz for n in (*names, "resized_size")):
+            if not all(n in npz for n in (*names, "resized_size", "image_name")):
+                return None
+            if str(npz["image_name"]) != key.path.name:  # a.png and a.jpg share a.npz
                 return None
             mean, std = npz[names[0]], npz[names[1]]
             expected = (key.bucket[1] // 8, key.bucket[0] // 8)

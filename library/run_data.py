@@ -14,11 +14,11 @@ from pathlib import Path
 
 from library.buckets import BucketSettings, check_bucket_settings
 from library.caption_transforms import sample_rng, transform_caption
-from library.captions import class_word_from_tokens, contains_trigger, trigger_free_caption
+from library.captions import class_word_from_tokens, contains_trigger, tidy_caption, trigger_free_caption
 from library.dataset_config import load_dataset_config, subset_options
 from library.errors import UserInputError
 from library.folder_dataset import ImageItem, Subset, scan_folders, subset_from_metadata
-from library.image_loading import MAX_HUE_SHIFT, Augmentation
+from library.image_loading import COLOR_AUG_RATE, GAMMA_RANGE, MAX_HUE_SHIFT, Augmentation
 from library.train_config import TrainConfig
 from library.training_data import DatasetSpec, Sample, TrainingData, place_datasets
 
@@ -29,7 +29,7 @@ def load_training_data(config: TrainConfig) -> TrainingData:
     specs = _dataset_specs(config, problems)
     for spec in specs:
         for subset in spec.subsets:
-            problems += _augmentation_problems(config, subset)
+            problems += _cache_problems(config, subset)
             if config.cat.enabled:
                 problems += _cat_problems(config, subset)
     return place_datasets(specs, problems)
@@ -43,7 +43,8 @@ def _dataset_specs(config: TrainConfig, problems: list[str]) -> list[DatasetSpec
                               "caption_suffix": data.caption_suffix or ""})
     if data.in_json:  # sd-scripts' older fine-tune method: captions from a metadata file
         try:
-            subsets = [subset_from_metadata(Path(data.in_json), Path(data.train_data_dir), 1, options=options)]
+            subsets = [subset_from_metadata(Path(data.in_json), Path(data.train_data_dir), data.dataset_repeats,
+                                            options=options)]
         except UserInputError as error:
             problems.append(f"--in_json: {error}")
             subsets = []
@@ -59,14 +60,22 @@ def _dataset_specs(config: TrainConfig, problems: list[str]) -> list[DatasetSpec
     return [DatasetSpec(tuple(subsets), data.train_batch_size, buckets)]
 
 
-def _augmentation_problems(config: TrainConfig, subset: Subset) -> list[str]:
+def _cache_problems(config: TrainConfig, subset: Subset) -> list[str]:
     """Cached latents are encoded once, so they cannot follow per-step random crops or colour shifts
-    (sd-scripts refuses the same); flips are cached both ways."""
+    (sd-scripts refuses the same; flips are cached both ways). On disk, `a.png` and `a.jpg` would
+    share `a.npz`."""
+    problems = []
     cached = config.data.cache_latents or config.data.cache_latents_to_disk
     if cached and (subset.options.color_aug or subset.options.random_crop):
-        return [f"{subset.folder}: --cache_latents cannot be used with color_aug or random_crop, because cached "
-                "latents are encoded once; turn the cache or those augmentations off"]
-    return []
+        problems.append(f"{subset.folder}: --cache_latents cannot be used with color_aug or random_crop, because "
+                        "cached latents are encoded once; turn the cache or those augmentations off")
+    if config.data.cache_latents_to_disk:
+        stems: dict[Path, list[str]] = {}
+        for item in subset.items:
+            stems.setdefault(item.path.with_suffix(""), []).append(item.path.name)
+        problems += [f"{stem.parent}: {' and '.join(names)} would share the latent cache file {stem.name}.npz; "
+                     "rename one of them" for stem, names in stems.items() if len(names) > 1]
+    return problems
 
 
 def _cat_problems(config: TrainConfig, subset: Subset) -> list[str]:
@@ -113,14 +122,23 @@ def free_caption(config: TrainConfig, item: ImageItem, caption: str) -> str:
     if not config.cat.enabled or (config.cat.caption != "empty" and not triggers):
         return caption
     word = class_word(config, item.class_tokens, triggers, item.cat_class_word) if config.cat.caption == "class" else None
-    return trigger_free_caption(caption, triggers, config.cat.caption, word, item.options.captions.separator)
+    separator = item.options.captions.separator
+    free = trigger_free_caption(caption, triggers, config.cat.caption, word, separator)
+    # Shuffled or thinned captions are joined back with ", " whatever the subset's separator.
+    return tidy_caption(free, ",") if separator.strip() not in ("", ",") else free
 
 
 def augmentation(seed: int, sample: Sample, epoch: int) -> Augmentation:
-    """This sample's random crop, flip and hue shift, from its own stream (apart from the caption's)."""
+    """This sample's random crop, flip and colour change, from its own stream (apart from the caption's).
+    Colour as sd-scripts: a third of the samples, half of those a hue shift, half a gamma."""
     options = sample.item.options
     rng = sample_rng(seed, epoch, sample.position, "image")
     crop = (rng.random(), rng.random()) if options.random_crop else None
     flip = options.flip_aug and rng.random() < 0.5
-    hue = rng.uniform(-MAX_HUE_SHIFT, MAX_HUE_SHIFT) if options.color_aug else 0.0
-    return Augmentation(crop, flip, hue)
+    hue, gamma = 0.0, 1.0
+    if options.color_aug and rng.random() <= COLOR_AUG_RATE:
+        if rng.random() > 0.5:
+            hue = rng.uniform(-MAX_HUE_SHIFT, MAX_HUE_SHIFT)
+        else:
+            gamma = rng.uniform(*GAMMA_RANGE)
+    return Augmentation(crop, flip, hue, gamma)

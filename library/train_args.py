@@ -279,6 +279,7 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--reg_data_dir", type=str, default=None, help="regularisation images, same layout")
     group.add_argument("--dataset_config", type=str, default=None, help="dataset config .toml")
     group.add_argument("--in_json", type=str, default=None, help="fine-tuning metadata .json")
+    group.add_argument("--dataset_repeats", type=int, default=1, help="repeats of the --in_json images (default 1)")
     group.add_argument("--resolution", type=str, default=None, help="training resolution: 'size' or 'width,height'")
     group.add_argument("--enable_bucket", action="store_true", help="aspect-ratio buckets")
     group.add_argument("--min_bucket_reso", type=int, default=256, help="smallest bucket side")
@@ -604,7 +605,7 @@ def parse_resolution(text: str, shown: str = "--resolution") -> tuple[int, int]:
 
 def _check_positive(args: ArgValues) -> None:
     """Counts that must be at least 1 (or 0 for the worker count), when given."""
-    for dest in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "max_train_epochs",
+    for dest in ("train_batch_size", "dataset_repeats", "gradient_accumulation_steps", "max_train_steps", "max_train_epochs",
                  "save_every_n_epochs", "save_every_n_steps", "save_n_epoch_ratio", "save_last_n_epochs",
                  "save_last_n_steps", "vae_batch_size", "lr_scheduler_num_cycles", "clip_skip"):
         if args[dest] is not None and args[dest] < 1:

@@ -155,6 +155,7 @@ class DataArgs:
     reg_data_dir: str | None
     dataset_config: str | None
     in_json: str | None  # fine-tune metadata for --train_data_dir (sd-scripts' older fine-tune method)
+    dataset_repeats: int  # repeats of the --in_json images
     resolution: tuple[int, int] | None  # (width, height)
     caption_extension: str
     caption_separator: str

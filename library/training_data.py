@@ -80,7 +80,7 @@ class Dataset:
 
     @property
     def num_reg_images(self) -> int:
-        return sum(len(s.items) for s in self.subsets if s.is_reg)
+        return sum(len(s.items) * s.repeats for s in self.subsets if s.is_reg)  # with repeats, as sd-scripts counts
 
 
 @dataclass

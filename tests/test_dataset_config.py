@@ -99,6 +99,10 @@ def test_multi_concept_run_end_to_end(two_concepts, tmp_path):
     ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\nnum_repeats = "2"\n', "should be an integer"),
     ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "/no/such/folder"\n', "/no/such/folder is not a folder"),
     ('[general]\nresolution = 64\n', "there is no [[datasets]] table"),
+    ('[[datasets]]\nresolution = 0\n[[datasets.subsets]]\nimage_dir = "."\n', "resolution = 0 should be one size"),
+    ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = ""\n', "has no image_dir"),
+    ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "."\ncat_trigger = [1, 2]\n',
+     "cat_trigger = [1, 2] should be a string or a list of non-empty strings"),
     ('[[datasets]\n', "not valid TOML"),
 ])
 def test_bad_files_name_the_file_and_the_fix(tmp_path, text, message):
@@ -189,3 +193,34 @@ def test_in_json_reads_the_older_fine_tune_layout(tmp_path):
                          "--resolution", "64", "--cat_trigger", "sks"])
     (subset,) = load_training_data(config).subsets
     assert [i.caption for i in subset.items] == ["a photo of sks teapot"] and subset.name == "meta.json"
+    repeated = parse_args(["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "o"),
+                           "--train_data_dir", str(tmp_path / "images"), "--in_json", str(tmp_path / "meta.json"),
+                           "--resolution", "64", "--cat_trigger", "sks", "--dataset_repeats", "3"])
+    assert load_training_data(repeated).num_train_images == 3
+
+
+def test_same_stem_images_are_refused_with_the_disk_cache(tmp_path):
+    from library.run_data import load_training_data
+
+    folder = tmp_path / "train" / "1_sks teapot"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (16, 16)).save(folder / "a.png")
+    Image.new("RGB", (16, 16)).save(folder / "a.jpg")
+    flags = ["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "o"), "--train_data_dir",
+             str(tmp_path / "train"), "--resolution", "64", "--cat_trigger", "sks"]
+    assert len(load_training_data(parse_args(flags)).subsets[0].items) == 2
+    with pytest.raises(UserInputError, match="a.jpg and a.png would share the latent cache file a.npz"):
+        load_training_data(parse_args(flags + ["--cache_latents_to_disk"]))
+
+
+def test_trigger_free_caption_of_a_rejoined_caption_with_another_separator(tmp_path):
+    from dataclasses import replace
+
+    from library.caption_transforms import CaptionOptions
+    from library.folder_dataset import ImageItem, SubsetOptions
+
+    config = parse_args(["--pretrained_model_name_or_path", "x", "--output_dir", str(tmp_path), "--train_data_dir",
+                         "d", "--resolution", "64", "--cat_trigger", "sks"])
+    item = ImageItem(tmp_path / "a.png", "red; dog; sks", "dog", False)
+    item = replace(item, options=SubsetOptions(CaptionOptions(shuffle=True, separator=";")))
+    assert free_caption(config, item, "red, dog, sks") == "red, dog"

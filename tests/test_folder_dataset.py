@@ -54,3 +54,13 @@ def test_unreadable_image_names_the_file(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(UserInputError, match="broken.png"):
         load_image(tmp_path / "broken.png", (8, 8))
+
+
+def test_hidden_files_and_folders_are_not_data(tmp_path):
+    good = tmp_path / "train" / "2_sks dog"
+    good.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(good / "a.png")
+    (good / "._a.png").write_bytes(b"AppleDouble metadata, not an image")
+    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()
+    (subset,) = scan_folders(tmp_path / "train", ".txt", is_reg=False)
+    assert [i.path.name for i in subset.items] == ["a.png"]

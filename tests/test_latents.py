@@ -83,3 +83,22 @@ def test_stale_files_are_rewritten(vae, images):
     LatentCache(to_disk=True).fill(plain, edited, vae, 1)
     # image 2 was edited; image 1's file holds the other bucket now (one file per image, as in sd-scripts).
     assert edited.calls == 2
+
+
+def test_cache_groups_chunks_by_bucket(vae, images):
+    """--vae_batch_size above 1 with buckets: each VAE call holds one image size."""
+    other = Placement((32, 32), (48, 32), 0.5)
+    keys = [key_for(images[0], PLACEMENT), key_for(images[1], other), key_for(images[2], PLACEMENT)]
+    cache = LatentCache(to_disk=False)
+    cache.fill(keys, Loader(), vae, vae_batch_size=4)
+    assert cache.get(keys[1]).mean.shape == (4, 4, 4) and cache.get(keys[0]).mean.shape == (4, 8, 8)
+
+
+def test_a_cache_file_of_another_image_with_the_same_stem_is_not_used(vae, tmp_path):
+    Image.new("RGB", (96, 64), (255, 0, 0)).save(tmp_path / "a.png")
+    LatentCache(to_disk=True).fill([key_for(tmp_path / "a.png", PLACEMENT)], Loader(), vae, 1)
+    Image.new("RGB", (96, 64), (0, 0, 255)).save(tmp_path / "a.jpg")
+    os.utime(disk_path(tmp_path / "a.png"), (4e9, 4e9))  # newer than either image
+    loader = Loader()
+    LatentCache(to_disk=True).fill([key_for(tmp_path / "a.jpg", PLACEMENT)], loader, vae, 1)
+    assert loader.calls == 1, "a.npz belongs to a.png: a.jpg is encoded, not given a.png's latents"

@@ -91,3 +91,36 @@ def test_two_datasets_keep_their_own_resolution_and_batch_size(mixed):
     batches = data.epoch_batches(1, 0)
     sizes = Counter((batch[0].placement.bucket, len(batch)) for batch in batches)
     assert sizes == {((64, 64), 4): 3, ((32, 32), 1): 12}
+
+
+def test_no_upscale_image_smaller_than_a_step_is_named(tmp_path):
+    folder = tmp_path / "train" / "1_x"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (100, 30)).save(folder / "thin.png")
+    subsets = scan_folders(tmp_path / "train", ".txt", is_reg=False)
+    settings = BucketSettings((512, 512), enable=True, no_upscale=True)
+    with pytest.raises(UserInputError, match="thin.png: with bucket_no_upscale its bucket would be 64x0"):
+        place_datasets([DatasetSpec(tuple(subsets), 1, settings)])
+
+
+def test_regularisation_images_are_counted_with_repeats(mixed):
+    reg = mixed / "reg" / "1_teapot"
+    reg.rename(mixed / "reg" / "3_teapot")
+    assert _data(mixed).num_reg_images == 6
+
+
+def test_colour_augmentation_touches_a_third_of_the_samples_as_sd_scripts(mixed):
+    from dataclasses import replace
+
+    from library.folder_dataset import SubsetOptions
+    from library.run_data import augmentation
+
+    data = _data(mixed)
+    options = SubsetOptions(color_aug=True)
+    samples = [replace(s, item=replace(s.item, options=options)) for e in range(1, 40) for b in data.epoch_batches(e, 0)
+               for s in b]
+    augs = [augmentation(0, s, 1 + i // 24) for i, s in enumerate(samples)]
+    hue = sum(a.hue_shift != 0 for a in augs) / len(augs)
+    gamma = sum(a.gamma != 1.0 for a in augs) / len(augs)
+    assert 0.12 < hue < 0.21 and 0.12 < gamma < 0.21 and not any(a.hue_shift and a.gamma != 1.0 for a in augs)
+    assert all(abs(a.hue_shift) <= 8 / 180 and 0.95 <= a.gamma <= 1.05 for a in augs)
