@@ -1,7 +1,6 @@
 """Prompts and training images for `evaluate_kps.py`, read simply and on their own.
 
-- A prompt file: one prompt a line; blank lines and `#` comments skipped; sd-scripts' sample-prompt
-  options (" --n ...", " --w ...") cut off, so the file used for sample images works here too.
+- A prompt file: `library.prompt_files` (one prompt a line, sd-scripts' inline options cut off).
 - Training images (for the Identity Score): from `--train_data_dir` or `--dataset_config`, read by
   the trainer's dataset code (`library.folder_dataset`, `library.dataset_config`), regularisation
   subsets left out.
@@ -9,29 +8,17 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from library.dataset_config import load_dataset_config
 from library.errors import UserInputError
 from library.folder_dataset import scan_folders
+from library.prompt_files import read_prompt_lines
 from library.train_args import dataset_defaults
-
-SAMPLE_PROMPT_OPTION = re.compile(r"\s--\w")
-
 
 def read_prompt_file(path: Path) -> list[tuple[int, str]]:
     """(line number, prompt) for each prompt line of `path`."""
-    if not path.is_file():
-        raise UserInputError(f"The --prompt_file {path} does not exist; give a text file with one prompt a line.")
-    prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        prompt = SAMPLE_PROMPT_OPTION.split(line, maxsplit=1)[0].strip()
-        if prompt and not prompt.startswith("#"):
-            prompts.append((number, prompt))
-    if not prompts:
-        raise UserInputError(f"The --prompt_file {path} holds no prompt; write one prompt a line.")
-    return prompts
+    return read_prompt_lines(path, "--prompt_file")
 
 
 def training_images(

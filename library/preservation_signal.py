@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from library.errors import UserInputError
 from library.preservation import FixedNoise, prediction_drift
+from library.prompt_files import read_prompt_lines
 from library.prompt_tokens import tokenize
 from library.sd_denoiser import SDDenoiser
 from library.state_guard import outside_training
@@ -30,17 +30,8 @@ CHUNK = 8  # prompts per U-Net call: bounded memory for long prompt files
 
 
 def read_preservation_prompts(path: str | Path, shown: str = "--preservation_prompts") -> tuple[str, ...]:
-    """One prompt per line; blank lines and lines starting with `#` are skipped; none at all is refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"{shown}: the file {path} does not exist; give a text file of trigger-free prompts, "
-                             "one per line.")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
-    prompts = tuple(line for line in lines if line and not line.startswith("#"))
-    if not prompts:
-        raise UserInputError(f"{shown}: {path} holds no prompt; write trigger-free prompts such as 'a photo of a "
-                             "dog', one per line (lines starting with # are comments).")
-    return prompts
+    """The file's trigger-free prompts (`library.prompt_files`); a missing or empty file is refused."""
+    return tuple(prompt for _, prompt in read_prompt_lines(path, shown))
 
 
 class PreservationDrift:
