@@ -81,8 +81,12 @@ class Run:
     loader: DataLoader  # reads them (images decoded and augmented in its workers)
     sampler: EpochSampler  # points the loader at an epoch
     generator: torch.Generator
-    resolution: tuple[int, int]  # the first dataset's (each dataset has its own)
     sample_prompts: tuple[SamplePrompt, ...] = ()  # --sample_prompts, read at start
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        """The first dataset's resolution (each dataset has its own)."""
+        return self.data.datasets[0].spec.buckets.resolution
 
 
 def train(config: TrainConfig) -> list[Path]:
@@ -129,11 +133,12 @@ def setup(config: TrainConfig) -> Run:
     _prepare_models(config, sd, accelerator, weight_dtype)
     network = _build_network(config, sd, accelerator)
 
-    batches_per_epoch = data.batches_per_epoch()
-    per_process = batches_per_epoch // accelerator.num_processes
+    cached = config.data.cache_latents or config.data.cache_latents_to_disk
+    batches = EpochBatches(data, seed, accelerator.num_processes, accelerator.process_index, load_pixels=not cached)
+    per_process = len(batches.batches(1))  # the same in every epoch
     if per_process == 0:
         raise UserInputError(
-            f"{batches_per_epoch} batches per epoch cannot be shared by {accelerator.num_processes} processes; "
+            f"{data.batches_per_epoch()} batches per epoch cannot be shared by {accelerator.num_processes} processes; "
             "add images or repeats (the folder name's number), lower the batch size, or use fewer processes."
         )
     steps_per_epoch = math.ceil(per_process / config.run.gradient_accumulation_steps)
@@ -161,8 +166,6 @@ def setup(config: TrainConfig) -> Run:
     )
     train_scheduler = zero_terminal_snr_scheduler(sd.noise_scheduler) if config.noise.zero_terminal_snr else sd.noise_scheduler
     generator = torch.Generator().manual_seed(seed)
-    cached = config.data.cache_latents or config.data.cache_latents_to_disk
-    batches = EpochBatches(data, seed, accelerator.num_processes, accelerator.process_index, load_pixels=not cached)
     loader, sampler = batch_loader(batches, config.data.max_data_loader_n_workers,
                                    config.data.persistent_data_loader_workers)
     run = Run(
@@ -170,7 +173,7 @@ def setup(config: TrainConfig) -> Run:
         NoiseSchedule(train=train_scheduler, weights=sd.noise_scheduler), data, facts,
         training_metadata(config, facts, output_name or "last"), output_dir, output_name,
         SAVE_DTYPES.get(config.save.save_precision) if config.save.save_precision else None, None, batches, loader,
-        sampler, generator, data.datasets[0].spec.buckets.resolution, sample_prompts,
+        sampler, generator, sample_prompts,
     )
     _cache_latents(run)
     return run
