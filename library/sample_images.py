@@ -29,9 +29,10 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from library.captions import class_word_from_tokens, trigger_free_caption
+from library.captions import trigger_free_caption
 from library.network_protocol import multiplier_set_to
 from library.prompt_tokens import tokenize
+from library.run_data import class_word
 from library.sample_prompts import SamplePrompt, canonical_sampler, load_sample_prompts
 from library.samplers import inference_scheduler
 from library.sd_denoiser import SDDenoiser
@@ -182,20 +183,15 @@ class SampleImages:
             return ""
         if not triggers:
             return prompt
-        class_word = (cat.class_word or _first_class_word(run, triggers)) if cat.caption == "class" else None
-        mode = cat.caption if class_word or cat.caption != "class" else "strip"
-        return trigger_free_caption(prompt, triggers, mode, class_word, run.config.data.caption_separator)
+        word = _first_class_word(run, triggers) if cat.caption == "class" else None
+        mode = cat.caption if word or cat.caption != "class" else "strip"
+        return trigger_free_caption(prompt, triggers, mode, word, run.config.data.caption_separator)
 
 
 def _first_class_word(run: "Run", triggers: tuple[str, ...]) -> str | None:
-    """The class word of the first training subset that has one (for --cat_caption class)."""
-    for subset in run.data.subsets:
-        if subset.is_reg:
-            continue
-        word = subset.cat_class_word or class_word_from_tokens(subset.class_tokens, triggers)
-        if word:
-            return word
-    return None
+    """The class word training uses for the first training subset that has one (for --cat_caption class)."""
+    words = (class_word(run.config, s.class_tokens, triggers, s.cat_class_word) for s in run.data.subsets if not s.is_reg)
+    return next((word for word in words if word), None)
 
 
 def _decode(pipe, latents: torch.Tensor) -> Image.Image:
