@@ -126,7 +126,7 @@ def _dataset(dataset: dict, general: dict, data: DataArgs, where: _Where, proble
     problems += check_bucket_settings(buckets, str(where))
     built = []
     for index, subset in enumerate(dataset["subsets"]):
-        values = {**_cli_defaults(data), **_inherited(general), **_inherited(dataset), **subset}
+        values = {**cli_subset_values(data), **_inherited(general), **_inherited(dataset), **subset}
         built.append(_subset(values, _subset_where(where, index), problems))
     kinds = {s.metadata_file is None for s in built if s is not None}
     if len(kinds) > 1:
@@ -135,7 +135,7 @@ def _dataset(dataset: dict, general: dict, data: DataArgs, where: _Where, proble
     return DatasetSpec(tuple(s for s in built if s), merged.get("batch_size", data.train_batch_size), buckets)
 
 
-def _cli_defaults(data: DataArgs) -> dict[str, Any]:
+def cli_subset_values(data: DataArgs) -> dict[str, Any]:
     """The subset values the command line gives when no level of the file sets them."""
     return {
         "caption_extension": data.caption_extension, "caption_separator": data.caption_separator, "num_repeats": 1,

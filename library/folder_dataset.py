@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from library.caption_transforms import CaptionOptions
@@ -66,11 +66,6 @@ class Subset:
         """The name sd-scripts files its tag frequency and folder counts under."""
         return self.metadata_file.name if self.metadata_file else self.folder.name
 
-    def with_options(self, options: SubsetOptions) -> "Subset":
-        """The same subset, every image carrying `options`."""
-        items = tuple(replace(item, options=options) for item in self.items)
-        return replace(self, options=options, items=items)
-
 
 def subset_from_folder(
     folder: Path, repeats: int, class_tokens: str, is_reg: bool, caption_extension: str,
@@ -79,10 +74,7 @@ def subset_from_folder(
     """A subset of every image in `folder` (dataset-config subsets); an empty or missing folder is an error."""
     if not folder.is_dir():
         raise UserInputError(f"image_dir {folder} is not a folder; check the path")
-    items = tuple(
-        ImageItem(i.path, i.caption, i.class_tokens, i.is_reg, cat_triggers, cat_class_word, options)
-        for i in _items(folder, class_tokens, caption_extension, is_reg)
-    )
+    items = tuple(_items(folder, class_tokens, caption_extension, is_reg, cat_triggers, cat_class_word, options))
     if not items:
         raise UserInputError(f"image_dir {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
     if repeats < 1:
@@ -178,19 +170,21 @@ def _scan(root: Path, flag: str, caption_extension: str, is_reg: bool, options: 
         if not match:
             problems.append(f"{folder}: the name does not start with '<repeats>_' (e.g. '10_sks teapot'); rename it")
             continue
-        items = tuple(_items(folder, match.group(2).strip(), caption_extension, is_reg))
+        items = tuple(_items(folder, match.group(2).strip(), caption_extension, is_reg, options=options))
         if not items:
             problems.append(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
             continue
-        subset = Subset(folder, int(match.group(1)), match.group(2).strip(), is_reg, items)
-        subsets.append(subset.with_options(options))
+        subsets.append(Subset(folder, int(match.group(1)), match.group(2).strip(), is_reg, items, options=options))
     if not subsets and not problems:
         problems.append(f"{root}: no '<repeats>_<class tokens>' folders inside")
     gathered += [f"{flag}: {problem}" for problem in problems]
     return subsets
 
 
-def _items(folder: Path, class_tokens: str, caption_extension: str, is_reg: bool) -> list[ImageItem]:
+def _items(
+    folder: Path, class_tokens: str, caption_extension: str, is_reg: bool, cat_triggers: tuple[str, ...] = (),
+    cat_class_word: str | None = None, options: SubsetOptions = SubsetOptions(),
+) -> list[ImageItem]:
     items = []
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
@@ -198,7 +192,7 @@ def _items(folder: Path, class_tokens: str, caption_extension: str, is_reg: bool
         # sd-scripts appends the extension to the stem; "txt" (no dot) is read as the ".txt" it means.
         caption_file = path.parent / (path.stem + ("" if caption_extension.startswith(".") else ".") + caption_extension)
         caption = _first_line(caption_file) if caption_file.is_file() else ""
-        items.append(ImageItem(path, caption or class_tokens, class_tokens, is_reg))
+        items.append(ImageItem(path, caption or class_tokens, class_tokens, is_reg, cat_triggers, cat_class_word, options))
     return items
 
 

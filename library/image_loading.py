@@ -46,19 +46,21 @@ def image_size(path: Path) -> tuple[int, int]:
         return width, height
 
 
-def image_problem(path: Path) -> str | None:
-    """Why `path` cannot be trained on, or None. The image is fully decoded (at reduced scale for
-    JPEG, which is cheap) so truncated and corrupt files are found before training, not at their batch."""
+def inspect_image(path: Path) -> tuple[tuple[int, int] | None, str | None]:
+    """(displayed size, None) for an image that can be trained on, else (None, why not). The image is
+    fully decoded (at reduced scale for JPEG, which is cheap) so truncated and corrupt files are found
+    before training, not at their batch."""
     try:
         with Image.open(path) as image:
             width, height = image.size
             if width < 8 or height < 8:
-                return f"{path}: the image is {width}x{height} pixels, too small to train on; remove it"
+                return None, f"{path}: the image is {width}x{height} pixels, too small to train on; remove it"
+            rotated = image.getexif().get(EXIF_ORIENTATION) in TRANSPOSING_ORIENTATIONS
             image.draft("RGB", (max(width // 8, 1), max(height // 8, 1)))
             image.load()
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        return f"{path}: the image cannot be read ({error}); replace or remove it"
-    return None
+        return None, f"{path}: the image cannot be read ({error}); replace or remove it"
+    return ((height, width) if rotated else (width, height)), None
 
 
 def load_image(

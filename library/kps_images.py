@@ -146,7 +146,7 @@ def generate_images(
                 pipe.load_lora_weights(str(adapter.path), adapter_name="kps")
             try:
                 for path, image in missing.items():
-                    _save_png(_generate(pipe, image, settings), path)
+                    save_png(_generate(pipe, image, settings), path)
                     generated += 1
                     bar.update(1)
             finally:
@@ -164,7 +164,7 @@ def _generate(pipe, image: PlannedImage, settings: GenerationSettings):
     ).images[0]
 
 
-def _save_png(image, path: Path) -> None:
+def save_png(image, path: Path) -> None:
     """Write atomically: an interrupted run never leaves a truncated image that a re-run would reuse."""
     tmp = path.with_name(f".{path.name}.tmp")
     image.save(tmp, format="PNG")

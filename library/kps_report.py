@@ -9,7 +9,7 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw
 
-from library.kps_images import PlannedImage, PromptPair
+from library.kps_images import PlannedImage, PromptPair, save_png
 from library.kps_metrics import Score
 from library.kps_scoring import AdapterScores
 
@@ -69,18 +69,12 @@ def write_grid(
         for c, image_path in enumerate(row):
             with Image.open(image_path) as image:
                 grid.paste(image.convert("RGB"), (c * width, LABEL_HEIGHT + r * height))
-    _atomic_save(grid, path)
+    save_png(grid, path)
 
 
 def write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _atomic_save(image: Image.Image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
     os.replace(tmp, path)
 
 

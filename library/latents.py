@@ -102,8 +102,11 @@ class LatentCache:
             for key, dist in zip(chunk, encode(vae, pixels, vae_batch_size)):
                 self.dists[key] = Distribution(dist.mean.cpu(), dist.std.cpu())
         if self.to_disk and write:
+            by_path: dict[Path, list[LatentKey]] = {}
+            for key in keys:
+                by_path.setdefault(key.path, []).append(key)
             for path in sorted({k.path for k in missing}):
-                self._write(path, [k for k in keys if k.path == path])
+                self._write(path, by_path[path])
 
     def get(self, key: LatentKey) -> Distribution:
         return self.dists[key]

@@ -9,13 +9,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 from library.buckets import BucketSettings, check_bucket_settings
 from library.caption_transforms import sample_rng, transform_caption
 from library.captions import class_word_from_tokens, contains_trigger, tidy_caption, trigger_free_caption
-from library.dataset_config import load_dataset_config, subset_options
+from library.dataset_config import cli_subset_values, load_dataset_config, subset_options
 from library.errors import UserInputError
 from library.folder_dataset import ImageItem, Subset, scan_folders, subset_from_metadata
 from library.image_loading import COLOR_AUG_RATE, GAMMA_RANGE, MAX_HUE_SHIFT, Augmentation
@@ -39,8 +38,7 @@ def _dataset_specs(config: TrainConfig, problems: list[str]) -> list[DatasetSpec
     data = config.data
     if data.dataset_config:
         return load_dataset_config(data.dataset_config, data, problems)
-    options = subset_options({**asdict(data), "caption_prefix": data.caption_prefix or "",
-                              "caption_suffix": data.caption_suffix or ""})
+    options = subset_options(cli_subset_values(data))
     if data.in_json:  # sd-scripts' older fine-tune method: captions from a metadata file
         try:
             subsets = [subset_from_metadata(Path(data.in_json), Path(data.train_data_dir), data.dataset_repeats,

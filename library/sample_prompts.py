@@ -21,13 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from library import samplers as sampler_table
 from library.errors import UserInputError
 
-# sd-scripts' names for --sample_sampler and --ss.
-SAMPLERS = (
-    "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++", "dpmsingle",
-    "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a",
-)
+# sd-scripts' names for --sample_sampler and --ss: those library.samplers maps to diffusers.
+SAMPLERS = tuple(sampler_table.SAMPLERS)
 # The names the WebUIs show for the same samplers, read as sd-scripts' names.
 SAMPLER_ALIASES = {"euler a": "euler_a", "dpm2": "dpm_2", "dpm2 a": "dpm_2_a", "dpm++ 2m": "dpmsolver++",
                    "dpmpp_2m": "dpmsolver++", "k_dpmpp_2m": "dpmsolver++"}

@@ -24,8 +24,6 @@ class RunFacts:
 
     model_version: str
     seed: int
-    num_train_images: int
-    num_reg_images: int
     num_batches_per_epoch: int
     max_train_steps: int
     num_epochs: int
@@ -44,8 +42,8 @@ def training_metadata(config: TrainConfig, facts: RunFacts, output_name: str) ->
         "ss_learning_rate": config.optimizer.learning_rate,
         "ss_text_encoder_lr": config.optimizer.text_encoder_lr,
         "ss_unet_lr": config.optimizer.unet_lr,
-        "ss_num_train_images": facts.num_train_images,
-        "ss_num_reg_images": facts.num_reg_images,
+        "ss_num_train_images": facts.data.num_train_images,
+        "ss_num_reg_images": facts.data.num_reg_images,
         "ss_num_batches_per_epoch": facts.num_batches_per_epoch,
         "ss_num_epochs": facts.num_epochs,
         "ss_gradient_checkpointing": config.run.gradient_checkpointing,

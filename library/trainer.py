@@ -160,7 +160,6 @@ def setup(config: TrainConfig) -> Run:
 
     facts = RunFacts(
         model_version=sd.model_version, seed=seed,
-        num_train_images=data.num_train_images, num_reg_images=data.num_reg_images,
         num_batches_per_epoch=steps_per_epoch, max_train_steps=max_steps,
         num_epochs=math.ceil(max_steps / steps_per_epoch), optimizer_name=optimizer_name, data=data,
     )
@@ -411,7 +410,7 @@ def _latents(run: Run, batch: LoadedBatch) -> torch.Tensor:
 
 def _cache_latents(run: Run) -> None:
     """--cache_latents / --cache_latents_to_disk: encode every image (and its flip where flip_aug is
-    on) before training. The main process writes the disk files; the others then read them."""
+    on) before training."""
     data = run.config.data
     if not (data.cache_latents or data.cache_latents_to_disk):
         return
@@ -426,11 +425,14 @@ def _cache_latents(run: Run) -> None:
 
     cache = LatentCache(to_disk=data.cache_latents_to_disk)
     accelerator = run.accelerator
-    if accelerator.is_main_process:
+    if not cache.to_disk:  # in memory: every process encodes its own copy, all at once
         cache.fill(keys, pixels, run.sd.vae, data.vae_batch_size)
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        cache.fill(keys, pixels, run.sd.vae, data.vae_batch_size, write=False)
+    else:  # the main process writes the files, then the others read them
+        if accelerator.is_main_process:
+            cache.fill(keys, pixels, run.sd.vae, data.vae_batch_size)
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            cache.fill(keys, pixels, run.sd.vae, data.vae_batch_size, write=False)
     run.latent_cache = cache
 
 
@@ -487,7 +489,7 @@ def _print_summary(run: Run, progress: Progress) -> None:
     cat = run.config.cat
     resumed = f", resuming at step {progress.step}" if progress.step else ""
     print(
-        f"training: {run.facts.num_train_images} images (with repeats), {run.facts.num_reg_images} regularisation, "
+        f"training: {run.data.num_train_images} images (with repeats), {run.data.num_reg_images} regularisation, "
         f"{run.facts.num_batches_per_epoch} steps per epoch, {run.facts.max_train_steps} steps, seed {run.facts.seed}{resumed}\n"
         f"CAT: weight {cat.weight}, trigger {list(cat.triggers)}, caption '{cat.caption}', mode {cat.mode}"
         + ("" if cat.enabled else " (off: plain LoRA training)")

@@ -22,7 +22,7 @@ from pathlib import Path
 from library.buckets import BucketSettings, Placement, bucket_resolutions, place_image
 from library.errors import UserInputError
 from library.folder_dataset import ImageItem, Subset
-from library.image_loading import image_problem, image_size
+from library.image_loading import inspect_image
 
 
 @dataclass(frozen=True)
@@ -143,11 +143,11 @@ def place_datasets(specs: list[DatasetSpec], earlier: list[str] | None = None) -
     problems: list[str] = list(earlier or [])
     sizes: dict[Path, tuple[int, int]] = {}
     for path in sorted({item.path for spec in specs for s in spec.subsets for item in s.items}):
-        problem = image_problem(path)
+        size, problem = inspect_image(path)
         if problem:
             problems.append(problem)
         else:
-            sizes[path] = image_size(path)
+            sizes[path] = size
     _raise_all(problems)  # placing needs every size
     datasets = []
     for index, spec in enumerate(specs):

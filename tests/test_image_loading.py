@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from library.errors import UserInputError
-from library.image_loading import Augmentation, image_problem, image_size, load_image
+from library.image_loading import Augmentation, image_size, inspect_image, load_image
 
 
 def _halves(path, size=(32, 16)):
@@ -28,7 +28,7 @@ def test_exif_orientation_gives_the_displayed_size(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.new("RGB", (32, 16)).save(tmp_path / "r.jpg", exif=exif.tobytes())
-    assert image_size(tmp_path / "r.jpg") == (16, 32)
+    assert image_size(tmp_path / "r.jpg") == (16, 32) == inspect_image(tmp_path / "r.jpg")[0]
     assert load_image(tmp_path / "r.jpg", (16, 32)).shape == (3, 32, 16)
 
 
@@ -66,10 +66,10 @@ def test_problems_are_found_without_training(tmp_path):
     good = (tmp_path / "ok.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(good[: len(good) // 2])
     Image.new("RGB", (4, 4)).save(tmp_path / "tiny.png")
-    assert image_problem(tmp_path / "ok.png") is None
+    assert inspect_image(tmp_path / "ok.png") == ((32, 16), None)
     for name, words in (("junk.png", "cannot be read"), ("cut.png", "cannot be read"), ("tiny.png", "too small")):
-        problem = image_problem(tmp_path / name)
-        assert problem and name in problem and words in problem
+        size, problem = inspect_image(tmp_path / name)
+        assert size is None and problem and name in problem and words in problem
 
 
 def test_unreadable_image_at_load_names_the_file(tmp_path):
