@@ -20,13 +20,13 @@ import torch
 
 import library  # noqa: F401  (before diffusers: quiets an irrelevant bitsandbytes import warning)
 import networks.lora_cat as lora_cat
-from library.demo_data import CONCEPT_CAPTIONS, write_demo_dataset
-from library.image_loading import load_image
-from library.preservation import FixedNoise, denoising_loss, prediction_drift
-from library.sd_denoiser import SDDenoiser
-from library.sd_models import load_stable_diffusion
-from library.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
-from library.prompt_tokens import tokenize
+from library.testing.demo_data import CONCEPT_CAPTIONS, write_demo_dataset
+from library.data.image_loading import load_image
+from library.cat.preservation import FixedNoise, denoising_loss, prediction_drift
+from library.families.sd.denoiser import SDDenoiser
+from library.families.sd.models import load_stable_diffusion
+from library.testing.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
+from library.families.prompt_tokens import tokenize
 
 ROOT = Path(__file__).resolve().parent
 TRIGGER_FREE_PROMPTS = [

@@ -24,19 +24,19 @@ from typing import Sequence
 import torch
 
 import library  # noqa: F401  (before diffusers: quiets an irrelevant bitsandbytes import warning)
-from library.captions import CAPTION_MODES, contains_trigger, trigger_free_caption
+from library.cat.captions import CAPTION_MODES, contains_trigger, trigger_free_caption
 from library.errors import UserInputError
-from library.kps_clip import load_clip
-from library.kps_data import read_prompt_file, training_images
-from library.kps_images import (
+from library.evaluation.kps_clip import load_clip
+from library.evaluation.kps_data import read_prompt_file, training_images
+from library.evaluation.kps_images import (
     Adapter, GenerationSettings, PlannedImage, PromptPair, bytes_fingerprint, files_fingerprint, generate_images,
     plan_images,
 )
-from library.kps_report import results_json, results_table, write_grid, write_text
-from library.kps_scoring import score_adapters
-from library.lora_fit import check_lora_fits
-from library.samplers import SAMPLERS, inference_scheduler
-from library.sd_models import StableDiffusionModels, load_stable_diffusion
+from library.evaluation.kps_report import results_json, results_table, write_grid, write_text
+from library.evaluation.kps_scoring import score_adapters
+from library.evaluation.lora_fit import check_lora_fits
+from library.sampling.samplers import SAMPLERS, inference_scheduler
+from library.families.sd.models import StableDiffusionModels, load_stable_diffusion
 
 BASE_MODEL = "base model"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -15,8 +15,8 @@ from typing import Sequence
 
 import library  # noqa: F401  (before diffusers: quiets an irrelevant bitsandbytes import warning)
 from library.errors import UserInputError
-from library.train_args import parse_args
-from library.trainer import TrainingDiverged, train
+from library.cli.train_args import parse_args
+from library.training.trainer import TrainingDiverged, train
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,7 +5,7 @@
 For each model and each way to train (plain LoRA = `--cat_weight 0`, CAT batched, CAT sequential)
 a fresh process builds the model (seeded random weights), attaches `networks.lora_cat` (rank 16,
 U-Net and text encoder), and runs warm-up + `--steps` optimizer steps of the real objective
-(`library.cat_objective.cat_step`) on random latents. It prints the median seconds per step and the
+(`library.cat.objective.cat_step`) on random latents. It prints the median seconds per step and the
 peak resident memory during the steps above what the process held before them (Linux
 `clear_refs`/`VmHWM`; on a GPU, `torch.cuda.max_memory_allocated`), with ratios to plain LoRA.
 Targets (CAT.md, issue 4): step time <= 2.7x plain (2.5x is the floor for exact CAT); sequential
@@ -75,8 +75,8 @@ def measure(model: str, alpha: float, mode: str, steps: int) -> dict:
     import torch
 
     import library  # noqa: F401
-    from library.cat_objective import CATBatch, cat_step
-    from library.sd_denoiser import SDDenoiser
+    from library.cat.objective import CATBatch, cat_step
+    from library.families.sd.denoiser import SDDenoiser
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     unet, text_encoder, tokenizer = _build(model, device)
@@ -112,9 +112,9 @@ def _build(model: str, device: str):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from library.clip_tokenizer import build_clip_tokenizer
-    from library.sd_models import MODEL_CONFIGS_DIR
-    from library.tiny_sd import build_tiny_sd
+    from library.families.clip_tokenizer import build_clip_tokenizer
+    from library.families.sd.models import MODEL_CONFIGS_DIR
+    from library.testing.tiny_sd import build_tiny_sd
 
     if model == "tiny":
         sd = build_tiny_sd(seed=0)

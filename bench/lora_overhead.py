@@ -21,8 +21,8 @@ from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import networks.lora_cat as lora_cat
-from library.sd_models import MODEL_CONFIGS_DIR
-from library.tiny_sd import build_tiny_sd
+from library.families.sd.models import MODEL_CONFIGS_DIR
+from library.testing.tiny_sd import build_tiny_sd
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

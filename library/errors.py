@@ -1,10 +1,9 @@
-"""The one exception type for mistakes a user can make.
+"""`UserInputError`, the one exception type for mistakes a user can make (see its docstring).
 
-Every message is a sentence that names the bad value, where it came from (file, key, flag)
-and how to fix it. Code raises `UserInputError` instead of `assert` for anything a user
-controls; a bare traceback is reserved for bugs.
+It is defined with the network module (`networks/lora_cat/errors.py`), which must work inside an
+sd-scripts checkout without this package; everything here raises and catches that same class.
 """
 
+from networks.lora_cat.errors import UserInputError
 
-class UserInputError(ValueError):
-    """Bad user input: a flag, a config key, a file that does not fit."""
+__all__ = ["UserInputError"]

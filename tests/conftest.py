@@ -10,7 +10,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from library.tiny_sd import build_tiny_sd, save_diffusers_folder, save_single_file  # noqa: E402
+from library.testing.tiny_sd import build_tiny_sd, save_diffusers_folder, save_single_file  # noqa: E402
 
 
 @dataclass(frozen=True)

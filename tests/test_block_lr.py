@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from library.block_lr import (
+from networks.lora_cat.block_lr import (
     BlockLrWeights,
     fits_sd_layout,
     parse_block_weights,
@@ -89,7 +89,7 @@ def test_list_of_twelve_is_kept_and_empty_entries_are_zero() -> None:
 
 
 def test_short_list_is_padded_with_ones_and_long_list_truncated(caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="library.block_lr"):
+    with caplog.at_level(logging.WARNING, logger="networks.lora_cat.block_lr"):
         assert parse_block_weights("0.5,0.25", key="down_lr_weight") == [0.5, 0.25] + [1.0] * 10
         assert parse_block_weights(",".join(["0.5"] * 14), key="up_lr_weight") == [0.5] * 12
     assert "down_lr_weight" in caplog.text and "up_lr_weight" in caplog.text
@@ -118,7 +118,7 @@ def test_bad_block_weights_name_key_and_value(value: str) -> None:
 
 def test_mid_weight_takes_the_first_entry(caplog) -> None:
     assert parse_mid_weight("0.5", key="mid_lr_weight") == 0.5
-    with caplog.at_level(logging.WARNING, logger="library.block_lr"):
+    with caplog.at_level(logging.WARNING, logger="networks.lora_cat.block_lr"):
         assert parse_mid_weight("0.25,2", key="mid_lr_weight") == 0.25
     assert "mid_lr_weight" in caplog.text
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from library.buckets import BucketSettings, bucket_resolutions, check_bucket_settings, crop_box, place_image
+from library.data.buckets import BucketSettings, bucket_resolutions, check_bucket_settings, crop_box, place_image
 
 SETTINGS = BucketSettings((512, 512), enable=True, min_reso=256, max_reso=1024, reso_steps=64)
 TABLE = bucket_resolutions((512, 512), 256, 1024, 64)

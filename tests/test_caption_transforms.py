@@ -1,7 +1,7 @@
 """sd-scripts' caption options on the caption a sample trains on."""
 
-from library.caption_transforms import CaptionOptions, sample_rng, transform_caption
-from library.captions import trigger_free_caption
+from library.data.caption_transforms import CaptionOptions, sample_rng, transform_caption
+from library.cat.captions import trigger_free_caption
 
 CAPTION = "sks teapot, red, on a table, studio light, close-up"
 

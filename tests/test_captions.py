@@ -2,7 +2,7 @@
 
 import pytest
 
-from library.captions import class_word_from_tokens, contains_trigger, tidy_caption, trigger_free_caption
+from library.cat.captions import class_word_from_tokens, contains_trigger, tidy_caption, trigger_free_caption
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import networks.lora_cat as lora_cat
-from library.cat_objective import CATBatch, base_prediction, cat_step, preservation_loss
-from library.sd_denoiser import SDDenoiser
-from library.tiny_sd import build_tiny_sd
+from library.cat.objective import CATBatch, base_prediction, cat_step, preservation_loss
+from library.families.sd.denoiser import SDDenoiser
+from library.testing.tiny_sd import build_tiny_sd
 
 
 class CountingDenoiser(SDDenoiser):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from library.clip_tokenizer import (
+from library.families.clip_tokenizer import (
     SD2_PAD_TOKEN,
     VOCAB_SIZE,
     build_clip_tokenizer,

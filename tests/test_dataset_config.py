@@ -7,13 +7,13 @@ import pytest
 from PIL import Image
 
 import train_network_cat
-from library.dataset_config import load_dataset_config
-from library.demo_data import write_demo_dataset
+from library.data.dataset_config import load_dataset_config
+from library.testing.demo_data import write_demo_dataset
 from library.errors import UserInputError
-from library.lora_file import read_lora_file
-from library.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
-from library.run_data import free_caption
-from library.train_args import parse_args
+from networks.lora_cat.file_format import read_lora_file
+from library.testing.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
+from library.data.run_data import free_caption
+from library.cli.train_args import parse_args
 
 
 def cli_data(*flags: str):
@@ -183,7 +183,7 @@ def test_a_dataset_cannot_mix_folders_and_metadata_files(tmp_path):
 
 
 def test_in_json_reads_the_older_fine_tune_layout(tmp_path):
-    from library.run_data import load_training_data
+    from library.data.run_data import load_training_data
 
     (tmp_path / "images").mkdir()
     Image.new("RGB", (16, 16)).save(tmp_path / "images" / "a.png")
@@ -200,7 +200,7 @@ def test_in_json_reads_the_older_fine_tune_layout(tmp_path):
 
 
 def test_same_stem_images_are_refused_with_the_disk_cache(tmp_path):
-    from library.run_data import load_training_data
+    from library.data.run_data import load_training_data
 
     folder = tmp_path / "train" / "1_sks teapot"
     folder.mkdir(parents=True)
@@ -216,8 +216,8 @@ def test_same_stem_images_are_refused_with_the_disk_cache(tmp_path):
 def test_trigger_free_caption_of_a_rejoined_caption_with_another_separator(tmp_path):
     from dataclasses import replace
 
-    from library.caption_transforms import CaptionOptions
-    from library.folder_dataset import ImageItem, SubsetOptions
+    from library.data.caption_transforms import CaptionOptions
+    from library.data.folder_dataset import ImageItem, SubsetOptions
 
     config = parse_args(["--pretrained_model_name_or_path", "x", "--output_dir", str(tmp_path), "--train_data_dir",
                          "d", "--resolution", "64", "--cat_trigger", "sks"])

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-import library.trainer as trainer
+import library.training.trainer as trainer
 import train_network_cat
-from library.lora_file import read_lora_file
-from library.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
+from networks.lora_cat.file_format import read_lora_file
+from library.testing.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
 
 CAPTIONS = ["sks teapot, red, on a table", "sks teapot, blue, in a kitchen", "sks teapot, green, close-up",
             "sks teapot, white, studio light"]

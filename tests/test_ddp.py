@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from library.demo_data import write_demo_dataset
-from library.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
+from library.testing.demo_data import write_demo_dataset
+from library.testing.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
 
 PROBE = Path(__file__).parent / "scripts" / "ddp_probe.py"
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import networks.lora_cat as lora_cat
-from library.tiny_sd import build_tiny_sd
+from library.testing.tiny_sd import build_tiny_sd
 
 
 def _trained_network(sd, network_args):

@@ -9,12 +9,12 @@ from PIL import Image
 import evaluate_kps
 import networks.lora_cat as lora_cat
 from library.errors import UserInputError
-from library.kps_clip import load_clip
-from library.kps_images import Adapter, GenerationSettings, PlannedImage, cache_key
-from library.kps_metrics import SIMILARITY_FLOOR, knowledge_preservation_score, pairwise_similarities
-from library.lora_file import read_lora_file, save_lora_file
-from library.tiny_clip import TINY_CLIP_CONFIG, save_tiny_open_clip
-from library.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
+from library.evaluation.kps_clip import load_clip
+from library.evaluation.kps_images import Adapter, GenerationSettings, PlannedImage, cache_key
+from library.evaluation.kps_metrics import SIMILARITY_FLOOR, knowledge_preservation_score, pairwise_similarities
+from networks.lora_cat.file_format import read_lora_file, save_lora_file
+from library.testing.tiny_clip import TINY_CLIP_CONFIG, save_tiny_open_clip
+from library.testing.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
 
 CAPTIONS = ["a photo of sks teapot", "sks teapot on a table"]
 

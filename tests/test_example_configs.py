@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from library.train_args import parse_args
+from library.cli.train_args import parse_args
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "configs" / "examples").glob("*.toml"))
 
@@ -30,7 +30,7 @@ def test_example_dataset_config_loads(path, tmp_path):
     """The example dataset TOML, beside folders of the names it gives, loads with every option it sets."""
     from PIL import Image
 
-    from library.dataset_config import load_dataset_config
+    from library.data.dataset_config import load_dataset_config
 
     copy = tmp_path / path.name
     copy.write_text(path.read_text(encoding="utf-8"), encoding="utf-8")

@@ -5,10 +5,10 @@ import pytest
 from PIL import Image
 
 from library.errors import UserInputError
-from library.buckets import BucketSettings
-from library.folder_dataset import scan_folders
-from library.image_loading import load_image
-from library.training_data import DatasetSpec, place_datasets
+from library.data.buckets import BucketSettings
+from library.data.folder_dataset import scan_folders
+from library.data.image_loading import load_image
+from library.data.training_data import DatasetSpec, place_datasets
 
 
 def test_alpha_is_flattened_on_white(tmp_path):

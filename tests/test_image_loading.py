@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from library.errors import UserInputError
-from library.image_loading import Augmentation, image_size, inspect_image, load_image
+from library.data.image_loading import Augmentation, image_size, inspect_image, load_image
 
 
 def _halves(path, size=(32, 16)):

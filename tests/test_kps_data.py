@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from library.errors import UserInputError
-from library.kps_data import read_prompt_file, training_images
+from library.evaluation.kps_data import read_prompt_file, training_images
 
 
 def _image(path):

@@ -7,8 +7,8 @@ from diffusers import DDPMScheduler, EulerAncestralDiscreteScheduler
 from PIL import Image
 
 from library.errors import UserInputError
-from library.kps_images import Adapter, GenerationSettings, PromptPair, generate_images, plan_images
-from library.samplers import SAMPLERS, inference_scheduler
+from library.evaluation.kps_images import Adapter, GenerationSettings, PromptPair, generate_images, plan_images
+from library.sampling.samplers import SAMPLERS, inference_scheduler
 
 SETTINGS = GenerationSettings("model", "ddim", 4, 7.5, 8, 8, "float32", "cpu")
 PAIRS = [PromptPair("a photo of sks teapot", "a photo of teapot", "a photo of teapot", "prompts.txt line 1")]

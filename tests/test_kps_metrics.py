@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from library.kps_metrics import (
+from library.evaluation.kps_metrics import (
     SIMILARITY_FLOOR,
     cosine_similarity,
     harmonic_mean,

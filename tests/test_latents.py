@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from library.buckets import Placement
-from library.image_loading import Augmentation, load_image
-from library.latents import LatentCache, disk_path, encode, key_for, sample_latents
-from library.tiny_sd import build_tiny_sd
+from library.data.buckets import Placement
+from library.data.image_loading import Augmentation, load_image
+from library.data.latents import LatentCache, disk_path, encode, key_for, sample_latents
+from library.testing.tiny_sd import build_tiny_sd
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from library.lora_layer import LoRAModule
-from library.lora_math import delta_weight, lora_scale, max_norm_ratio, rank_dropout_mask
+from networks.lora_cat.layer import LoRAModule
+from networks.lora_cat.lora_math import delta_weight, lora_scale, max_norm_ratio, rank_dropout_mask
 
 LAYERS = {
     "linear": lambda: nn.Linear(12, 10),

@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 
 from library.errors import UserInputError
-from library.lora_metadata import (
+from networks.lora_cat.metadata import (
     model_hashes,
     modelspec_metadata,
     serialise_for_hashing,

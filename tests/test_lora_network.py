@@ -9,9 +9,9 @@ from safetensors.torch import save_file
 
 import networks.lora_cat as lora_cat
 from library.errors import UserInputError
-from library.lora_file import read_lora_file
-from library.network_protocol import Network, NetworkModuleFactory, multiplier_set_to, unwrap_network
-from library.tiny_sd import build_tiny_sd
+from networks.lora_cat.file_format import read_lora_file
+from library.cat.network_protocol import Network, NetworkModuleFactory, multiplier_set_to, unwrap_network
+from library.testing.tiny_sd import build_tiny_sd
 
 
 @pytest.fixture()

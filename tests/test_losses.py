@@ -9,8 +9,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from library.errors import UserInputError
-from library.losses import elementwise_loss, huber_threshold, per_sample_loss, weighted_mean
-from library.noise import zero_terminal_snr_scheduler
+from library.training.losses import elementwise_loss, huber_threshold, per_sample_loss, weighted_mean
+from library.training.noise import zero_terminal_snr_scheduler
 
 
 def sd_scheduler() -> DDPMScheduler:

@@ -10,8 +10,8 @@ import torch
 import transformers
 
 from library.errors import UserInputError
-from library.lr_schedulers import build_lr_scheduler, current_learning_rates, resolve_step_count
-from library.optimizers import build_optimizer
+from library.training.lr_schedulers import build_lr_scheduler, current_learning_rates, resolve_step_count
+from library.training.optimizers import build_optimizer
 
 BASE_LR = 1.0
 STEPS = 10
@@ -228,7 +228,7 @@ class _FakeScheduleFree(torch.optim.SGD):
 
 def test_schedule_free_optimizer_gets_a_constant_schedule_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     optimizer = _FakeScheduleFree([torch.nn.Parameter(torch.zeros(2))], lr=0.3)
-    with caplog.at_level(logging.WARNING, logger="library.lr_schedulers"):
+    with caplog.at_level(logging.WARNING, logger="library.training.lr_schedulers"):
         scheduler = build_lr_scheduler(optimizer, "cosine", num_training_steps=STEPS, warmup_steps=2)
     assert _curve(scheduler) == pytest.approx([0.3] * (STEPS + 1))
     assert "--lr_scheduler cosine and --lr_warmup_steps 2 are ignored" in caplog.text

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from library.errors import UserInputError
-from library.noise import (
+from library.training.noise import (
     SNR_CAP,
     SNR_FLOOR,
     debiased_estimation_weight,

@@ -13,7 +13,7 @@ import transformers
 from accelerate.optimizer import AcceleratedOptimizer
 
 from library.errors import UserInputError
-from library.optimizers import (
+from library.training.optimizers import (
     build_optimizer,
     is_schedule_free,
     optimizer_eval_mode,
@@ -229,7 +229,7 @@ def test_prodigy_warns_about_low_and_several_learning_rates(
     fake = types.ModuleType("prodigyopt")
     fake.Prodigy = torch.optim.SGD
     monkeypatch.setitem(sys.modules, "prodigyopt", fake)
-    with caplog.at_level(logging.WARNING, logger="library.optimizers"):
+    with caplog.at_level(logging.WARNING, logger="library.training.optimizers"):
         optimizer, _ = build_optimizer(_groups(), "prodigy", 1.0, {})
     assert type(optimizer) is torch.optim.SGD
     assert "too low" in caplog.text

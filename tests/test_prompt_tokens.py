@@ -2,10 +2,10 @@
 
 import torch
 
-from library.clip_tokenizer import build_clip_tokenizer
-from library.prompt_tokens import merge_windows, tokenize
-from library.sd_denoiser import SDDenoiser
-from library.tiny_sd import build_tiny_sd
+from library.families.clip_tokenizer import build_clip_tokenizer
+from library.families.prompt_tokens import merge_windows, tokenize
+from library.families.sd.denoiser import SDDenoiser
+from library.testing.tiny_sd import build_tiny_sd
 
 BOS, EOS = 49406, 49407
 LONG = ", ".join(f"tag{i}" for i in range(60))  # well over 75 tokens

@@ -5,12 +5,12 @@ import json
 import pytest
 from PIL import Image
 
-from library import samplers
+from library.sampling import samplers
 from library.errors import UserInputError
-from library.preservation_signal import read_preservation_prompts
-from library.sample_images import default_seed, due_after_step, due_at_epoch_end, sample_file_name, side_by_side
-from library.sample_prompts import SAMPLERS, SamplePrompt, load_sample_prompts, parse_prompt_line
-from library.train_config import SampleArgs
+from library.sampling.drift_probe import read_preservation_prompts
+from library.sampling.sample_images import default_seed, due_after_step, due_at_epoch_end, sample_file_name, side_by_side
+from library.sampling.sample_prompts import SAMPLERS, SamplePrompt, load_sample_prompts, parse_prompt_line
+from library.config.train_config import SampleArgs
 
 
 def write(tmp_path, name, text):

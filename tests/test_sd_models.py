@@ -1,6 +1,6 @@
 """Loading SD1/SD2 as users have it: diffusers folders, .safetensors and .ckpt single files, --vae.
 
-The tiny models are written by `library.tiny_sd` in the formats users download and read back through
+The tiny models are written by `library.testing.tiny_sd` in the formats users download and read back through
 `load_stable_diffusion`, so the single-file path runs diffusers' real LDM conversion.
 """
 
@@ -19,10 +19,10 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from library import ldm_layout
+from library.testing import ldm_layout
 from library.errors import UserInputError
-from library.sd_models import MODEL_CONFIGS_DIR, StableDiffusionModels, load_stable_diffusion
-from library.tiny_sd import build_tiny_sd, ldm_state_dict, save_single_file, tiny_config_dir, write_state_dict
+from library.families.sd.models import MODEL_CONFIGS_DIR, StableDiffusionModels, load_stable_diffusion
+from library.testing.tiny_sd import build_tiny_sd, ldm_state_dict, save_single_file, tiny_config_dir, write_state_dict
 
 FORMATS = ["folder", "safetensors", "ckpt"]
 
@@ -155,7 +155,7 @@ def test_noise_schedule_is_sds(tiny_sd_v1_files):
 
 
 def test_v_parameterization_without_v2_warns(tiny_sd_v1_files, caplog):
-    with caplog.at_level(logging.WARNING, logger="library.sd_models"):
+    with caplog.at_level(logging.WARNING, logger="library.families.sd.models"):
         models = _load(tiny_sd_v1_files, "folder", v_parameterization=True)
     assert models.noise_scheduler.config.prediction_type == "v_prediction"
     assert "--v_parameterization without --v2" in caplog.text

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from library.state_guard import outside_training
+from library.sampling.state_guard import outside_training
 
 
 class Adapter(nn.Module):

@@ -5,13 +5,13 @@ import copy
 import pytest
 import torch
 
-import library.trainer as trainer
+import library.training.trainer as trainer
 import networks.lora_cat as lora_cat
 import train_network_cat
-from library.demo_data import write_demo_dataset
-from library.lora_file import read_lora_file
-from library.sd_models import load_stable_diffusion
-from library.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
+from library.testing.demo_data import write_demo_dataset
+from networks.lora_cat.file_format import read_lora_file
+from library.families.sd.models import load_stable_diffusion
+from library.testing.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
 
 
 

@@ -6,9 +6,9 @@ import pytest
 from PIL import Image
 
 import train_network_cat
-from library.demo_data import write_demo_dataset
-from library.lora_file import read_lora_file
-from library.tiny_sd import build_tiny_sd, save_single_file
+from library.testing.demo_data import write_demo_dataset
+from networks.lora_cat.file_format import read_lora_file
+from library.testing.tiny_sd import build_tiny_sd, save_single_file
 from test_train_cli import _argv  # the same tiny workspace layout: tiny.safetensors, data/train, data/reg
 
 

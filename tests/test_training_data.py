@@ -5,10 +5,10 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from library.buckets import BucketSettings
+from library.data.buckets import BucketSettings
 from library.errors import UserInputError
-from library.folder_dataset import scan_folders
-from library.training_data import DatasetSpec, place_datasets
+from library.data.folder_dataset import scan_folders
+from library.data.training_data import DatasetSpec, place_datasets
 
 SIZES = {"wide": (128, 64), "tall": (64, 128), "square": (96, 96), "wide2": (120, 60)}
 
@@ -112,8 +112,8 @@ def test_regularisation_images_are_counted_with_repeats(mixed):
 def test_colour_augmentation_touches_a_third_of_the_samples_as_sd_scripts(mixed):
     from dataclasses import replace
 
-    from library.folder_dataset import SubsetOptions
-    from library.run_data import augmentation
+    from library.data.folder_dataset import SubsetOptions
+    from library.data.run_data import augmentation
 
     data = _data(mixed)
     options = SubsetOptions(color_aug=True)

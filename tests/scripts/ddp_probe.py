@@ -9,9 +9,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import library.trainer as trainer  # noqa: E402
-from library.network_protocol import unwrap_network  # noqa: E402
-from library.train_args import parse_args  # noqa: E402
+import library.training.trainer as trainer  # noqa: E402
+from library.cat.network_protocol import unwrap_network  # noqa: E402
+from library.cli.train_args import parse_args  # noqa: E402
 
 calls = {"allreduce": 0}
 

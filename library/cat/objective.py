@@ -1,0 +1,139 @@
+"""The CAT objective, in one place (Park et al. 2024, "CAT: Contrastive Adapter Training for
+Personalized Image Generation", arXiv 2404.07554, Eq. 3):
+
+    L = w * [ loss(target, eps_adapted(z_t, t, y_T))
+              + alpha * || eps_base(z_t, t, y) - eps_adapted(z_t, t, y) ||^2 ]
+
+- `y_T` is the training caption (with the trigger), `y` the same caption without it;
+- `eps_base` is the model with every adapter off, U-Net and text encoder, computed under
+  `torch.no_grad()` and detached: a target, not a path for gradients;
+- all three predictions share z_t, t and the noise; `w` is the per-sample loss weight
+  (prior-loss weight, min-SNR, ...) and multiplies the whole per-sample loss, CAT term included;
+- the CAT term compares two predictions, so it is the same for epsilon and v targets; it is the
+  paper's squared error whatever `--loss_type` the main term uses.
+
+The reference pass runs first and the multiplier is restored before any pass that is
+back-propagated: under gradient checkpointing the recomputation reads the multiplier of the
+moment, so no back-propagated pass may ever run with the adapters off.
+
+Two ways to run the same objective (identical gradients):
+- `batched`: both adapted passes as one U-Net call on 2B samples (fast, holds 2B activations);
+- `sequential`: back-propagate the main term, then compute the CAT term and back-propagate it,
+  accumulating gradients; peak memory stays at plain LoRA's level.
+With `alpha == 0` it is exactly plain LoRA training: no reference pass, no second adapted pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import Tensor
+
+from library.cat.network_protocol import multiplier_set_to
+
+CAT_MODES = ("batched", "sequential")
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+"""(prediction, target) -> per-sample loss of shape (B,)."""
+
+Backward = Callable[[Tensor, bool], None]
+"""(loss, is_last_backward_of_this_batch) -> None; the trainer syncs gradients on the last one only."""
+
+
+class Denoiser(Protocol):
+    """The model as the objective sees it; adapters, if applied, act inside these calls."""
+
+    def encode(self, input_ids: Tensor) -> Tensor:
+        """Text-encoder hidden states for token ids (clip skip applied)."""
+
+    def predict(self, noisy_latents: Tensor, timesteps: Tensor, text_states: Tensor) -> Tensor:
+        """The U-Net's prediction (epsilon or v)."""
+
+
+@dataclass(frozen=True)
+class CATBatch:
+    """One batch, already noised: everything the three predictions share, and both captions."""
+
+    noisy_latents: Tensor  # z_t
+    timesteps: Tensor  # t
+    target: Tensor  # eps, or v for v-parameterization
+    trigger_ids: Tensor  # tokens of y_T, the caption trained on
+    free_ids: Tensor  # tokens of y, the same caption without the trigger
+    weights: Tensor  # per-sample loss weights, shape (B,)
+
+
+@dataclass(frozen=True)
+class StepLosses:
+    """Batch means for logging (`loss/main`, `loss/cat`, `loss/total`), detached."""
+
+    main: Tensor
+    cat: Tensor
+    total: Tensor
+
+
+def cat_step(
+    denoiser: Denoiser, network: Any, batch: CATBatch, alpha: float, mode: str, loss_fn: LossFn, backward: Backward
+) -> StepLosses:
+    """Compute the CAT loss of `batch` and back-propagate it (gradients accumulate in the adapters)."""
+    if alpha == 0.0:
+        return _plain_step(denoiser, batch, loss_fn, backward)
+    reference = base_prediction(denoiser, network, batch)
+    if mode == "batched":
+        return _batched_step(denoiser, batch, reference, alpha, loss_fn, backward)
+    if mode == "sequential":
+        return _sequential_step(denoiser, batch, reference, alpha, loss_fn, backward)
+    raise ValueError(f"unknown CAT mode {mode!r}; expected one of {', '.join(CAT_MODES)}")
+
+
+def base_prediction(denoiser: Denoiser, network: Any, batch: CATBatch) -> Tensor:
+    """eps_base(z_t, t, y): every adapter off (U-Net and text encoder), no gradients, detached."""
+    with torch.no_grad(), multiplier_set_to(network, 0.0):
+        text_states = denoiser.encode(batch.free_ids)
+        return denoiser.predict(batch.noisy_latents, batch.timesteps, text_states).detach()
+
+
+def preservation_loss(adapted: Tensor, reference: Tensor) -> Tensor:
+    """Per-sample `|| eps_base - eps_adapted ||^2` (mean over non-batch dims), in float32."""
+    return (adapted.float() - reference.float()).square().mean(dim=tuple(range(1, adapted.dim())))
+
+
+def _weighted_mean(per_sample: Tensor, weights: Tensor) -> Tensor:
+    return (per_sample * weights).mean()
+
+
+def _plain_step(denoiser: Denoiser, batch: CATBatch, loss_fn: LossFn, backward: Backward) -> StepLosses:
+    prediction = denoiser.predict(batch.noisy_latents, batch.timesteps, denoiser.encode(batch.trigger_ids))
+    main = _weighted_mean(loss_fn(prediction, batch.target), batch.weights)
+    backward(main, True)
+    return StepLosses(main.detach(), torch.zeros_like(main.detach()), main.detach())
+
+
+def _batched_step(
+    denoiser: Denoiser, batch: CATBatch, reference: Tensor, alpha: float, loss_fn: LossFn, backward: Backward
+) -> StepLosses:
+    text_states = denoiser.encode(torch.cat([batch.trigger_ids, batch.free_ids]))
+    predictions = denoiser.predict(
+        torch.cat([batch.noisy_latents, batch.noisy_latents]), torch.cat([batch.timesteps, batch.timesteps]), text_states
+    )
+    on_trigger, on_free = predictions.chunk(2)
+    main = _weighted_mean(loss_fn(on_trigger, batch.target), batch.weights)
+    cat = _weighted_mean(preservation_loss(on_free, reference), batch.weights)
+    total = main + alpha * cat
+    backward(total, True)
+    return StepLosses(main.detach(), cat.detach(), total.detach())
+
+
+def _sequential_step(
+    denoiser: Denoiser, batch: CATBatch, reference: Tensor, alpha: float, loss_fn: LossFn, backward: Backward
+) -> StepLosses:
+    # Main term first; its activations are freed by its backward before the CAT pass allocates.
+    on_trigger = denoiser.predict(batch.noisy_latents, batch.timesteps, denoiser.encode(batch.trigger_ids))
+    main = _weighted_mean(loss_fn(on_trigger, batch.target), batch.weights)
+    backward(main, False)
+    del on_trigger
+    on_free = denoiser.predict(batch.noisy_latents, batch.timesteps, denoiser.encode(batch.free_ids))
+    cat = _weighted_mean(preservation_loss(on_free, reference), batch.weights)
+    backward(alpha * cat, True)
+    return StepLosses(main.detach(), cat.detach(), (main + alpha * cat).detach())

@@ -1,0 +1,142 @@
+"""The data side of a training run: which images, checked how, and what each sample trains on.
+
+- `load_training_data(config)`: the datasets from `--dataset_config` or the folders, every problem
+  (folder names, empty folders, unreadable images, CAT triggers missing from captions, cache with
+  per-step augmentations) gathered and reported in one error before any model loads.
+- `training_caption`, `free_caption`, `augmentation`: what one sample of one epoch trains on. Each
+  draws from its own seeded stream, so a resumed run and a cached run see exactly the same.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from library.data.buckets import BucketSettings, check_bucket_settings
+from library.data.caption_transforms import sample_rng, transform_caption
+from library.cat.captions import class_word_from_tokens, contains_trigger, tidy_caption, trigger_free_caption
+from library.data.dataset_config import cli_subset_values, load_dataset_config, subset_options
+from library.errors import UserInputError
+from library.data.folder_dataset import ImageItem, Subset, scan_folders, subset_from_metadata
+from library.data.image_loading import COLOR_AUG_RATE, GAMMA_RANGE, MAX_HUE_SHIFT, Augmentation
+from library.config.train_config import TrainConfig
+from library.data.training_data import DatasetSpec, Sample, TrainingData, place_datasets
+
+
+def load_training_data(config: TrainConfig) -> TrainingData:
+    """The datasets, every image checked and placed in its bucket; all problems in one error."""
+    problems: list[str] = []
+    specs = _dataset_specs(config, problems)
+    for spec in specs:
+        for subset in spec.subsets:
+            problems += _cache_problems(config, subset)
+            if config.cat.enabled:
+                problems += _cat_problems(config, subset)
+    return place_datasets(specs, problems)
+
+
+def _dataset_specs(config: TrainConfig, problems: list[str]) -> list[DatasetSpec]:
+    data = config.data
+    if data.dataset_config:
+        return load_dataset_config(data.dataset_config, data, problems)
+    options = subset_options(cli_subset_values(data))
+    if data.in_json:  # sd-scripts' older fine-tune method: captions from a metadata file
+        try:
+            subsets = [subset_from_metadata(Path(data.in_json), Path(data.train_data_dir), data.dataset_repeats,
+                                            options=options)]
+        except UserInputError as error:
+            problems.append(f"--in_json: {error}")
+            subsets = []
+    else:
+        subsets = scan_folders(data.train_data_dir, data.caption_extension, False, options, problems)
+    if data.reg_data_dir:
+        subsets += scan_folders(data.reg_data_dir, data.caption_extension, True, options, problems)
+    if data.resolution is None:
+        raise UserInputError("No resolution: give --resolution (e.g. 512) or resolution in the dataset config.")
+    buckets = BucketSettings(data.resolution, data.enable_bucket, data.min_bucket_reso, data.max_bucket_reso,
+                             data.bucket_reso_steps, data.bucket_no_upscale)
+    problems += check_bucket_settings(buckets, "the command line")
+    return [DatasetSpec(tuple(subsets), data.train_batch_size, buckets)]
+
+
+def _cache_problems(config: TrainConfig, subset: Subset) -> list[str]:
+    """Cached latents are encoded once, so they cannot follow per-step random crops or colour shifts
+    (sd-scripts refuses the same; flips are cached both ways). On disk, `a.png` and `a.jpg` would
+    share `a.npz`."""
+    problems = []
+    cached = config.data.cache_latents or config.data.cache_latents_to_disk
+    if cached and (subset.options.color_aug or subset.options.random_crop):
+        problems.append(f"{subset.folder}: --cache_latents cannot be used with color_aug or random_crop, because "
+                        "cached latents are encoded once; turn the cache or those augmentations off")
+    if config.data.cache_latents_to_disk:
+        stems: dict[Path, list[str]] = {}
+        for item in subset.items:
+            stems.setdefault(item.path.with_suffix(""), []).append(item.path.name)
+        problems += [f"{stem.parent}: {' and '.join(names)} would share the latent cache file {stem.name}.npz; "
+                     "rename one of them" for stem, names in stems.items() if len(names) > 1]
+    return problems
+
+
+def _cat_problems(config: TrainConfig, subset: Subset) -> list[str]:
+    """Every training subset needs a trigger that its captions contain, and a class word in class mode."""
+    triggers = subset_triggers(config, subset.cat_triggers)
+    if subset.is_reg or config.cat.caption == "empty":
+        return []
+    if not triggers:
+        return [f"CAT is on but {subset.folder} has no trigger: give --cat_trigger, or cat_trigger in its "
+                "dataset-config subset, or use --cat_caption empty"]
+    if not any(contains_trigger(item.caption, triggers) for item in subset.items):
+        return [f"the trigger {list(triggers)} appears in none of the {len(subset.items)} captions of "
+                f"{subset.folder}; put the trigger in the captions (or the folder's class tokens), or fix "
+                "--cat_trigger / cat_trigger"]
+    if config.cat.caption == "class" and not class_word(config, subset.class_tokens, triggers, subset.cat_class_word):
+        return [f"--cat_caption class needs a class word, and the folder {subset.folder} gives none (its class "
+                f"tokens '{subset.class_tokens}' are only the trigger); add --cat_class_word (or cat_class_word in "
+                "the dataset config), or rename the folder e.g. '10_sks teapot'"]
+    return []
+
+
+def subset_triggers(config: TrainConfig, own: tuple[str, ...]) -> tuple[str, ...]:
+    """A subset's own triggers (multi-concept dataset configs), else --cat_trigger."""
+    return own or config.cat.triggers
+
+
+def class_word(config: TrainConfig, class_tokens: str, triggers: tuple[str, ...], own: str | None = None) -> str:
+    """The class word for --cat_caption class: the subset's, --cat_class_word, else its class tokens without the trigger."""
+    if own or config.cat.class_word:
+        return own or config.cat.class_word
+    return class_word_from_tokens(class_tokens, triggers) if triggers else class_tokens
+
+
+def training_caption(seed: int, sample: Sample, epoch: int) -> str:
+    """The caption this sample trains on this epoch (its subset's prefix, dropout, shuffle...)."""
+    rng = sample_rng(seed, epoch, sample.position)
+    return transform_caption(sample.item.caption, rng, sample.item.options.captions, epoch)
+
+
+def free_caption(config: TrainConfig, item: ImageItem, caption: str) -> str:
+    """The trigger-free caption y of this sample's training caption (the same caption when CAT is off);
+    each sample strips its own trigger."""
+    triggers = subset_triggers(config, item.cat_triggers)
+    if not config.cat.enabled or (config.cat.caption != "empty" and not triggers):
+        return caption
+    word = class_word(config, item.class_tokens, triggers, item.cat_class_word) if config.cat.caption == "class" else None
+    separator = item.options.captions.separator
+    free = trigger_free_caption(caption, triggers, config.cat.caption, word, separator)
+    # Shuffled or thinned captions are joined back with ", " whatever the subset's separator.
+    return tidy_caption(free, ",") if separator.strip() not in ("", ",") else free
+
+
+def augmentation(seed: int, sample: Sample, epoch: int) -> Augmentation:
+    """This sample's random crop, flip and colour change, from its own stream (apart from the caption's).
+    Colour as sd-scripts: a third of the samples, half of those a hue shift, half a gamma."""
+    options = sample.item.options
+    rng = sample_rng(seed, epoch, sample.position, "image")
+    crop = (rng.random(), rng.random()) if options.random_crop else None
+    flip = options.flip_aug and rng.random() < 0.5
+    hue, gamma = 0.0, 1.0
+    if options.color_aug and rng.random() <= COLOR_AUG_RATE:
+        if rng.random() > 0.5:
+            hue = rng.uniform(-MAX_HUE_SHIFT, MAX_HUE_SHIFT)
+        else:
+            gamma = rng.uniform(*GAMMA_RANGE)
+    return Augmentation(crop, flip, hue, gamma)

@@ -1,0 +1,47 @@
+"""Does a kohya LoRA file fit this model? Checked before use, because loaders forgive too much.
+
+diffusers' `load_lora_weights` skips keys that name no layer of the model (with at most a log
+line), so a LoRA trained for another base model can leave the images untouched and still produce
+scores. Every layer of the file must name an adaptable layer of this U-Net or text encoder, with
+that layer's input and output sizes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from library.errors import UserInputError
+from networks.lora_cat.file_format import describe_lora_state_dict, read_lora_file
+from networks.lora_cat.targets import text_encoder_targets, unet_targets
+
+
+def check_lora_fits(path: Path, unet: nn.Module, text_encoder: nn.Module) -> None:
+    """Raise a `UserInputError` naming the first layer of the file at `path` that this model lacks or cannot take."""
+    tensors, _ = read_lora_file(path)
+    entries = describe_lora_state_dict(tensors, str(path))
+    if not entries:
+        raise UserInputError(f"The LoRA file {path} holds no LoRA layer; check that it is a LoRA.")
+    layers = {t.lora_name: t.module for t in unet_targets(unet, True) + text_encoder_targets(text_encoder)}
+    unknown = [name for name in entries if name not in layers]
+    if unknown:
+        raise UserInputError(
+            f"The LoRA file {path} has {len(unknown)} of its {len(entries)} layers that this model does not have "
+            f"(e.g. {unknown[0]}); it was trained for another base model (check the model path and --v2)."
+        )
+    for name, entry in entries.items():
+        expected = _expected_shapes(layers[name], entry.rank)
+        if (entry.down_shape, entry.up_shape) != expected:
+            raise UserInputError(
+                f"The LoRA file {path} has {name} with down {entry.down_shape} / up {entry.up_shape}, but this "
+                f"model's layer needs down {expected[0]} / up {expected[1]}; it was trained for another base "
+                "model (check the model path and --v2)."
+            )
+
+
+def _expected_shapes(layer: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(lora_down, lora_up) shapes of a rank-`rank` LoRA on `layer`, as kohya files store them."""
+    if isinstance(layer, nn.Conv2d):
+        return (rank, layer.in_channels, *layer.kernel_size), (layer.out_channels, rank, 1, 1)
+    return (rank, layer.in_features), (layer.out_features, rank)

@@ -1,0 +1,105 @@
+"""Build the U-Net, VAE, text encoder and tokenizer from a diffusers folder (`model_index.json` layout).
+
+The text encoder needs care: transformers >= 5.6 saves `CLIPTextModel` with flat keys, older
+versions under `text_model.`, and a loader that does not recognise a layout fills the model with
+random weights and only logs it. transformers 5.23 maps both layouts; the loading report is
+checked here so that a weight the folder lacks is an error, whatever the layout.
+"""
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from library.families.clip_tokenizer import EOS_TOKEN, SD2_PAD_TOKEN, build_clip_tokenizer
+from library.errors import UserInputError
+
+REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder")
+
+Model = TypeVar("Model", UNet2DConditionModel, AutoencoderKL, CLIPTextModel)
+
+
+def check_diffusers_folder(path: Path) -> None:
+    """Raise unless `path` has the unet/, vae/ and text_encoder/ configs of a diffusers SD folder."""
+    missing = [name for name in REQUIRED_SUBFOLDERS if not (path / name / "config.json").is_file()]
+    if missing:
+        raise UserInputError(
+            f"The model folder {path} is not a diffusers Stable Diffusion folder: it lacks "
+            f"{', '.join(name + '/config.json' for name in missing)}. Give a folder saved by diffusers "
+            "(save_pretrained) or a single .safetensors/.ckpt checkpoint."
+        )
+
+
+def is_open_clip_folder(path: Path) -> bool:
+    """True when the folder's text encoder is SD2's OpenCLIP tower, told apart by its activation.
+
+    SD1's CLIP ViT-L uses quick_gelu and SD2's OpenCLIP ViT-H plain gelu; the widths (768, 1024)
+    would also tell them apart, but not for small test models.
+    """
+    config = CLIPTextConfig.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
+    return config.hidden_act == "gelu"
+
+
+def load_unet(path: Path, dtype: torch.dtype) -> UNet2DConditionModel:
+    """The folder's U-Net, with every weight present."""
+    return load_pretrained(UNet2DConditionModel, path, "unet", "U-Net", dtype)
+
+
+def load_vae(path: Path, dtype: torch.dtype) -> AutoencoderKL:
+    """The folder's VAE, with every weight present."""
+    return load_pretrained(AutoencoderKL, path, "vae", "VAE", dtype)
+
+
+def load_text_encoder(path: Path, dtype: torch.dtype) -> CLIPTextModel:
+    """The folder's CLIPTextModel, in either transformers key layout, with every weight present."""
+    return load_pretrained(CLIPTextModel, path, "text_encoder", "text encoder", dtype)
+
+
+def load_pretrained(
+    model_class: type[Model], path: Path, subfolder: str | None, component: str, dtype: torch.dtype
+) -> Model:
+    """A diffusers or transformers model from `path/subfolder`, refusing any weight the files lack.
+
+    Both libraries only log the weights they had to initialise at random; their loading report
+    names them, and it is checked here.
+    """
+    folder = path / subfolder if subfolder else path
+    with _folder_errors(component, folder):
+        model, report = model_class.from_pretrained(
+            path, subfolder=subfolder, local_files_only=True, torch_dtype=dtype, output_loading_info=True
+        )
+    refuse_missing_weights(report["missing_keys"], component, folder)
+    return model
+
+
+def refuse_missing_weights(missing_keys: Iterable[str], component: str, folder: Path) -> None:
+    """Raise when the loader reports weights it had to leave at their random init."""
+    missing = sorted(missing_keys)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise UserInputError(
+            f"The {component} in {folder} lacks {len(missing)} weight(s) ({shown}), which would be left at "
+            "random values; the folder is incomplete or does not match its config.json: re-save or re-download it."
+        )
+
+
+def load_tokenizer(path: Path, v2: bool) -> CLIPTokenizer:
+    """The folder's tokenizer/ when it has one, else SD's tokenizer built offline (SD2 pads with "!")."""
+    if (path / "tokenizer").is_dir():
+        return CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+    return build_clip_tokenizer(pad_token=SD2_PAD_TOKEN if v2 else EOS_TOKEN)
+
+
+@contextlib.contextmanager
+def _folder_errors(component: str, folder: Path) -> Iterator[None]:
+    """Reword the loader's error for a broken component folder into a UserInputError naming it."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError) as error:
+        raise UserInputError(
+            f"The {component} in {folder} could not be loaded ({error}); re-save or re-download the folder."
+        ) from error

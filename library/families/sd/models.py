@@ -1,0 +1,213 @@
+"""Load Stable Diffusion 1.x/2.x the way users have it: a diffusers folder or one checkpoint file.
+
+`load_stable_diffusion` is what `--pretrained_model_name_or_path`, `--v2`, `--v_parameterization`
+and `--vae` resolve to. Single files are converted by diffusers against an architecture config
+from `configs/models/` (no hub access: every config the conversion needs is in this repository).
+As in sd-scripts, the training noise schedule follows the flags, not the checkpoint.
+"""
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from library.families.sd import folder as sd_folder, single_file as sd_single_file
+from library.families.checkpoint_file import read_state_dict
+from library.families.clip_tokenizer import EOS_TOKEN, SD2_PAD_TOKEN, build_clip_tokenizer
+from library.errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+MODEL_CONFIGS_DIR = Path(__file__).resolve().parents[3] / "configs" / "models"
+
+
+@dataclass
+class StableDiffusionModels:
+    """The parts of an SD1/SD2 model a LoRA trainer needs, with the flags they were loaded under."""
+
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    noise_scheduler: DDPMScheduler
+    v2: bool
+    v_parameterization: bool
+
+    def pipeline(self) -> StableDiffusionPipeline:
+        """A diffusers pipeline sharing these models (no safety checker), e.g. to `load_lora_weights` or save."""
+        return StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=self.noise_scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+
+    @property
+    def model_version(self) -> str:
+        """sd-scripts' `ss_base_model_version`: "sd_v1", "sd_v2", "sd_v2_v" (or "sd_v1_v", as sd-scripts
+        writes for --v_parameterization without --v2)."""
+        base = "sd_v2" if self.v2 else "sd_v1"
+        return base + "_v" if self.v_parameterization else base
+
+
+def architecture_dir(v2: bool, model_config: str | os.PathLike | None = None) -> Path:
+    """The architecture config folder: `model_config` when given, else configs/models/sd_v2 or sd_v1."""
+    if model_config is None:
+        return MODEL_CONFIGS_DIR / ("sd_v2" if v2 else "sd_v1")
+    folder = Path(model_config)
+    missing = [name for name in ("unet", "vae", "text_encoder") if not (folder / name / "config.json").is_file()]
+    if missing:
+        raise UserInputError(
+            f"The model_config folder {folder} lacks {', '.join(name + '/config.json' for name in missing)}; "
+            f"give a folder laid out like {MODEL_CONFIGS_DIR / 'sd_v1'}."
+        )
+    return folder
+
+
+def build_noise_scheduler(config_dir: Path, v_parameterization: bool) -> DDPMScheduler:
+    """The DDPM training schedule of the architecture, predicting noise or v as the flag says."""
+    return DDPMScheduler.from_pretrained(
+        config_dir,
+        subfolder="scheduler",
+        prediction_type="v_prediction" if v_parameterization else "epsilon",
+        clip_sample=False,
+        local_files_only=True,
+    )
+
+
+def load_stable_diffusion(
+    path: str | os.PathLike,
+    *,
+    v2: bool = False,
+    v_parameterization: bool = False,
+    vae: str | os.PathLike | None = None,
+    model_config: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> StableDiffusionModels:
+    """Load an SD1/SD2 diffusers folder or single-file checkpoint, frozen, in eval mode, in `dtype`.
+
+    `v2` must be given for SD2 models (as sd-scripts' --v2); `vae` replaces the model's VAE with a
+    diffusers folder or a single file; `model_config` names the architecture config folder that
+    single files are converted against and whose scheduler config gives the noise schedule
+    (default: configs/models/sd_v1, or sd_v2 with `v2`). A diffusers folder brings its own configs.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserInputError(
+            f"The model path {path} does not exist; give a diffusers folder or a .safetensors/.ckpt file."
+        )
+    if v_parameterization and not v2:
+        logger.warning("--v_parameterization without --v2: SD1 models are not trained for v-prediction.")
+    config_dir = architecture_dir(v2, model_config)
+    if path.is_dir():
+        models = _load_folder(path, v2, v_parameterization, dtype)
+        vae_config_dir = path
+    else:
+        models = _load_single_file(path, v2, config_dir, dtype)
+        vae_config_dir = config_dir
+    unet, text_encoder, tokenizer, model_vae = models
+    if vae is not None:
+        model_vae = load_vae(vae, vae_config_dir, dtype)
+    result = StableDiffusionModels(
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        vae=model_vae,
+        noise_scheduler=build_noise_scheduler(config_dir, v_parameterization),
+        v2=v2,
+        v_parameterization=v_parameterization,
+    )
+    freeze_models(result, dtype)
+    return result
+
+
+Components = tuple[UNet2DConditionModel, CLIPTextModel, CLIPTokenizer, AutoencoderKL]
+
+
+def _load_folder(path: Path, v2: bool, v_parameterization: bool, dtype: torch.dtype) -> Components:
+    """(unet, text_encoder, tokenizer, vae) of a diffusers folder."""
+    sd_folder.check_diffusers_folder(path)
+    _check_v2_flag(sd_folder.is_open_clip_folder(path), v2, path)
+    _warn_on_prediction_type(path, v_parameterization)
+    return (
+        sd_folder.load_unet(path, dtype),
+        sd_folder.load_text_encoder(path, dtype),
+        sd_folder.load_tokenizer(path, v2),
+        sd_folder.load_vae(path, dtype),
+    )
+
+
+def _load_single_file(path: Path, v2: bool, config_dir: Path, dtype: torch.dtype) -> Components:
+    """(unet, text_encoder, tokenizer, vae) of an LDM-layout checkpoint file."""
+    state_dict = read_state_dict(path)
+    _check_v2_flag(sd_single_file.is_open_clip_checkpoint(state_dict, path), v2, path)
+    state_dict = sd_single_file.with_text_model_level(state_dict)
+    return (
+        sd_single_file.load_unet(state_dict, config_dir, path, dtype),
+        sd_single_file.load_text_encoder(state_dict, config_dir, path, dtype),
+        build_clip_tokenizer(pad_token=SD2_PAD_TOKEN if v2 else EOS_TOKEN),
+        sd_single_file.load_vae(state_dict, config_dir, path, dtype),
+    )
+
+
+def load_vae(path: str | os.PathLike, config_dir: Path, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    """A replacement VAE (`--vae`): a diffusers VAE folder, or a file in LDM or diffusers layout.
+
+    LDM-layout files may carry the `first_stage_model.` prefix of a full checkpoint or none, as the
+    VAE files A1111 users download do; `config_dir/vae` gives the architecture for single files.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserInputError(f"The --vae path {path} does not exist; give a VAE folder or a .safetensors/.ckpt file.")
+    if not path.is_dir():
+        return sd_single_file.load_vae(read_state_dict(path, "--vae file"), config_dir, path, dtype)
+    subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
+    if subfolder is None and not (path / "config.json").is_file():
+        raise UserInputError(
+            f"The --vae folder {path} has neither config.json nor vae/config.json; give a diffusers VAE folder."
+        )
+    return sd_folder.load_pretrained(AutoencoderKL, path, subfolder, "--vae VAE", dtype)
+
+
+def _check_v2_flag(is_open_clip: bool, v2: bool, path: Path) -> None:
+    """The --v2 flag must match the text encoder: it decides the tokenizer's padding and the metadata."""
+    if is_open_clip and not v2:
+        raise UserInputError(
+            f"The model {path} is Stable Diffusion 2.x (OpenCLIP text encoder), but --v2 was not given; "
+            "pass --v2 (and --v_parameterization for 768-px v-prediction models)."
+        )
+    if v2 and not is_open_clip:
+        raise UserInputError(
+            f"The model {path} is Stable Diffusion 1.x (CLIP ViT-L text encoder), but --v2 was given; remove --v2."
+        )
+
+
+def _warn_on_prediction_type(path: Path, v_parameterization: bool) -> None:
+    """A folder whose scheduler predicts something else than the flag says hints at a forgotten flag.
+
+    Only a warning: like sd-scripts, training follows --v_parameterization, not the folder.
+    """
+    config_file = path / "scheduler" / "scheduler_config.json"
+    if not config_file.is_file():
+        return
+    folder_type = json.loads(config_file.read_text()).get("prediction_type", "epsilon")
+    flag_type = "v_prediction" if v_parameterization else "epsilon"
+    if folder_type != flag_type:
+        logger.warning(
+            "The scheduler in %s predicts %s but training will predict %s; check --v_parameterization.",
+            path,
+            folder_type,
+            flag_type,
+        )
+
+
+def freeze_models(models: StableDiffusionModels, dtype: torch.dtype) -> None:
+    """Put every model in `dtype`, eval mode and without gradients; training code opts in explicitly."""
+    for model in (models.text_encoder, models.unet, models.vae):
+        if model.dtype != dtype:
+            model.to(dtype=dtype)
+        model.eval()
+        model.requires_grad_(False)

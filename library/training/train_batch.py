@@ -1,0 +1,78 @@
+"""From images and captions to a noised `CATBatch` and its loss function, as SD training does it.
+
+Noise, timesteps and targets follow sd-scripts (`library.training.noise`); the per-sample weight is the
+prior-loss weight of regularisation images times the SNR weights (min-SNR and friends). SNR
+weights use the schedule as loaded, also under `--zero_terminal_snr` (whose rescaled schedule only
+drives noising and targets), as sd-scripts does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from diffusers import DDPMScheduler
+from torch import Tensor
+
+from library.cat.objective import CATBatch, LossFn
+from library.training.losses import per_sample_loss
+from library.training.noise import noisy_latents, sample_noise, sample_timesteps, snr, snr_loss_weight, training_target
+from library.config.train_config import LossArgs, NoiseArgs
+
+
+@dataclass
+class NoiseSchedule:
+    """The schedule that noises (`train`, maybe zero-terminal-SNR) and the one SNR weights read (`weights`)."""
+
+    train: DDPMScheduler
+    weights: DDPMScheduler
+
+    @property
+    def v_prediction(self) -> bool:
+        return self.train.config.prediction_type == "v_prediction"
+
+
+def build_cat_batch(
+    latents: Tensor,
+    trigger_ids: Tensor,
+    free_ids: Tensor,
+    loss_weights: Tensor,
+    schedule: NoiseSchedule,
+    noise_args: NoiseArgs,
+    loss_args: LossArgs,
+    generator: torch.Generator | None = None,
+) -> tuple[CATBatch, LossFn]:
+    """Noise `latents` once; the batch carries z_t, t and the target that all CAT predictions share."""
+    scheduler = schedule.train
+    noise = sample_noise(
+        latents,
+        noise_offset=noise_args.noise_offset,
+        noise_offset_random_strength=noise_args.noise_offset_random_strength,
+        adaptive_noise_scale=noise_args.adaptive_noise_scale,
+        multires_noise_iterations=noise_args.multires_noise_iterations,
+        multires_noise_discount=noise_args.multires_noise_discount,
+        generator=generator,
+    )
+    low, high = noise_args.timestep_range
+    timesteps = sample_timesteps(latents.shape[0], low, high, scheduler.config.num_train_timesteps, latents.device, generator)
+    z_t = noisy_latents(scheduler, latents, noise, timesteps, ip_noise_gamma=noise_args.ip_noise_gamma,
+                        ip_noise_gamma_random_strength=noise_args.ip_noise_gamma_random_strength, generator=generator)
+    weights = loss_weights.to(latents.device) * snr_loss_weight(
+        snr(schedule.weights, timesteps), v_prediction=schedule.v_prediction, min_snr_gamma=loss_args.min_snr_gamma,
+        scale_v_pred_loss_like_noise_pred=loss_args.scale_v_pred_loss_like_noise_pred,
+        v_pred_like_loss=loss_args.v_pred_like_loss, debiased_estimation_loss=loss_args.debiased_estimation_loss,
+    ).to(latents.device)
+    batch = CATBatch(
+        noisy_latents=z_t,
+        timesteps=timesteps,
+        target=training_target(scheduler, latents, noise, timesteps),
+        trigger_ids=trigger_ids.to(latents.device),
+        free_ids=free_ids.to(latents.device),
+        weights=weights,
+    )
+    loss_fn = partial(
+        per_sample_loss, loss_type=loss_args.loss_type, huber_c=loss_args.huber_c, huber_scale=loss_args.huber_scale,
+        huber_schedule=loss_args.huber_schedule, timesteps=timesteps, scheduler=scheduler,
+    )
+    return batch, loss_fn

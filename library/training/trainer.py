@@ -1,0 +1,502 @@
+"""The training run: set up, then the loop (batch, CAT step, optimizer step, log, save, stop).
+
+`train(config)` is what `train_network_cat.py` runs after parsing. The CAT objective itself is in
+`library.cat.objective`; this file feeds it batches and turns its gradients into a LoRA file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import broadcast_object_list, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from library.cat.objective import cat_step
+from library.errors import UserInputError
+from library.training.grad_sync import average_gradients
+from library.data.image_loading import Augmentation, load_image
+from library.data.latents import LatentCache, LatentKey, encode, key_for, sample_latents
+from library.training.lr_schedulers import build_lr_scheduler, current_learning_rates
+from library.training.noise import check_snr_weighting_flags, zero_terminal_snr_scheduler
+from library.training.optimizers import build_optimizer
+from library.training.output_files import (
+    check_writable, epoch_name, epoch_to_remove, final_name, interrupted_name, state_folder_name, step_name,
+    step_to_remove,
+)
+from library.families.sd.denoiser import SDDenoiser
+from library.families.sd.models import StableDiffusionModels, load_stable_diffusion
+from library.families.prompt_tokens import tokenize
+from library.sampling.drift_probe import PreservationDrift
+from library.sampling.sample_images import SampleImages, scheduled_sample_prompts
+from library.sampling.sample_prompts import SamplePrompt
+from library.training.train_batch import NoiseSchedule, build_cat_batch
+from library.data.batch_loader import EpochBatches, EpochSampler, LoadedBatch, batch_loader
+from library.data.run_data import free_caption, load_training_data, training_caption
+from library.data.training_data import TrainingData
+from library.config.train_config import TrainConfig
+from library.training.train_metadata import RunFacts, at_save, training_metadata
+from library.training.train_state import Progress, load_state, read_progress, save_state
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by `setup`."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    sd: StableDiffusionModels
+    network: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    lr_descriptions: list[str]
+    schedule: NoiseSchedule
+    data: TrainingData
+    facts: RunFacts
+    metadata: dict[str, str]
+    output_dir: Path
+    output_name: str | None
+    save_dtype: torch.dtype | None
+    latent_cache: LatentCache | None
+    batches: EpochBatches  # this process's batches of each epoch
+    loader: DataLoader  # reads them (images decoded and augmented in its workers)
+    sampler: EpochSampler  # points the loader at an epoch
+    generator: torch.Generator
+    sample_prompts: tuple[SamplePrompt, ...] = ()  # --sample_prompts, read at start
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        """The first dataset's resolution (each dataset has its own)."""
+        return self.data.datasets[0].spec.buckets.resolution
+
+
+def train(config: TrainConfig) -> list[Path]:
+    """Run the whole training; returns the LoRA files written (last one = final)."""
+    run = setup(config)
+    return training_loop(run)
+
+
+# --- setup ------------------------------------------------------------------------------------------
+
+
+def setup(config: TrainConfig) -> Run:
+    output_dir = check_writable(config.save.output_dir)
+    output_name = config.save.output_name
+    sample_prompts = scheduled_sample_prompts(config.sample)  # a bad prompt file stops the run before any model loads
+    # accelerate keeps its state per process; a second run in the same process (a GUI or a test
+    # calling main() again) must not inherit the first one's precision or gradient settings.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    accelerator = Accelerator(
+        # Several processes on a machine without a GPU (torchrun): accelerate runs them as MULTI_CPU
+        # (gloo) only when told to use the CPU; otherwise each would train alone.
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+        mixed_precision=config.run.mixed_precision,
+        log_with=config.log.log_with,
+        project_dir=config.log.logging_dir,
+    )
+    if config.run.full_fp16 and accelerator.scaler is not None:
+        _allow_fp16_gradients(accelerator.scaler)
+    seed = _seed(config, accelerator)
+    set_seed(seed)
+
+    check_snr_weighting_flags(
+        v_prediction=config.model.v_parameterization,
+        scale_v_pred_loss_like_noise_pred=config.loss.scale_v_pred_loss_like_noise_pred,
+        v_pred_like_loss=config.loss.v_pred_like_loss,
+    )
+    data = load_training_data(config)
+    sd = load_stable_diffusion(
+        config.model.pretrained_model_name_or_path, v2=config.model.v2,
+        v_parameterization=config.model.v_parameterization, vae=config.model.vae, model_config=config.model.model_config,
+    )
+    weight_dtype = DTYPES[config.run.mixed_precision]
+    _prepare_models(config, sd, accelerator, weight_dtype)
+    network = _build_network(config, sd, accelerator)
+
+    cached = config.data.cache_latents or config.data.cache_latents_to_disk
+    batches = EpochBatches(data, seed, accelerator.num_processes, accelerator.process_index, load_pixels=not cached)
+    per_process = len(batches.batches(1))  # the same in every epoch
+    if per_process == 0:
+        raise UserInputError(
+            f"{data.batches_per_epoch()} batches per epoch cannot be shared by {accelerator.num_processes} processes; "
+            "add images or repeats (the folder name's number), lower the batch size, or use fewer processes."
+        )
+    steps_per_epoch = math.ceil(per_process / config.run.gradient_accumulation_steps)
+    max_steps = config.run.max_train_epochs * steps_per_epoch if config.run.max_train_epochs else config.run.max_train_steps
+    groups, descriptions = _optimizer_groups(network, config)
+    optimizer, optimizer_name = build_optimizer(
+        groups, config.optimizer.optimizer_type, config.optimizer.learning_rate, config.optimizer.optimizer_args
+    )
+    lr_scheduler = build_lr_scheduler(
+        optimizer, config.scheduler.lr_scheduler, num_training_steps=max_steps,
+        warmup_steps=config.scheduler.warmup_steps(max_steps), num_cycles=config.scheduler.lr_scheduler_num_cycles,
+        power=config.scheduler.lr_scheduler_power, scheduler_args=dict(config.scheduler.lr_scheduler_args),
+        min_lr_ratio=config.scheduler.lr_scheduler_min_lr_ratio, scheduler_type=config.scheduler.lr_scheduler_type,
+        decay_steps=config.scheduler.decay_steps(max_steps), timescale=config.scheduler.lr_scheduler_timescale,
+        learning_rate=config.optimizer.learning_rate,
+    )
+    # The network itself is not prepared (no DDP wrapper): see library.training.grad_sync.
+    optimizer = accelerator.prepare(optimizer)
+
+    facts = RunFacts(
+        model_version=sd.model_version, seed=seed,
+        num_batches_per_epoch=steps_per_epoch, max_train_steps=max_steps,
+        num_epochs=math.ceil(max_steps / steps_per_epoch), optimizer_name=optimizer_name, data=data,
+    )
+    train_scheduler = zero_terminal_snr_scheduler(sd.noise_scheduler) if config.noise.zero_terminal_snr else sd.noise_scheduler
+    generator = torch.Generator().manual_seed(seed)
+    loader, sampler = batch_loader(batches, config.data.max_data_loader_n_workers,
+                                   config.data.persistent_data_loader_workers)
+    run = Run(
+        config, accelerator, sd, network, optimizer, lr_scheduler, descriptions,
+        NoiseSchedule(train=train_scheduler, weights=sd.noise_scheduler), data, facts,
+        training_metadata(config, facts, output_name or "last"), output_dir, output_name,
+        SAVE_DTYPES.get(config.save.save_precision) if config.save.save_precision else None, None, batches, loader,
+        sampler, generator, sample_prompts,
+    )
+    _cache_latents(run)
+    return run
+
+
+def _allow_fp16_gradients(scaler) -> None:
+    """--full_fp16 keeps the adapters in fp16, whose gradients torch's GradScaler refuses to unscale
+    unless told it may (sd-scripts patches the scaler the same way). GPU only: on CPU there is no scaler."""
+    unscale = scaler._unscale_grads_
+
+    def unscale_allowing_fp16(optimizer, inv_scale, found_inf, allow_fp16):
+        return unscale(optimizer, inv_scale, found_inf, True)
+
+    scaler._unscale_grads_ = unscale_allowing_fp16
+
+
+def _seed(config: TrainConfig, accelerator: Accelerator) -> int:
+    """--seed; when resuming without one, the seed of the run being resumed; else a fresh one,
+    drawn on the main process and shared, since the data order of every process depends on it."""
+    if config.run.seed is not None:
+        return config.run.seed
+    if config.save.resume:
+        return read_progress(Path(config.save.resume)).seed
+    seed = [random.randint(0, 2**32 - 1)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(seed, from_process=0)
+    return seed[0]
+
+
+def _prepare_models(config: TrainConfig, sd: StableDiffusionModels, accelerator: Accelerator, weight_dtype) -> None:
+    vae_dtype = torch.float32 if config.model.no_half_vae else weight_dtype
+    for model, dtype in ((sd.unet, weight_dtype), (sd.text_encoder, weight_dtype), (sd.vae, vae_dtype)):
+        model.to(accelerator.device)
+        if model.dtype != dtype:  # diffusers warns on every .to(dtype=...), even a no-op one
+            model.to(dtype=dtype)
+    if config.model.xformers:
+        try:
+            sd.unet.enable_xformers_memory_efficient_attention()
+        except Exception as error:  # not installed, or no GPU kernels on this machine
+            logger.warning("--xformers unavailable here (%s); using PyTorch SDPA attention instead.", error)
+    if config.run.gradient_checkpointing:
+        sd.unet.enable_gradient_checkpointing()
+        # transformers 5 renamed it; the old name still works there but warns.
+        enable = getattr(sd.text_encoder, "activation_checkpointing_enable", None) or sd.text_encoder.gradient_checkpointing_enable
+        enable()
+        sd.unet.train()  # diffusers and transformers checkpoint only in training mode
+        sd.text_encoder.train()
+
+
+# sd-scripts' own module names, which GUIs write: ours is the drop-in with the same files and args.
+NETWORK_MODULE_ALIASES = {"networks.lora": "networks.lora_cat"}
+
+
+def import_network_module(name: str):
+    """The `--network_module`: sd-scripts' `networks.lora` means ours; anything else is imported as named."""
+    name = NETWORK_MODULE_ALIASES.get(name, name)
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        raise UserInputError(
+            f"--network_module {name}: cannot import it ({error}); use networks.lora_cat, or install the package "
+            "that provides it (e.g. pip install lycoris-lora for lycoris.kohya)."
+        ) from None
+
+
+def _build_network(config: TrainConfig, sd: StableDiffusionModels, accelerator: Accelerator):
+    module = import_network_module(config.network.module)
+    for path, multiplier in zip(config.network.base_weights, config.network.base_weights_multiplier):
+        merger, weights_sd = module.create_network_from_weights(multiplier, path, sd.vae, sd.text_encoder, sd.unet, for_inference=True)
+        merger.merge_to(sd.text_encoder, sd.unet, weights_sd, None, accelerator.device)
+        logger.info("merged --base_weights %s at multiplier %s", path, multiplier)
+    kwargs = dict(config.network.args)
+    if "dropout" not in kwargs:
+        kwargs["dropout"] = config.network.dropout
+    if config.network.dim_from_weights:
+        network, _ = module.create_network_from_weights(1.0, config.network.weights, sd.vae, sd.text_encoder, sd.unet, **kwargs)
+    else:
+        network = module.create_network(1.0, config.network.dim, config.network.alpha, sd.vae, sd.text_encoder, sd.unet, **kwargs)
+    train_unet = not config.network.train_text_encoder_only
+    train_text_encoder = not config.network.train_unet_only
+    network.apply_to(sd.text_encoder, sd.unet, train_text_encoder, train_unet)
+    if config.network.weights:
+        network.load_weights(config.network.weights)
+    if config.run.gradient_checkpointing:
+        network.enable_gradient_checkpointing()
+    network.prepare_grad_etc(sd.text_encoder, sd.unet)
+    if config.run.full_fp16 or config.run.full_bf16:
+        network.to(DTYPES[config.run.mixed_precision])
+    return network.to(accelerator.device)
+
+
+def _optimizer_groups(network, config: TrainConfig) -> tuple[list[dict], list[str]]:
+    result = network.prepare_optimizer_params(
+        config.optimizer.text_encoder_lr, config.optimizer.unet_lr, config.optimizer.learning_rate
+    )
+    if isinstance(result, tuple):
+        return result
+    return result, [f"group{i}" for i in range(len(result))]
+
+
+# --- the loop ---------------------------------------------------------------------------------------
+
+
+def training_loop(run: Run) -> list[Path]:
+    config, accelerator = run.config, run.accelerator
+    network = run.network
+    denoiser = SDDenoiser(run.sd.unet, run.sd.text_encoder, config.model.clip_skip)
+    if config.log.log_with:
+        accelerator.init_trackers(config.log.log_tracker_name or "network_train")
+    position = _start_progress(run, network)
+    _print_summary(run, position)
+    written: list[Path] = []
+    step, epoch, accumulation = position.step, position.epoch, config.run.gradient_accumulation_steps
+    bar = tqdm(total=run.facts.max_train_steps, initial=step, desc="steps", disable=not accelerator.is_local_main_process)
+    # Side trips that leave training exactly as it was: sample images and the drift on trigger-free prompts.
+    sample_images, drift = SampleImages(run), PreservationDrift(run)
+    sample_images.at_first(step)
+    drift.measure(step, bar)  # before training: exactly 0 for a fresh LoRA (its up-projections start at zero)
+    try:
+        while step < run.facts.max_train_steps:
+            network.on_epoch_start(run.sd.text_encoder, run.sd.unet)
+            count = len(run.batches.batches(epoch))
+            skip = position.batches_in_epoch if epoch == position.epoch else 0  # trained on before a --resume
+            run.sampler.start(epoch, skip)
+            finite = True
+            for index, batch in enumerate(run.loader, start=skip):
+                # Gradients accumulate over windows of `accumulation` batches; an epoch's last window
+                # may be shorter, and each window's losses are averaged over its own size.
+                window = min(accumulation, count - index // accumulation * accumulation)
+                losses = _train_on(run, denoiser, batch, epoch, 1.0 / window)
+                finite = finite and bool(torch.isfinite(losses.total))
+                if (index + 1) % accumulation and index + 1 < count:
+                    continue
+                # One optimizer step: average across processes, check, clip, step.
+                average_gradients(network.get_trainable_params(), accelerator.num_processes)
+                _stop_if_diverged(finite, network, losses)
+                finite = True
+                _clip_gradients(run, network)
+                run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
+                run.lr_scheduler.step()
+                step += 1
+                _scale_weight_norms(run, network)
+                _log(run, losses, step, bar)
+                drift.after_step(step, bar)
+                sample_images.after_step(step)
+                position = Progress(step, epoch, index + 1, run.facts.seed, run.facts.max_train_steps)
+                if config.save.save_every_n_steps and step % config.save.save_every_n_steps == 0:
+                    written.append(_save(run, network, step_name(run.output_name, step), position))
+                    _prune(run, step, config.save.save_every_n_steps, config.save.save_last_n_steps,
+                           config.save.save_last_n_steps_state, step_to_remove, step_name)
+                if step >= run.facts.max_train_steps:
+                    sample_images.at_epoch_end(epoch, step)  # the last epoch ends here; sd-scripts samples it too
+                    break
+            else:
+                epoch += 1
+                sample_images.at_epoch_end(epoch - 1, step)
+                position = Progress(step, epoch, 0, run.facts.seed, run.facts.max_train_steps)
+                if config.save.save_every_n_epochs and (epoch - 1) % config.save.save_every_n_epochs == 0:
+                    written.append(_save(run, network, epoch_name(run.output_name, epoch - 1), position))
+                    _prune(run, epoch - 1, config.save.save_every_n_epochs, config.save.save_last_n_epochs,
+                           config.save.save_last_n_epochs_state, epoch_to_remove, epoch_name)
+    except KeyboardInterrupt:
+        path = _save(run, network, interrupted_name(run.output_name, step), None)
+        logger.warning("interrupted at step %d: saved %s", step, path)
+        raise
+    bar.close()
+    written.append(_save(run, network, final_name(run.output_name), position, end=True))
+    accelerator.end_training()
+    _print_end(run, written)
+    return written
+
+
+def _stop_if_diverged(finite: bool, network, losses) -> None:
+    """Stop on a NaN/inf loss. Gradients are already averaged, so every process sees a bad one."""
+    grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in network.get_trainable_params() if p.grad is not None)
+    if finite and grads_finite:
+        return
+    raise TrainingDiverged(
+        f"the loss became {losses.total.item()} (main {losses.main.item()}, cat {losses.cat.item()}); training "
+        "stopped and the files already written were kept. Lower the learning rate or use --mixed_precision bf16."
+    )
+
+
+def _start_progress(run: Run, network) -> Progress:
+    """Step 0 of epoch 1, or where the `--resume` state left off."""
+    if not run.config.save.resume:
+        return Progress(0, 1, 0, run.facts.seed, run.facts.max_train_steps)
+    folder = Path(run.config.save.resume)
+    saved = read_progress(folder)
+    if saved.seed != run.facts.seed:
+        raise UserInputError(
+            f"--resume {folder} was saved by a run with seed {saved.seed}, this run has seed {run.facts.seed}; "
+            f"pass --seed {saved.seed} to continue it (the data order and noise depend on it)."
+        )
+    progress = load_state(folder, network, run.optimizer, run.lr_scheduler, run.generator, run.accelerator.scaler)
+    logger.info("resumed from %s at step %d (epoch %d, batch %d)", folder, progress.step, progress.epoch,
+                progress.batches_in_epoch)
+    return progress
+
+
+def _train_on(run: Run, denoiser: SDDenoiser, batch: LoadedBatch, epoch: int, loss_scale: float):
+    """Forward and backward one batch; its gradients are added to the adapters' (scaled by `loss_scale`)."""
+    config, accelerator = run.config, run.accelerator
+    samples = batch.samples
+    items = [sample.item for sample in samples]
+    latents = _latents(run, batch)
+    captions = [training_caption(run.facts.seed, sample, epoch) for sample in samples]
+    free = [free_caption(config, item, caption) for item, caption in zip(items, captions)]
+    weights = torch.tensor([config.loss.prior_loss_weight if item.is_reg else 1.0 for item in items])
+    cat_batch, loss_fn = build_cat_batch(
+        latents, tokenize(run.sd.tokenizer, captions, config.model.max_token_length),
+        tokenize(run.sd.tokenizer, free, config.model.max_token_length), weights,
+        run.schedule, config.noise, config.loss, run.generator,
+    )
+
+    def backward(loss: torch.Tensor, last: bool) -> None:
+        accelerator.backward(loss * loss_scale)  # averaged across processes once, before the optimizer step
+
+    with accelerator.autocast():
+        return cat_step(denoiser, run.network, cat_batch, config.cat.weight, config.cat.mode, loss_fn, backward)
+
+
+def _latents(run: Run, batch: LoadedBatch) -> torch.Tensor:
+    """The batch's scaled VAE latents: from the cache, or encoded now from the augmented images.
+    Either way each latent's noise comes from its image's own seeded stream (see library.data.latents)."""
+    keys = [key_for(s.item.path, s.placement, a.flip) for s, a in zip(batch.samples, batch.augmentations)]
+    if run.latent_cache is not None:
+        dists = [run.latent_cache.get(key) for key in keys]
+    else:
+        dists = encode(run.sd.vae, batch.pixels, run.config.data.vae_batch_size)
+    latents = sample_latents(keys, dists, run.facts.seed, run.sd.vae.config.scaling_factor)
+    return latents.to(run.accelerator.device, run.sd.unet.dtype)
+
+
+def _cache_latents(run: Run) -> None:
+    """--cache_latents / --cache_latents_to_disk: encode every image (and its flip where flip_aug is
+    on) before training."""
+    data = run.config.data
+    if not (data.cache_latents or data.cache_latents_to_disk):
+        return
+    keys = [
+        key_for(item.path, dataset.placements[item.path], flip)
+        for dataset in run.data.datasets for subset in dataset.subsets for item in subset.items
+        for flip in ((False, True) if subset.options.flip_aug else (False,))
+    ]
+
+    def pixels(key: LatentKey) -> torch.Tensor:
+        return load_image(key.path, key.bucket, key.resized, Augmentation(flip=key.flip))
+
+    cache = LatentCache(to_disk=data.cache_latents_to_disk)
+    accelerator = run.accelerator
+    if not cache.to_disk:  # in memory: every process encodes its own copy, all at once
+        cache.fill(keys, pixels, run.sd.vae, data.vae_batch_size)
+    else:  # the main process writes the files, then the others read them
+        if accelerator.is_main_process:
+            cache.fill(keys, pixels, run.sd.vae, data.vae_batch_size)
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            cache.fill(keys, pixels, run.sd.vae, data.vae_batch_size, write=False)
+    run.latent_cache = cache
+
+
+def _clip_gradients(run: Run, network) -> None:
+    if run.config.optimizer.max_grad_norm:
+        run.accelerator.clip_grad_norm_(network.get_trainable_params(), run.config.optimizer.max_grad_norm)
+
+
+def _scale_weight_norms(run: Run, network) -> None:
+    if run.config.network.scale_weight_norms:
+        network.apply_max_norm_regularization(run.config.network.scale_weight_norms, run.accelerator.device)
+
+
+def _log(run: Run, losses, step: int, progress) -> None:
+    values = {"loss/main": losses.main.item(), "loss/cat": losses.cat.item(), "loss/total": losses.total.item()}
+    values.update(current_learning_rates(run.lr_scheduler, run.lr_descriptions))
+    progress.update(1)
+    progress.set_postfix(loss=f"{values['loss/total']:.4f}", cat=f"{values['loss/cat']:.4f}")
+    if run.config.log.log_with:
+        run.accelerator.log(values, step=step)
+
+
+def _save(run: Run, network, name: str, progress: Progress | None, end: bool = False) -> Path:
+    """Write one LoRA file (and, with --save_state, the state to resume from at this point)."""
+    path = run.output_dir / name
+    if run.accelerator.is_main_process:
+        epoch, step = (progress.epoch, progress.step) if progress else (0, 0)
+        metadata = None if run.config.save.no_metadata else at_save(run.metadata, epoch, step)
+        network.save_weights(path, run.save_dtype, metadata)
+        wants_state = run.config.save.save_state or (end and run.config.save.save_state_on_train_end)
+        if progress is not None and wants_state:
+            state = run.output_dir / state_folder_name(name)
+            save_state(state, network, run.optimizer, run.lr_scheduler, run.generator, progress, run.accelerator.scaler)
+    run.accelerator.wait_for_everyone()
+    return path
+
+
+def _prune(run: Run, number: int, every: int, keep: int | None, keep_states: int | None, to_remove, namer) -> None:
+    """Remove the file (and the state folder) that fell out of --save_last_n_* (sd-scripts' rule)."""
+    if not run.accelerator.is_main_process:
+        return
+    old_file = to_remove(number, every, keep)
+    if old_file is not None and (run.output_dir / namer(run.output_name, old_file)).exists():
+        (run.output_dir / namer(run.output_name, old_file)).unlink()
+        logger.info("removed %s (--save_last_n_*)", namer(run.output_name, old_file))
+    old_state = to_remove(number, every, keep_states or keep)
+    if old_state is not None:
+        shutil.rmtree(run.output_dir / state_folder_name(namer(run.output_name, old_state)), ignore_errors=True)
+
+
+def _print_summary(run: Run, progress: Progress) -> None:
+    if not run.accelerator.is_main_process:
+        return
+    cat = run.config.cat
+    resumed = f", resuming at step {progress.step}" if progress.step else ""
+    print(
+        f"training: {run.data.num_train_images} images (with repeats), {run.data.num_reg_images} regularisation, "
+        f"{run.facts.num_batches_per_epoch} steps per epoch, {run.facts.max_train_steps} steps, seed {run.facts.seed}{resumed}\n"
+        f"CAT: weight {cat.weight}, trigger {list(cat.triggers)}, caption '{cat.caption}', mode {cat.mode}"
+        + ("" if cat.enabled else " (off: plain LoRA training)")
+    )
+    print(run.data.bucket_table())
+
+
+def _print_end(run: Run, written: list[Path]) -> None:
+    if run.accelerator.is_main_process:
+        print("written:\n" + "\n".join(f"  {p}" for p in written if p.exists()))
