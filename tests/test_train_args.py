@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from library.cli.checks import parse_key_values, parse_literal_args
 from library.cli.config_file import GUI_KEYS
+from library.cli.flags import build_parser
+from library.cli.train_args import parse_args
+from library.cli.unsupported import NOT_IMPLEMENTED
 from library.errors import UserInputError
-from library.cli.train_args import NOT_IMPLEMENTED, build_parser, parse_args, parse_key_values, parse_literal_args
 
 BASE = ["--pretrained_model_name_or_path", "model.safetensors", "--train_data_dir", "data",
         "--output_dir", "out", "--resolution", "512", "--cat_trigger", "sks"]

@@ -1,0 +1,286 @@
+"""The checks of the merged flag values: each raises a `UserInputError` with one sentence that names
+the value, its place and the fix (never an assert), or logs a warning for a combination that trains,
+but probably not as meant.
+
+`check_args` runs them all; the readers of flag text they share with to_config.py (resolution,
+key=value lists) are here too.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+from library.cli.arg_values import ArgValues
+from library.cli.unsupported import IMPLEMENTED_VALUES, INERT_WITHOUT, NOT_IMPLEMENTED
+from library.errors import UserInputError
+from library.sampling.drift_probe import read_preservation_prompts
+
+logger = logging.getLogger(__name__)
+
+# Schedulers that sd-scripts builds without a warmup and refuses a warmup for.
+SCHEDULERS_WITHOUT_WARMUP = ("constant", "adafactor")
+
+
+def check_args(args: ArgValues) -> None:
+    """Refuse the first mistake in `args` with its sentence, then every not-implemented flag given at
+    once; then warn about combinations that train, but probably not as meant."""
+    for check in _CHECKS:
+        check(args)
+    _check_not_implemented(args)
+    for warn in _WARNINGS:
+        warn(args)
+
+
+# region checks and warnings
+
+
+def _check_required(args: ArgValues) -> None:
+    """The model, the images and the output folder must be named."""
+    if not args["pretrained_model_name_or_path"]:
+        raise UserInputError("--pretrained_model_name_or_path is required: give the model folder or checkpoint file.")
+    if not args["train_data_dir"] and not args["dataset_config"]:
+        raise UserInputError("No training images: give --train_data_dir (a folder of <repeats>_<class tokens> "
+                             "folders) or --dataset_config.")
+    if not args["output_dir"]:
+        raise UserInputError("--output_dir is required: give the folder the LoRA files are written to.")
+
+
+def _check_resolution(args: ArgValues) -> None:
+    """--train_data_dir needs a resolution; the resolution must read as 'size' or 'width,height'."""
+    if args["resolution"] is None:
+        if args["train_data_dir"] and not args["dataset_config"]:
+            raise UserInputError("--train_data_dir needs --resolution, e.g. --resolution 512 or 512,768.")
+        return
+    parse_resolution(args["resolution"], args.show("resolution"))
+
+
+def parse_resolution(text: str, shown: str = "--resolution") -> tuple[int, int]:
+    """'512' -> (512, 512); '512,768' -> (512, 768) as (width, height); anything else is refused."""
+    parts = [part.strip() for part in str(text).split(",")]
+    if len(parts) in (1, 2) and all(part.isdigit() and int(part) > 0 for part in parts):
+        width, height = int(parts[0]), int(parts[-1])
+        return width, height
+    raise UserInputError(f"{shown}: the resolution must be 'size' or 'width,height' in pixels, e.g. 512 or 512,768.")
+
+
+def _check_positive(args: ArgValues) -> None:
+    """Counts that must be at least 1 (or 0 for the worker count), when given."""
+    for dest in ("train_batch_size", "dataset_repeats", "gradient_accumulation_steps", "max_train_steps", "max_train_epochs",
+                 "save_every_n_epochs", "save_every_n_steps", "save_n_epoch_ratio", "save_last_n_epochs",
+                 "save_last_n_steps", "vae_batch_size", "lr_scheduler_num_cycles", "clip_skip"):
+        if args[dest] is not None and args[dest] < 1:
+            raise UserInputError(f"{args.show(dest)}: this must be 1 or more.")
+    if args["max_data_loader_n_workers"] < 0:
+        raise UserInputError(f"{args.show('max_data_loader_n_workers')}: this must be 0 or more.")
+def _check_dataset(args: ArgValues) -> None:
+    """Rates within 0..1, counts not negative, bucket sides sensible (the dataset config checks its own)."""
+    for dest in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+        if not 0 <= args[dest] <= 1:
+            raise UserInputError(f"{args.show(dest)}: a rate must be between 0 and 1.")
+    for dest in ("keep_tokens", "caption_dropout_every_n_epochs"):
+        if args[dest] < 0:
+            raise UserInputError(f"{args.show(dest)}: this must be 0 or more.")
+    for dest in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
+        if args[dest] < 8:
+            raise UserInputError(f"{args.show(dest)}: bucket sizes are pixels, at least 8 (64 is usual for steps).")
+
+
+def _check_network(args: ArgValues) -> None:
+    """U-Net-only and text-encoder-only exclude each other; base weight multipliers match the files."""
+    if args["network_train_unet_only"] and args["network_train_text_encoder_only"]:
+        raise UserInputError("--network_train_unet_only and --network_train_text_encoder_only exclude each other: "
+                             "give one of them, or neither to train both.")
+    weights, multipliers = args["base_weights"] or [], args["base_weights_multiplier"] or []
+    if len(multipliers) > len(weights):
+        raise UserInputError(f"{args.show('base_weights_multiplier')}: {len(multipliers)} multipliers for "
+                             f"{len(weights)} --base_weights files; give at most one per file.")
+    parse_key_values(args["network_args"] or [], args.show("network_args"))
+
+
+def _check_cat(args: ArgValues) -> None:
+    """The CAT weight is a finite number >= 0; stripping or replacing a trigger needs the trigger."""
+    weight = args["cat_weight"]
+    if not math.isfinite(weight) or weight < 0:
+        raise UserInputError(f"{args.show('cat_weight')}: the CAT weight must be a finite number >= 0 "
+                             f"(0 turns CAT off, 1.0 is the paper's default).")
+    triggers = args["cat_trigger"] or []
+    if any(not trigger.strip() for trigger in triggers):
+        raise UserInputError(f"{args.show('cat_trigger')}: a trigger is empty; give words or phrases.")
+    needs_trigger = weight > 0 and args["cat_caption"] in ("strip", "class") and not args["dataset_config"]
+    if needs_trigger and not triggers:
+        raise UserInputError(
+            f"CAT is on (--cat_weight {weight:g}) with --cat_caption {args['cat_caption']}, which removes the trigger "
+            f"from captions, but no --cat_trigger is given: add --cat_trigger <your trigger word>, or use "
+            f"--cat_caption empty, or --cat_weight 0 for plain LoRA training."
+        )
+
+
+def _check_precision(args: ArgValues) -> None:
+    """--full_fp16/--full_bf16 exclude each other and need the matching --mixed_precision (sd-scripts)."""
+    if args["full_fp16"] and args["full_bf16"]:
+        raise UserInputError("--full_fp16 and --full_bf16 exclude each other: give one of them.")
+    for flag, dtype in (("full_fp16", "fp16"), ("full_bf16", "bf16")):
+        if args[flag] and args["mixed_precision"] != dtype:
+            raise UserInputError(f"--{flag} needs --mixed_precision {dtype} (it is {args['mixed_precision']}), "
+                                 f"as in sd-scripts.")
+
+
+def _check_optimizer(args: ArgValues) -> None:
+    """The old optimizer switches exclude each other and --optimizer_type; optimizer args parse."""
+    switches = [f"--{dest}" for dest in ("use_8bit_adam", "use_lion_optimizer") if args[dest]]
+    if args["optimizer_type"]:
+        switches.append(f"--optimizer_type {args['optimizer_type']}")
+    if len(switches) > 1:
+        raise UserInputError(f"{' and '.join(switches)} each choose the optimizer: keep one "
+                             f"(--use_8bit_adam is --optimizer_type AdamW8bit, --use_lion_optimizer is Lion).")
+    parse_literal_args(args["optimizer_args"] or [], args.show("optimizer_args"))
+    parse_literal_args(args["lr_scheduler_args"] or [], args.show("lr_scheduler_args"))
+
+
+def _check_scheduler(args: ArgValues) -> None:
+    """sd-scripts refuses a warmup for schedules that have none (constant, adafactor, a custom class)."""
+    if args["lr_warmup_steps"] == 0:
+        return
+    if args["lr_scheduler_type"]:
+        raise UserInputError(f"{args.show('lr_warmup_steps')} with the custom --lr_scheduler_type "
+                             f"{args['lr_scheduler_type']}: sd-scripts gives custom schedulers no warmup; set it to 0.")
+    if args["lr_scheduler"] in SCHEDULERS_WITHOUT_WARMUP:
+        raise UserInputError(f"{args.show('lr_warmup_steps')} with --lr_scheduler {args['lr_scheduler']}, which has "
+                             f"no warmup: use --lr_scheduler constant_with_warmup, or set the warmup to 0.")
+
+
+def _check_timesteps(args: ArgValues) -> None:
+    """0 <= min_timestep < max_timestep <= 1000."""
+    low, high = args["min_timestep"], args["max_timestep"]
+    if low is not None and not 0 <= low <= 999:
+        raise UserInputError(f"{args.show('min_timestep')}: the lowest timestep must be 0 to 999.")
+    if high is not None and not 1 <= high <= 1000:
+        raise UserInputError(f"{args.show('max_timestep')}: the highest timestep must be 1 to 1000.")
+    if (0 if low is None else low) >= (1000 if high is None else high):
+        raise UserInputError(f"{args.show('min_timestep')} is not below {args.show('max_timestep')}: timesteps are "
+                             f"drawn from [min, max), so min must be smaller.")
+
+
+def _check_saving(args: ArgValues) -> None:
+    """Only .safetensors is written; a --resume folder must exist."""
+    if args["save_model_as"] != "safetensors":
+        raise UserInputError(f"{args.show('save_model_as')}: only safetensors is written (the format every UI "
+                             f"loads); use --save_model_as safetensors or leave it out.")
+    if args["resume"] and not Path(args["resume"]).is_dir():
+        raise UserInputError(f"{args.show('resume')}: that state folder does not exist; give a "
+                             f"<output_name>-state folder written by --save_state.")
+
+
+def _check_not_implemented(args: ArgValues) -> None:
+    """Refuse, in one sentence, every accepted-but-not-implemented flag that was given a value."""
+    given = [flag for flag in NOT_IMPLEMENTED if _requested(args, flag.removeprefix("--"))]
+    if given:
+        listed = ", ".join(_not_implemented_item(args, flag) for flag in given)
+        raise UserInputError(f"{listed} {'is' if len(given) == 1 else 'are'} accepted but not implemented yet; "
+                             f"remove {'it' if len(given) == 1 else 'them'} (or set the default) to train.")
+
+
+def _requested(args: ArgValues, dest: str) -> bool:
+    """Whether a flag was given a value that asks for something: not the default, not an implemented
+    value, and not inert for lack of the flags it works with."""
+    if not args.is_set(dest) or args[dest] in IMPLEMENTED_VALUES.get(dest, ()):
+        return False
+    enablers = INERT_WITHOUT.get(dest)
+    return enablers is None or any(args.is_set(enabler) for enabler in enablers)
+
+
+def _not_implemented_item(args: ArgValues, flag: str) -> str:
+    """"--flag (reason)", with the config file named when the value came from it."""
+    dest = flag.removeprefix("--")
+    place = f", from {args.config_file}" if dest in args.from_file and dest not in args.from_command_line else ""
+    return f"{flag} ({NOT_IMPLEMENTED[flag]}{place})"
+
+
+def _warn_model(args: ArgValues) -> None:
+    """sd-scripts' warnings for combinations that train, but probably not as meant."""
+    if args["v_parameterization"] and not args["v2"]:
+        logger.warning("--v_parameterization without --v2: v-prediction is meant for SD 2.x models.")
+    if args["v2"] and args["clip_skip"] is not None and args["clip_skip"] > 1:
+        logger.warning("--clip_skip with --v2: SD 2.x is not meant to be used with clip skip.")
+    if args["zero_terminal_snr"] and not args["v_parameterization"]:
+        logger.warning("--zero_terminal_snr without --v_parameterization: training will be unexpected.")
+
+
+def _warn_cat(args: ArgValues) -> None:
+    """Triggers given while CAT is off do nothing."""
+    if args["cat_weight"] == 0 and args["cat_trigger"]:
+        logger.info("--cat_weight 0: CAT is off, --cat_trigger is not used (plain LoRA training).")
+
+
+def _warn_dataset(args: ArgValues) -> None:
+    """With --dataset_config the folder flags are not read (as in sd-scripts, which warns too)."""
+    ignored = [args.show(dest) for dest in ("train_data_dir", "reg_data_dir", "in_json") if args[dest]]
+    if args["dataset_config"] and ignored:
+        logger.warning("%s: not used, because %s gives the images; put the folders in that file instead.",
+                       ", ".join(ignored), args.show("dataset_config"))
+
+
+def _check_preservation(args: ArgValues) -> None:
+    """The preservation signal needs a readable, non-empty prompt file and an interval of 1 or more."""
+    path, every = args["preservation_prompts"], args["preservation_every_n_steps"]
+    if path is None:
+        if every is not None:
+            raise UserInputError(f"{args.show('preservation_every_n_steps')} without --preservation_prompts: give the "
+                                 "file of trigger-free prompts to measure the drift on, or leave the interval out.")
+        return
+    if every is None or every < 1:
+        shown = "no --preservation_every_n_steps" if every is None else args.show("preservation_every_n_steps")
+        raise UserInputError(f"{args.show('preservation_prompts')} with {shown}: give how often to measure the "
+                             "drift, e.g. --preservation_every_n_steps 50 (1 or more).")
+    read_preservation_prompts(path, args.show("preservation_prompts"))
+
+
+_CHECKS = (_check_required, _check_resolution, _check_positive, _check_dataset, _check_network, _check_cat, _check_precision,
+           _check_optimizer, _check_scheduler, _check_timesteps, _check_saving, _check_preservation)
+_WARNINGS = (_warn_model, _warn_cat, _warn_dataset)
+
+
+# endregion
+
+# region key=value arguments
+
+
+def parse_key_values(pairs: Iterable[str], shown: str = "--network_args") -> dict[str, str]:
+    """["conv_dim=4", "conv_alpha=1"] -> {"conv_dim": "4", "conv_alpha": "1"}; values stay text.
+
+    A pair splits at its first "=", so values may hold "=" too; a later key replaces an earlier one.
+    """
+    result: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserInputError(f"{shown}: {pair!r} is not key=value; write it like conv_dim=4.")
+        result[key.strip()] = value
+    return result
+
+
+def parse_literal_args(pairs: Iterable[str], shown: str = "--optimizer_args") -> dict[str, Any]:
+    """["weight_decay=0.01", "betas=0.9,0.999"] -> {"weight_decay": 0.01, "betas": (0.9, 0.999)}.
+
+    Values are Python literals, as sd-scripts reads them; true/false in any case are booleans
+    (sd-scripts would fail on them, and the string "false" would be truthy); anything else that is
+    not a literal stays a string ("decouple=yes" -> "yes").
+    """
+    return {key: _literal(value) for key, value in parse_key_values(pairs, shown).items()}
+
+
+def _literal(text: str) -> Any:
+    """A Python literal from text, a boolean from true/false, or the text itself."""
+    if text.strip().lower() in ("true", "false"):
+        return text.strip().lower() == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+
+
+# endregion
