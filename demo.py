@@ -23,10 +23,10 @@ import networks.lora_cat as lora_cat
 from library.testing.demo_data import CONCEPT_CAPTIONS, write_demo_dataset
 from library.data.image_loading import load_image
 from library.cat.preservation import FixedNoise, denoising_loss, prediction_drift
-from library.families.sd.denoiser import SDDenoiser
+from library.cat.objective import Denoiser
+from library.training.noise import training_target
 from library.families.sd.models import load_stable_diffusion
 from library.testing.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
-from library.families.prompt_tokens import tokenize
 
 ROOT = Path(__file__).resolve().parent
 TRIGGER_FREE_PROMPTS = [
@@ -74,24 +74,25 @@ def _train(checkpoint: Path, data: Path, out: Path, name: str, cat_weight: float
 
 def _report(checkpoint: Path, data: Path, loras: dict[str, Path], seed: int) -> None:
     sd = load_stable_diffusion(checkpoint, model_config=tiny_config_dir(False))
-    denoiser = SDDenoiser(sd.unet, sd.text_encoder)
+    denoiser = sd.denoiser()
     images = sorted((data / "train").glob("*/*.png"))
-    latents = sd.vae.encode(torch.stack([load_image(p, (64, 64)) for p in images])).latent_dist.mean * sd.vae.config.scaling_factor
+    latents = sd.latents_from_vae(sd.vae.encode(torch.stack([load_image(p, (64, 64)) for p in images])).latent_dist.mean)
     captions = [p.with_suffix(".txt").read_text().strip() for p in images]
-    train_ids = tokenize(sd.tokenizer, captions)
-    free_ids = tokenize(sd.tokenizer, TRIGGER_FREE_PROMPTS)
+    train_ids = sd.tokenize(captions)
+    free_ids = sd.tokenize(TRIGGER_FREE_PROMPTS)
     free_latents = torch.randn((len(TRIGGER_FREE_PROMPTS), *latents.shape[1:]), generator=torch.Generator().manual_seed(seed))
     train_noise = FixedNoise.draw(tuple(latents.shape), seed + 1)
     free_noise = FixedNoise.draw(tuple(free_latents.shape), seed + 2)
-    base_loss = denoising_loss(denoiser, train_ids, latents, train_noise, sd.noise_scheduler)
+    target = training_target(sd.noise_scheduler, latents, train_noise.noise, train_noise.timesteps)
+    base_loss = denoising_loss(denoiser, train_ids, latents, train_noise, sd.noise_scheduler, target)
 
     results = {}
     for name, path in loras.items():
-        network, _ = lora_cat.create_network_from_weights(1.0, path, sd.vae, sd.text_encoder, sd.unet)
-        network.apply_to(sd.text_encoder, sd.unet)
+        network, _ = lora_cat.create_network_from_weights(1.0, path, sd.vae, sd.network_text_encoder, sd.unet)
+        network.apply_to(sd.network_text_encoder, sd.unet)
         network.load_weights(path)
         drift = prediction_drift(denoiser, network, free_ids, free_latents, free_noise, sd.noise_scheduler)
-        learned = base_loss - denoising_loss(denoiser, train_ids, latents, train_noise, sd.noise_scheduler)
+        learned = base_loss - denoising_loss(denoiser, train_ids, latents, train_noise, sd.noise_scheduler, target)
         results[name] = (drift, learned)
         if name == "cat":
             ours = _predict(denoiser, free_ids, free_latents)
@@ -109,7 +110,7 @@ def _report(checkpoint: Path, data: Path, loras: dict[str, Path], seed: int) -> 
 
 
 @torch.no_grad()
-def _predict(denoiser: SDDenoiser, ids: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+def _predict(denoiser: Denoiser, ids: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
     return denoiser.predict(latents, torch.full((latents.shape[0],), 500), denoiser.encode(ids))
 
 
@@ -118,7 +119,7 @@ def _diffusers_gap(checkpoint: Path, lora: Path, ids: torch.Tensor, latents: tor
     sd = load_stable_diffusion(checkpoint, model_config=tiny_config_dir(False))
     pipe = sd.pipeline()
     pipe.load_lora_weights(str(lora))
-    theirs = _predict(SDDenoiser(pipe.unet, pipe.text_encoder), ids, latents)
+    theirs = _predict(sd.denoiser(), ids, latents)  # the pipeline shares these models
     return (theirs - ours).abs().max().item()
 
 

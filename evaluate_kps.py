@@ -36,7 +36,8 @@ from library.evaluation.kps_report import results_json, results_table, write_gri
 from library.evaluation.kps_scoring import score_adapters
 from library.evaluation.lora_fit import check_lora_fits
 from library.sampling.samplers import SAMPLERS, inference_scheduler
-from library.families.sd.models import StableDiffusionModels, load_stable_diffusion
+from library.families.family import ModelFamily
+from library.families.sd.models import load_stable_diffusion
 
 BASE_MODEL = "base model"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -151,16 +152,16 @@ def evaluate(config: KPSConfig) -> dict:
     pairs = _prompt_pairs(config, training)
     adapters = _adapters(config.loras)
     embedder = load_clip(config.clip_model, config.clip_pretrained, config.device)
-    sd = load_stable_diffusion(
+    models = load_stable_diffusion(
         config.pretrained_model_name_or_path, v2=config.v2, v_parameterization=config.v_parameterization,
         vae=config.vae, model_config=config.model_config, dtype=DTYPES[config.dtype],
     )
     for adapter in adapters[1:]:
-        check_lora_fits(adapter.path, sd.unet, sd.text_encoder)
+        check_lora_fits(adapter.path, models.lora_layers())
 
-    settings = _settings(config, sd)
+    settings = _settings(config, models)
     planned = plan_images(adapters, pairs, [caption for _, caption in training], config.seeds)
-    files, generated = generate_images(_pipeline(sd, config), adapters, planned, settings, config.output_dir / "images")
+    files, generated = generate_images(_pipeline(models, config), adapters, planned, settings, config.output_dir / "images")
     scores = score_adapters(embedder, [a.name for a in adapters], files, pairs, [path for path, _ in training])
 
     settings_json = _jsonable(asdict(config)) | {"width": settings.width, "height": settings.height}
@@ -238,20 +239,20 @@ def _adapters(loras: Sequence[Path]) -> list[Adapter]:
     return [Adapter(BASE_MODEL, None, None)] + [Adapter(p.stem, p, bytes_fingerprint(p)) for p in loras]
 
 
-def _settings(config: KPSConfig, sd: StableDiffusionModels) -> GenerationSettings:
-    native = sd.unet.config.sample_size * 2 ** (len(sd.vae.config.block_out_channels) - 1)
+def _settings(config: KPSConfig, models: ModelFamily) -> GenerationSettings:
+    native_width, native_height = models.native_resolution
     return GenerationSettings(
         model=files_fingerprint(config.pretrained_model_name_or_path, config.vae, config.model_config)
         + f"-v2={config.v2}-v={config.v_parameterization}",
         sampler=config.sampler, steps=config.sample_steps, guidance_scale=config.guidance_scale,
-        width=config.width or native, height=config.height or native, dtype=config.dtype,
+        width=config.width or native_width, height=config.height or native_height, dtype=config.dtype,
         device_type=torch.device(config.device).type,
     )
 
 
-def _pipeline(sd: StableDiffusionModels, config: KPSConfig):
-    pipe = sd.pipeline()
-    pipe.scheduler = inference_scheduler(config.sampler, sd.noise_scheduler)
+def _pipeline(models: ModelFamily, config: KPSConfig):
+    pipe = models.pipeline()
+    pipe.scheduler = inference_scheduler(config.sampler, models.noise_scheduler)
     pipe.set_progress_bar_config(disable=True)  # one bar over all images instead
     return pipe.to(config.device)
 

@@ -14,8 +14,9 @@ import sys
 from typing import Sequence
 
 import library  # noqa: F401  (before diffusers: quiets an irrelevant bitsandbytes import warning)
-from library.errors import UserInputError
 from library.cli.train_args import parse_args
+from library.errors import UserInputError
+from library.families.sd.models import load as load_stable_diffusion
 from library.training.trainer import TrainingDiverged, train
 
 
@@ -23,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse, train, and turn user mistakes into one readable sentence (exit code 2)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        train(parse_args(argv))
+        train(parse_args(argv), load_stable_diffusion)
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

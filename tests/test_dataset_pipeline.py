@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import library.training.trainer as trainer
+from library.families.sd.family import StableDiffusionModels
 import train_network_cat
 from networks.lora_cat.file_format import read_lora_file
 from library.testing.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
@@ -98,13 +99,13 @@ def test_sd_scripts_dataset_trains_unchanged_with_samples(model, dataset, tmp_pa
 
 def test_captions_that_reach_the_step(model, dataset, tmp_path, monkeypatch):
     seen = []
-    tokenize = trainer.tokenize
+    tokenize = StableDiffusionModels.tokenize
 
-    def recording(tokenizer, captions, max_length):
+    def recording(models, captions, max_length):
         seen.append(list(captions))
-        return tokenize(tokenizer, captions, max_length)
+        return tokenize(models, captions, max_length)
 
-    monkeypatch.setattr(trainer, "tokenize", recording)
+    monkeypatch.setattr(StableDiffusionModels, "tokenize", recording)
     assert train_network_cat.main(_argv(model, dataset, tmp_path / "out", "--max_train_steps", "6")) == 0
     trained, free = seen[0::2], seen[1::2]  # each step tokenizes the training captions, then the trigger-free ones
     captions = [c for batch in trained for c in batch]
@@ -119,7 +120,7 @@ def test_captions_that_reach_the_step(model, dataset, tmp_path, monkeypatch):
         assert stripped == caption.replace("sks ", "", 1), "the trigger-free caption is the shuffled one, stripped"
     assert any(c not in CAPTIONS for c in captions if c != "teapot"), "tags were shuffled"
     again = []
-    monkeypatch.setattr(trainer, "tokenize", lambda t, c, m: again.append(list(c)) or tokenize(t, c, m))
+    monkeypatch.setattr(StableDiffusionModels, "tokenize", lambda t, c, m: again.append(list(c)) or tokenize(t, c, m))
     assert train_network_cat.main(_argv(model, dataset, tmp_path / "out2", "--max_train_steps", "6")) == 0
     assert again == seen, "the same seed gives the same captions"
 
@@ -198,8 +199,8 @@ def test_data_loader_workers_do_not_change_the_lora(model, dataset, tmp_path):
 
 def test_regularisation_samples_are_weighted_by_prior_loss_weight(model, dataset, tmp_path, monkeypatch):
     captions, weights = [], []
-    tokenize, build = trainer.tokenize, trainer.build_cat_batch
-    monkeypatch.setattr(trainer, "tokenize", lambda t, c, m: captions.append(list(c)) or tokenize(t, c, m))
+    tokenize, build = StableDiffusionModels.tokenize, trainer.build_cat_batch
+    monkeypatch.setattr(StableDiffusionModels, "tokenize", lambda t, c, m: captions.append(list(c)) or tokenize(t, c, m))
     monkeypatch.setattr(trainer, "build_cat_batch", lambda *a: weights.append(a[3].tolist()) or build(*a))
     argv = _argv(model, dataset, tmp_path / "out", "--prior_loss_weight", "0.25", "--max_train_steps", "8", "--cat_weight", "0")
     assert train_network_cat.main(argv) == 0

@@ -21,7 +21,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from library.testing import ldm_layout
 from library.errors import UserInputError
-from library.families.sd.models import MODEL_CONFIGS_DIR, StableDiffusionModels, load_stable_diffusion
+from library.families.sd.family import StableDiffusionModels
+from library.families.sd.models import MODEL_CONFIGS_DIR, load_stable_diffusion
 from library.testing.tiny_sd import build_tiny_sd, ldm_state_dict, save_single_file, tiny_config_dir, write_state_dict
 
 FORMATS = ["folder", "safetensors", "ckpt"]

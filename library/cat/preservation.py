@@ -16,7 +16,6 @@ from torch import Tensor
 
 from library.cat.objective import Denoiser
 from library.cat.network_protocol import multiplier_set_to
-from library.training.noise import training_target
 
 
 @dataclass(frozen=True)
@@ -45,9 +44,10 @@ def prediction_drift(denoiser: Denoiser, network, input_ids: Tensor, latents: Te
 
 
 @torch.no_grad()
-def denoising_loss(denoiser: Denoiser, input_ids: Tensor, latents: Tensor, fixed: FixedNoise, scheduler) -> float:
-    """The mean squared training loss on `latents` with these captions, at fixed noise and timesteps."""
+def denoising_loss(denoiser: Denoiser, input_ids: Tensor, latents: Tensor, fixed: FixedNoise, scheduler,
+                   target: Tensor) -> float:
+    """The mean squared training loss on `latents` with these captions, at fixed noise and timesteps;
+    `target` is what the model should predict there (`library.training.noise.training_target`)."""
     z_t = scheduler.add_noise(latents, fixed.noise, fixed.timesteps)
     prediction = denoiser.predict(z_t, fixed.timesteps, denoiser.encode(input_ids))
-    target = training_target(scheduler, latents, fixed.noise, fixed.timesteps)
     return (prediction.float() - target.float()).square().mean().item()

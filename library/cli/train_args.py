@@ -19,12 +19,9 @@ from typing import Sequence
 from library.cli.arg_values import ArgValues, read_arg_values
 from library.cli.checks import check_args
 from library.cli.config_file import config_path, write_config_file
-from library.cli.to_config import dataset_defaults, to_train_config
+from library.cli.to_config import to_train_config
 from library.config.train_config import TrainConfig
 from library.errors import UserInputError
-
-# dataset_defaults is imported from here by tools that read a dataset as the trainer does.
-__all__ = ["dataset_defaults", "parse_args"]
 
 logger = logging.getLogger(__name__)
 

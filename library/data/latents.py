@@ -61,14 +61,15 @@ def key_for(path: Path, placement: Placement, flip: bool = False) -> LatentKey:
     return LatentKey(path, placement.bucket, placement.resized, flip)
 
 
-def sample_latents(keys: list[LatentKey], dists: list[Distribution], seed: int, scaling_factor: float) -> Tensor:
-    """The scaled latents of a batch, each with its own seeded noise."""
+def sample_latents(keys: list[LatentKey], dists: list[Distribution], seed: int) -> Tensor:
+    """The VAE latents of a batch, each drawn with its own seeded noise (unscaled: the model family
+    maps them into its latent space)."""
     latents = []
     for key, dist in zip(keys, dists):
         noise = torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(key.noise_seed(seed)))
         # In float32 whatever the VAE's dtype, so latents read back from disk (float32) match.
         latents.append(dist.mean.float() + dist.std.float() * noise.to(dist.mean.device))
-    return torch.stack(latents) * scaling_factor
+    return torch.stack(latents)
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from library.data.buckets import BucketSettings, check_bucket_settings
 from library.data.caption_transforms import sample_rng, transform_caption
@@ -105,6 +106,26 @@ def class_word(config: TrainConfig, class_tokens: str, triggers: tuple[str, ...]
     if own or config.cat.class_word:
         return own or config.cat.class_word
     return class_word_from_tokens(class_tokens, triggers) if triggers else class_tokens
+
+
+def trigger_free_prompt(config: TrainConfig, data: TrainingData) -> Callable[[str], str]:
+    """A prompt -> the prompt as CAT's preservation term would see it (--cat_caption, --cat_trigger),
+    for prompts written outside the dataset (sample prompts)."""
+    cat = config.cat
+    triggers = cat.triggers or tuple(t for subset in data.subsets for t in subset.cat_triggers)
+    # --cat_caption class takes the class word of the first training subset that has one.
+    words = (class_word(config, s.class_tokens, triggers, s.cat_class_word) for s in data.subsets if not s.is_reg)
+    word = next((word for word in words if word), None) if cat.caption == "class" and triggers else None
+    mode = cat.caption if word or cat.caption != "class" else "strip"
+
+    def rewrite(prompt: str) -> str:
+        if cat.caption == "empty":
+            return ""
+        if not triggers:
+            return prompt
+        return trigger_free_caption(prompt, triggers, mode, word, config.data.caption_separator)
+
+    return rewrite
 
 
 def training_caption(seed: int, sample: Sample, epoch: int) -> str:

@@ -14,7 +14,7 @@ from library.data.dataset_config import load_dataset_config
 from library.errors import UserInputError
 from library.data.folder_dataset import scan_folders
 from library.sampling.prompt_files import read_prompt_lines
-from library.cli.train_args import dataset_defaults
+from library.cli.to_config import dataset_defaults
 
 def read_prompt_file(path: Path) -> list[tuple[int, str]]:
     """(line number, prompt) for each prompt line of `path`."""

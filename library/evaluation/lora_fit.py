@@ -14,16 +14,15 @@ from torch import nn
 
 from library.errors import UserInputError
 from networks.lora_cat.file_format import describe_lora_state_dict, read_lora_file
-from networks.lora_cat.targets import text_encoder_targets, unet_targets
 
 
-def check_lora_fits(path: Path, unet: nn.Module, text_encoder: nn.Module) -> None:
-    """Raise a `UserInputError` naming the first layer of the file at `path` that this model lacks or cannot take."""
+def check_lora_fits(path: Path, layers: dict[str, nn.Module]) -> None:
+    """Raise a `UserInputError` naming the first layer of the file at `path` that the model lacks or cannot
+    take; `layers` are the model's adaptable layers by kohya name (`ModelFamily.lora_layers`)."""
     tensors, _ = read_lora_file(path)
     entries = describe_lora_state_dict(tensors, str(path))
     if not entries:
         raise UserInputError(f"The LoRA file {path} holds no LoRA layer; check that it is a LoRA.")
-    layers = {t.lora_name: t.module for t in unet_targets(unet, True) + text_encoder_targets(text_encoder)}
     unknown = [name for name in entries if name not in layers]
     if unknown:
         raise UserInputError(

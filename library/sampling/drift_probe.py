@@ -12,18 +12,12 @@ changes nothing in training (`library.sampling.state_guard.outside_training`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 
 from library.cat.preservation import FixedNoise, prediction_drift
+from library.config.train_config import PreservationArgs
 from library.sampling.prompt_files import read_prompt_lines
-from library.families.prompt_tokens import tokenize
-from library.families.sd.denoiser import SDDenoiser
-from library.sampling.state_guard import outside_training
-
-if TYPE_CHECKING:
-    from library.training.trainer import Run
+from library.sampling.side_trip import SideTrip
 
 DRIFT_TAG = "preservation/drift"
 CHUNK = 8  # prompts per U-Net call: bounded memory for long prompt files
@@ -35,35 +29,38 @@ def read_preservation_prompts(path: str | Path, shown: str = "--preservation_pro
 
 
 class PreservationDrift:
-    """The training loop's probe: `measure` at the start, `after_step` after every optimizer step."""
+    """The training loop's probe: `measure` at the start, `after_step` after every optimizer step.
 
-    def __init__(self, run: "Run") -> None:
-        self.run = run
-        self.every = run.config.preservation.every_n_steps
-        path = run.config.preservation.prompts
-        self.prompts = read_preservation_prompts(path) if path else ()
+    `resolution` is the latents' size in pixels (the first dataset's), `train_scheduler` the noise
+    schedule training uses; `log` sends the value to the run's trackers.
+    """
+
+    def __init__(self, side: SideTrip, args: PreservationArgs, *, resolution: tuple[int, int], run_seed: int,
+                 train_scheduler, log: bool) -> None:
+        self.side, self.every, self.log = side, args.every_n_steps, log
+        self.train_scheduler = train_scheduler
+        self.prompts = read_preservation_prompts(args.prompts) if args.prompts else ()
         self.last: float | None = None
-        if self.prompts and run.accelerator.is_main_process:
-            self._inputs = self._fixed_inputs()
+        if self.prompts and side.accelerator.is_main_process:
+            self._inputs = self._fixed_inputs(resolution, run_seed)
 
     def measure(self, step: int, bar) -> None:
         """Compute, log and show the drift now (main process; the others go on to the next collective)."""
-        run = self.run
-        if not self.prompts or not run.accelerator.is_main_process:
+        side = self.side
+        if not self.prompts or not side.accelerator.is_main_process:
             return
         ids, latents, fixed = self._inputs
-        with outside_training(run.sd.unet, run.sd.text_encoder, network=run.network, generator=run.generator):
-            with run.accelerator.autocast():
-                denoiser = SDDenoiser(run.sd.unet, run.sd.text_encoder, run.config.model.clip_skip)
-                parts = [
-                    (prediction_drift(denoiser, run.network, ids[i : i + CHUNK], latents[i : i + CHUNK],
-                                      FixedNoise(fixed.noise[i : i + CHUNK], fixed.timesteps[i : i + CHUNK]),
-                                      run.schedule.train), len(ids[i : i + CHUNK]))
-                    for i in range(0, len(ids), CHUNK)
-                ]
+        with side.outside_training(), side.accelerator.autocast():
+            denoiser = side.models.denoiser(side.clip_skip)
+            parts = [
+                (prediction_drift(denoiser, side.network, ids[i : i + CHUNK], latents[i : i + CHUNK],
+                                  FixedNoise(fixed.noise[i : i + CHUNK], fixed.timesteps[i : i + CHUNK]),
+                                  self.train_scheduler), len(ids[i : i + CHUNK]))
+                for i in range(0, len(ids), CHUNK)
+            ]
         self.last = sum(drift * count for drift, count in parts) / len(ids)
-        if run.config.log.log_with:
-            run.accelerator.log({DRIFT_TAG: self.last}, step=step)
+        if self.log:
+            side.accelerator.log({DRIFT_TAG: self.last}, step=step)
         self.show(bar)
 
     def after_step(self, step: int, bar) -> None:
@@ -77,14 +74,13 @@ class PreservationDrift:
         if self.last is not None:
             bar.set_postfix_str(", ".join(part for part in (bar.postfix, f"drift={self.last:.3g}") if part))
 
-    def _fixed_inputs(self) -> tuple[torch.Tensor, torch.Tensor, FixedNoise]:
+    def _fixed_inputs(self, resolution: tuple[int, int], seed: int) -> tuple[torch.Tensor, torch.Tensor, FixedNoise]:
         """Token ids, latents and noise/timesteps, drawn once from the run's seed on generators of their own."""
-        run = self.run
-        sd, device, dtype = run.sd, run.accelerator.device, run.sd.unet.dtype
-        width, height = run.resolution
-        factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)
-        shape = (len(self.prompts), sd.unet.config.in_channels, height // factor, width // factor)
-        latents = torch.randn(shape, generator=torch.Generator().manual_seed(run.facts.seed))
-        fixed = FixedNoise.draw(shape, run.facts.seed + 1, sd.noise_scheduler.config.num_train_timesteps)
-        ids = tokenize(sd.tokenizer, list(self.prompts), run.config.model.max_token_length).to(device)
+        models, device = self.side.models, self.side.accelerator.device
+        dtype = models.unet.dtype
+        width, height = resolution
+        shape = models.latent_shape(len(self.prompts), width, height)
+        latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        fixed = FixedNoise.draw(shape, seed + 1, models.noise_scheduler.config.num_train_timesteps)
+        ids = models.tokenize(list(self.prompts), self.side.max_token_length).to(device)
         return ids, latents.to(device, dtype), FixedNoise(fixed.noise.to(device, dtype), fixed.timesteps.to(device))

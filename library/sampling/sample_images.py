@@ -11,10 +11,11 @@ the base model (every adapter off) and the adapted model on the trigger-free pro
 adapted model on the prompt as written. The first two differ only by the adapter, so they show what
 CAT preserves; the last two differ only by the trigger, so they show what the LoRA learned.
 
-How: diffusers' StableDiffusionPipeline on the training models, the sampler built from the model's
+How: the family's diffusers pipeline on the training models, the sampler built from the model's
 own noise-schedule config, prompts encoded as training encodes them (clip skip, long prompts), a
 generator of its own per prompt; the main process samples while the others wait. Training is left
-exactly as it was (`library.sampling.state_guard.outside_training`).
+exactly as it was (`library.sampling.state_guard.outside_training`). The models come as a
+`library.families.family.ModelFamily`: its pipeline, prompt embeddings and decoder.
 """
 
 from __future__ import annotations
@@ -23,24 +24,18 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from library.cat.captions import trigger_free_caption
 from library.cat.network_protocol import multiplier_set_to
-from library.families.prompt_tokens import tokenize
-from library.data.run_data import class_word
+from library.config.train_config import SampleArgs
+from library.families.family import ModelFamily
 from library.sampling.sample_prompts import SamplePrompt, canonical_sampler, load_sample_prompts
 from library.sampling.samplers import inference_scheduler
-from library.families.sd.denoiser import SDDenoiser
-from library.sampling.state_guard import outside_training
-
-if TYPE_CHECKING:
-    from library.config.train_config import SampleArgs
-    from library.training.trainer import Run
+from library.sampling.side_trip import SideTrip
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +51,12 @@ def sample_file_name(output_name: str | None, epoch: int | None, step: int, inde
     return f"{prefix}{number}_{index:02d}_{timestamp}{suffix}.png"
 
 
-def due_after_step(sample: "SampleArgs", step: int) -> bool:
+def due_after_step(sample: SampleArgs, step: int) -> bool:
     """Step sampling: every N steps, unless epoch sampling is set (sd-scripts then ignores it)."""
     return sample.every_n_epochs is None and sample.every_n_steps is not None and step % sample.every_n_steps == 0
 
 
-def due_at_epoch_end(sample: "SampleArgs", epoch: int) -> bool:
+def due_at_epoch_end(sample: SampleArgs, epoch: int) -> bool:
     """Epoch sampling: at the end of every N-th epoch (counted from 1)."""
     return sample.every_n_epochs is not None and epoch % sample.every_n_epochs == 0
 
@@ -73,7 +68,7 @@ def default_seed(run_seed: int, index: int) -> int:
     return (run_seed + index) % 2**32
 
 
-def scheduled_sample_prompts(sample: "SampleArgs") -> tuple[SamplePrompt, ...]:
+def scheduled_sample_prompts(sample: SampleArgs) -> tuple[SamplePrompt, ...]:
     """The prompts to sample, read and checked now; none when no sampling is scheduled (sd-scripts then
     ignores the prompt file, which GUIs always name, so it is not read)."""
     scheduled = sample.at_first or sample.every_n_steps or sample.every_n_epochs
@@ -97,14 +92,17 @@ def side_by_side(images: list[Image.Image]) -> Image.Image:
 
 class SampleImages:
     """The training loop's sampler: call `at_first`, `after_step` and `at_epoch_end`; each writes the
-    prompt file's images when sd-scripts' schedule says so, and does nothing otherwise."""
+    prompt file's images when sd-scripts' schedule says so, and does nothing otherwise.
 
-    def __init__(self, run: "Run") -> None:
-        self.run = run
-        self.args = run.config.sample
-        self.prompts: tuple[SamplePrompt, ...] = run.sample_prompts
-        self.default_sampler = canonical_sampler(self.args.sampler, "--sample_sampler")
-        self.folder = run.output_dir / "sample"
+    `trigger_free` rewrites a prompt as CAT's preservation term sees it (for `--sample_cat_compare`).
+    """
+
+    def __init__(self, side: SideTrip, args: SampleArgs, prompts: tuple[SamplePrompt, ...], *, folder: Path,
+                 output_name: str | None, run_seed: int, trigger_free: Callable[[str], str]) -> None:
+        self.side, self.args, self.prompts = side, args, prompts
+        self.folder, self.output_name, self.run_seed = folder, output_name, run_seed
+        self.trigger_free = trigger_free
+        self.default_sampler = canonical_sampler(args.sampler, "--sample_sampler")
 
     def at_first(self, step: int) -> None:
         if self.args.at_first:
@@ -119,94 +117,63 @@ class SampleImages:
             self._sample(epoch=epoch, step=step)
 
     def _sample(self, epoch: int | None, step: int) -> list[Path]:
-        run = self.run
+        accelerator = self.side.accelerator
         written: list[Path] = []
-        if self.prompts and run.accelerator.is_main_process:
+        if self.prompts and accelerator.is_main_process:
             self.folder.mkdir(parents=True, exist_ok=True)
-            with outside_training(run.sd.unet, run.sd.text_encoder, run.sd.vae, network=run.network,
-                                  generator=run.generator), _vae_beside_unet(run.sd):
-                pipe = run.sd.pipeline()
+            with self.side.outside_training(with_vae=True), _vae_beside_unet(self.side.models):
+                pipe = self.side.models.pipeline()
                 pipe.set_progress_bar_config(disable=True)
                 for prompt in self.prompts:
                     written.append(self._write(pipe, prompt, epoch, step))
             logger.info("wrote %d sample images to %s", len(written), self.folder)
         if self.prompts:
-            run.accelerator.wait_for_everyone()
+            accelerator.wait_for_everyone()
         return written
 
     def _write(self, pipe, prompt: SamplePrompt, epoch: int | None, step: int) -> Path:
-        seed = prompt.seed if prompt.seed is not None else default_seed(self.run.facts.seed, prompt.index)
+        seed = prompt.seed if prompt.seed is not None else default_seed(self.run_seed, prompt.index)
         generate = self._text_to_image(pipe, prompt, seed)
         info = PngInfo()
         info.add_text("prompt", prompt.prompt)
         info.add_text("parameters", f"seed {seed}, {prompt.steps} steps, scale {prompt.scale}, "
                                     f"{prompt.width}x{prompt.height}, sampler {prompt.sampler or self.default_sampler}")
         if self.args.cat_compare:
-            free = self._trigger_free(prompt.prompt)
-            with multiplier_set_to(self.run.network, 0.0):
+            free = self.trigger_free(prompt.prompt)
+            with multiplier_set_to(self.side.network, 0.0):
                 base = generate(free)
             image = side_by_side([base, generate(free), generate(prompt.prompt)])
             info.add_text("cat_compare", f"{STRIP_ORDER}; trigger-free prompt: {free}")
         else:
             image = generate(prompt.prompt)
         timestamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
-        path = self.folder / sample_file_name(self.run.output_name, epoch, step, prompt.index, prompt.seed, timestamp)
+        path = self.folder / sample_file_name(self.output_name, epoch, step, prompt.index, prompt.seed, timestamp)
         image.save(path, pnginfo=info)
         return path
 
     def _text_to_image(self, pipe, prompt: SamplePrompt, seed: int) -> Callable[[str], Image.Image]:
         """A function text -> image with this prompt's settings, starting each time from the same noise."""
-        run, model = self.run, self.run.config.model
-        pipe.scheduler = inference_scheduler(prompt.sampler or self.default_sampler, run.sd.noise_scheduler)
-        denoiser = SDDenoiser(run.sd.unet, run.sd.text_encoder, model.clip_skip)
-        device = run.sd.unet.device
-
-        def encode(text: str) -> torch.Tensor:
-            return denoiser.encode(tokenize(run.sd.tokenizer, [text], model.max_token_length).to(device))
+        side, models = self.side, self.side.models
+        pipe.scheduler = inference_scheduler(prompt.sampler or self.default_sampler, models.noise_scheduler)
 
         def generate(text: str) -> Image.Image:
-            with run.accelerator.autocast():
+            with side.accelerator.autocast():
+                embeds = models.prompt_kwargs(text, prompt.negative_prompt or "", side.clip_skip, side.max_token_length)
                 latents = pipe(
-                    prompt_embeds=encode(text), negative_prompt_embeds=encode(prompt.negative_prompt or ""),
-                    height=prompt.height, width=prompt.width, num_inference_steps=prompt.steps,
+                    **embeds, height=prompt.height, width=prompt.width, num_inference_steps=prompt.steps,
                     guidance_scale=prompt.scale, generator=torch.Generator().manual_seed(seed), output_type="latent",
                 ).images
-            return _decode(pipe, latents)
+            return models.decode_image(latents)
 
         return generate
 
-    def _trigger_free(self, prompt: str) -> str:
-        """The prompt as CAT's preservation term would see it (--cat_caption, --cat_trigger)."""
-        cat, run = self.run.config.cat, self.run
-        triggers = cat.triggers or tuple(t for subset in run.data.subsets for t in subset.cat_triggers)
-        if cat.caption == "empty":
-            return ""
-        if not triggers:
-            return prompt
-        word = _first_class_word(run, triggers) if cat.caption == "class" else None
-        mode = cat.caption if word or cat.caption != "class" else "strip"
-        return trigger_free_caption(prompt, triggers, mode, word, run.config.data.caption_separator)
-
-
-def _first_class_word(run: "Run", triggers: tuple[str, ...]) -> str | None:
-    """The class word training uses for the first training subset that has one (for --cat_caption class)."""
-    words = (class_word(run.config, s.class_tokens, triggers, s.cat_class_word) for s in run.data.subsets if not s.is_reg)
-    return next((word for word in words if word), None)
-
-
-def _decode(pipe, latents: torch.Tensor) -> Image.Image:
-    """Latents -> image in the VAE's own dtype (outside autocast, so --no_half_vae keeps float32)."""
-    vae = pipe.vae
-    pixels = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
-    return pipe.image_processor.postprocess(pixels.float(), output_type="pil")[0]
-
 
 @contextlib.contextmanager
-def _vae_beside_unet(sd) -> Iterator[None]:
+def _vae_beside_unet(models: ModelFamily) -> Iterator[None]:
     """The pipeline runs on the device of its first model, the VAE: keep it beside the U-Net while sampling."""
-    device = sd.vae.device
-    sd.vae.to(sd.unet.device)
+    device = models.vae.device
+    models.vae.to(models.unet.device)
     try:
         yield
     finally:
-        sd.vae.to(device)
+        models.vae.to(device)

@@ -22,7 +22,6 @@ from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from library.cat.objective import cat_step
 from library.errors import UserInputError
 from library.training.grad_sync import average_gradients
 from library.data.image_loading import Augmentation, load_image
@@ -34,15 +33,15 @@ from library.training.output_files import (
     check_writable, epoch_name, epoch_to_remove, final_name, interrupted_name, state_folder_name, step_name,
     step_to_remove,
 )
-from library.families.sd.denoiser import SDDenoiser
-from library.families.sd.models import StableDiffusionModels, load_stable_diffusion
-from library.families.prompt_tokens import tokenize
+from library.cat.objective import Denoiser, cat_step
+from library.families.family import ModelFamily, ModelLoader
 from library.sampling.drift_probe import PreservationDrift
 from library.sampling.sample_images import SampleImages, scheduled_sample_prompts
+from library.sampling.side_trip import SideTrip
 from library.sampling.sample_prompts import SamplePrompt
 from library.training.train_batch import NoiseSchedule, build_cat_batch
 from library.data.batch_loader import EpochBatches, EpochSampler, LoadedBatch, batch_loader
-from library.data.run_data import free_caption, load_training_data, training_caption
+from library.data.run_data import free_caption, load_training_data, training_caption, trigger_free_prompt
 from library.data.training_data import TrainingData
 from library.config.train_config import TrainConfig
 from library.training.train_metadata import RunFacts, at_save, training_metadata
@@ -58,13 +57,13 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Run:
     """Everything the loop needs, built once by `setup`."""
 
     config: TrainConfig
     accelerator: Accelerator
-    sd: StableDiffusionModels
+    models: ModelFamily
     network: torch.nn.Module
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
@@ -76,7 +75,7 @@ class Run:
     output_dir: Path
     output_name: str | None
     save_dtype: torch.dtype | None
-    latent_cache: LatentCache | None
+    latent_cache: LatentCache | None  # --cache_latents / --cache_latents_to_disk; None: encoded each step
     batches: EpochBatches  # this process's batches of each epoch
     loader: DataLoader  # reads them (images decoded and augmented in its workers)
     sampler: EpochSampler  # points the loader at an epoch
@@ -88,17 +87,24 @@ class Run:
         """The first dataset's resolution (each dataset has its own)."""
         return self.data.datasets[0].spec.buckets.resolution
 
+    def side_trip(self) -> SideTrip:
+        """What sample images and the drift probe use of this run."""
+        return SideTrip(models=self.models, network=self.network, accelerator=self.accelerator,
+                        generator=self.generator, clip_skip=self.config.model.clip_skip,
+                        max_token_length=self.config.model.max_token_length)
 
-def train(config: TrainConfig) -> list[Path]:
-    """Run the whole training; returns the LoRA files written (last one = final)."""
-    run = setup(config)
+
+def train(config: TrainConfig, load_models: ModelLoader) -> list[Path]:
+    """Run the whole training of the model `load_models` loads (its family's `load`); returns the LoRA
+    files written (last one = final)."""
+    run = setup(config, load_models)
     return training_loop(run)
 
 
 # --- setup ------------------------------------------------------------------------------------------
 
 
-def setup(config: TrainConfig) -> Run:
+def setup(config: TrainConfig, load_models: ModelLoader) -> Run:
     output_dir = check_writable(config.save.output_dir)
     output_name = config.save.output_name
     sample_prompts = scheduled_sample_prompts(config.sample)  # a bad prompt file stops the run before any model loads
@@ -125,13 +131,10 @@ def setup(config: TrainConfig) -> Run:
         v_pred_like_loss=config.loss.v_pred_like_loss,
     )
     data = load_training_data(config)
-    sd = load_stable_diffusion(
-        config.model.pretrained_model_name_or_path, v2=config.model.v2,
-        v_parameterization=config.model.v_parameterization, vae=config.model.vae, model_config=config.model.model_config,
-    )
+    models = load_models(config.model)
     weight_dtype = DTYPES[config.run.mixed_precision]
-    _prepare_models(config, sd, accelerator, weight_dtype)
-    network = _build_network(config, sd, accelerator)
+    _prepare_models(config, models, accelerator, weight_dtype)
+    network = _build_network(config, models, accelerator)
 
     cached = config.data.cache_latents or config.data.cache_latents_to_disk
     batches = EpochBatches(data, seed, accelerator.num_processes, accelerator.process_index, load_pixels=not cached)
@@ -159,23 +162,22 @@ def setup(config: TrainConfig) -> Run:
     optimizer = accelerator.prepare(optimizer)
 
     facts = RunFacts(
-        model_version=sd.model_version, seed=seed,
+        model_version=models.model_version, seed=seed,
         num_batches_per_epoch=steps_per_epoch, max_train_steps=max_steps,
         num_epochs=math.ceil(max_steps / steps_per_epoch), optimizer_name=optimizer_name, data=data,
     )
-    train_scheduler = zero_terminal_snr_scheduler(sd.noise_scheduler) if config.noise.zero_terminal_snr else sd.noise_scheduler
-    generator = torch.Generator().manual_seed(seed)
+    train_scheduler = zero_terminal_snr_scheduler(models.noise_scheduler) if config.noise.zero_terminal_snr else models.noise_scheduler
     loader, sampler = batch_loader(batches, config.data.max_data_loader_n_workers,
                                    config.data.persistent_data_loader_workers)
-    run = Run(
-        config, accelerator, sd, network, optimizer, lr_scheduler, descriptions,
-        NoiseSchedule(train=train_scheduler, weights=sd.noise_scheduler), data, facts,
-        training_metadata(config, facts, output_name or "last"), output_dir, output_name,
-        SAVE_DTYPES.get(config.save.save_precision) if config.save.save_precision else None, None, batches, loader,
-        sampler, generator, sample_prompts,
+    return Run(
+        config=config, accelerator=accelerator, models=models, network=network, optimizer=optimizer,
+        lr_scheduler=lr_scheduler, lr_descriptions=descriptions,
+        schedule=NoiseSchedule(train=train_scheduler, weights=models.noise_scheduler), data=data, facts=facts,
+        metadata=training_metadata(config, facts, output_name or "last"), output_dir=output_dir,
+        output_name=output_name, save_dtype=SAVE_DTYPES.get(config.save.save_precision) if config.save.save_precision else None,
+        latent_cache=_cache_latents(config, data, models, accelerator), batches=batches, loader=loader,
+        sampler=sampler, generator=torch.Generator().manual_seed(seed), sample_prompts=sample_prompts,
     )
-    _cache_latents(run)
-    return run
 
 
 def _allow_fp16_gradients(scaler) -> None:
@@ -202,24 +204,27 @@ def _seed(config: TrainConfig, accelerator: Accelerator) -> int:
     return seed[0]
 
 
-def _prepare_models(config: TrainConfig, sd: StableDiffusionModels, accelerator: Accelerator, weight_dtype) -> None:
+def _prepare_models(config: TrainConfig, models: ModelFamily, accelerator: Accelerator, weight_dtype) -> None:
     vae_dtype = torch.float32 if config.model.no_half_vae else weight_dtype
-    for model, dtype in ((sd.unet, weight_dtype), (sd.text_encoder, weight_dtype), (sd.vae, vae_dtype)):
+    for model, dtype in ((models.unet, weight_dtype), *((te, weight_dtype) for te in models.text_encoders),
+                         (models.vae, vae_dtype)):
         model.to(accelerator.device)
         if model.dtype != dtype:  # diffusers warns on every .to(dtype=...), even a no-op one
             model.to(dtype=dtype)
     if config.model.xformers:
         try:
-            sd.unet.enable_xformers_memory_efficient_attention()
+            models.unet.enable_xformers_memory_efficient_attention()
         except Exception as error:  # not installed, or no GPU kernels on this machine
             logger.warning("--xformers unavailable here (%s); using PyTorch SDPA attention instead.", error)
     if config.run.gradient_checkpointing:
-        sd.unet.enable_gradient_checkpointing()
-        # transformers 5 renamed it; the old name still works there but warns.
-        enable = getattr(sd.text_encoder, "activation_checkpointing_enable", None) or sd.text_encoder.gradient_checkpointing_enable
-        enable()
-        sd.unet.train()  # diffusers and transformers checkpoint only in training mode
-        sd.text_encoder.train()
+        models.unet.enable_gradient_checkpointing()
+        models.unet.train()  # diffusers and transformers checkpoint only in training mode
+        for text_encoder in models.text_encoders:
+            # transformers 5 renamed it; the old name still works there but warns.
+            enable = (getattr(text_encoder, "activation_checkpointing_enable", None)
+                      or text_encoder.gradient_checkpointing_enable)
+            enable()
+            text_encoder.train()
 
 
 # sd-scripts' own module names, which GUIs write: ours is the drop-in with the same files and args.
@@ -238,27 +243,28 @@ def import_network_module(name: str):
         ) from None
 
 
-def _build_network(config: TrainConfig, sd: StableDiffusionModels, accelerator: Accelerator):
+def _build_network(config: TrainConfig, models: ModelFamily, accelerator: Accelerator):
     module = import_network_module(config.network.module)
+    vae, text_encoder, unet = models.vae, models.network_text_encoder, models.unet
     for path, multiplier in zip(config.network.base_weights, config.network.base_weights_multiplier):
-        merger, weights_sd = module.create_network_from_weights(multiplier, path, sd.vae, sd.text_encoder, sd.unet, for_inference=True)
-        merger.merge_to(sd.text_encoder, sd.unet, weights_sd, None, accelerator.device)
+        merger, weights_sd = module.create_network_from_weights(multiplier, path, vae, text_encoder, unet, for_inference=True)
+        merger.merge_to(text_encoder, unet, weights_sd, None, accelerator.device)
         logger.info("merged --base_weights %s at multiplier %s", path, multiplier)
     kwargs = dict(config.network.args)
     if "dropout" not in kwargs:
         kwargs["dropout"] = config.network.dropout
     if config.network.dim_from_weights:
-        network, _ = module.create_network_from_weights(1.0, config.network.weights, sd.vae, sd.text_encoder, sd.unet, **kwargs)
+        network, _ = module.create_network_from_weights(1.0, config.network.weights, vae, text_encoder, unet, **kwargs)
     else:
-        network = module.create_network(1.0, config.network.dim, config.network.alpha, sd.vae, sd.text_encoder, sd.unet, **kwargs)
+        network = module.create_network(1.0, config.network.dim, config.network.alpha, vae, text_encoder, unet, **kwargs)
     train_unet = not config.network.train_text_encoder_only
     train_text_encoder = not config.network.train_unet_only
-    network.apply_to(sd.text_encoder, sd.unet, train_text_encoder, train_unet)
+    network.apply_to(text_encoder, unet, train_text_encoder, train_unet)
     if config.network.weights:
         network.load_weights(config.network.weights)
     if config.run.gradient_checkpointing:
         network.enable_gradient_checkpointing()
-    network.prepare_grad_etc(sd.text_encoder, sd.unet)
+    network.prepare_grad_etc(text_encoder, unet)
     if config.run.full_fp16 or config.run.full_bf16:
         network.to(DTYPES[config.run.mixed_precision])
     return network.to(accelerator.device)
@@ -279,7 +285,7 @@ def _optimizer_groups(network, config: TrainConfig) -> tuple[list[dict], list[st
 def training_loop(run: Run) -> list[Path]:
     config, accelerator = run.config, run.accelerator
     network = run.network
-    denoiser = SDDenoiser(run.sd.unet, run.sd.text_encoder, config.model.clip_skip)
+    denoiser = run.models.denoiser(config.model.clip_skip)
     if config.log.log_with:
         accelerator.init_trackers(config.log.log_tracker_name or "network_train")
     position = _start_progress(run, network)
@@ -288,12 +294,20 @@ def training_loop(run: Run) -> list[Path]:
     step, epoch, accumulation = position.step, position.epoch, config.run.gradient_accumulation_steps
     bar = tqdm(total=run.facts.max_train_steps, initial=step, desc="steps", disable=not accelerator.is_local_main_process)
     # Side trips that leave training exactly as it was: sample images and the drift on trigger-free prompts.
-    sample_images, drift = SampleImages(run), PreservationDrift(run)
+    side = run.side_trip()
+    sample_images = SampleImages(
+        side, config.sample, run.sample_prompts, folder=run.output_dir / "sample", output_name=run.output_name,
+        run_seed=run.facts.seed, trigger_free=trigger_free_prompt(config, run.data),
+    )
+    drift = PreservationDrift(
+        side, config.preservation, resolution=run.resolution, run_seed=run.facts.seed,
+        train_scheduler=run.schedule.train, log=bool(config.log.log_with),
+    )
     sample_images.at_first(step)
     drift.measure(step, bar)  # before training: exactly 0 for a fresh LoRA (its up-projections start at zero)
     try:
         while step < run.facts.max_train_steps:
-            network.on_epoch_start(run.sd.text_encoder, run.sd.unet)
+            network.on_epoch_start(run.models.network_text_encoder, run.models.unet)
             count = len(run.batches.batches(epoch))
             skip = position.batches_in_epoch if epoch == position.epoch else 0  # trained on before a --resume
             run.sampler.start(epoch, skip)
@@ -374,7 +388,7 @@ def _start_progress(run: Run, network) -> Progress:
     return progress
 
 
-def _train_on(run: Run, denoiser: SDDenoiser, batch: LoadedBatch, epoch: int, loss_scale: float):
+def _train_on(run: Run, denoiser: Denoiser, batch: LoadedBatch, epoch: int, loss_scale: float):
     """Forward and backward one batch; its gradients are added to the adapters' (scaled by `loss_scale`)."""
     config, accelerator = run.config, run.accelerator
     samples = batch.samples
@@ -384,8 +398,8 @@ def _train_on(run: Run, denoiser: SDDenoiser, batch: LoadedBatch, epoch: int, lo
     free = [free_caption(config, item, caption) for item, caption in zip(items, captions)]
     weights = torch.tensor([config.loss.prior_loss_weight if item.is_reg else 1.0 for item in items])
     cat_batch, loss_fn = build_cat_batch(
-        latents, tokenize(run.sd.tokenizer, captions, config.model.max_token_length),
-        tokenize(run.sd.tokenizer, free, config.model.max_token_length), weights,
+        latents, run.models.tokenize(captions, config.model.max_token_length),
+        run.models.tokenize(free, config.model.max_token_length), weights,
         run.schedule, config.noise, config.loss, run.generator,
     )
 
@@ -403,37 +417,37 @@ def _latents(run: Run, batch: LoadedBatch) -> torch.Tensor:
     if run.latent_cache is not None:
         dists = [run.latent_cache.get(key) for key in keys]
     else:
-        dists = encode(run.sd.vae, batch.pixels, run.config.data.vae_batch_size)
-    latents = sample_latents(keys, dists, run.facts.seed, run.sd.vae.config.scaling_factor)
-    return latents.to(run.accelerator.device, run.sd.unet.dtype)
+        dists = encode(run.models.vae, batch.pixels, run.config.data.vae_batch_size)
+    latents = run.models.latents_from_vae(sample_latents(keys, dists, run.facts.seed))
+    return latents.to(run.accelerator.device, run.models.unet.dtype)
 
 
-def _cache_latents(run: Run) -> None:
+def _cache_latents(config: TrainConfig, data: TrainingData, models: ModelFamily,
+                   accelerator: Accelerator) -> LatentCache | None:
     """--cache_latents / --cache_latents_to_disk: encode every image (and its flip where flip_aug is
-    on) before training."""
-    data = run.config.data
-    if not (data.cache_latents or data.cache_latents_to_disk):
-        return
+    on) before training; None without either flag."""
+    options = config.data
+    if not (options.cache_latents or options.cache_latents_to_disk):
+        return None
     keys = [
         key_for(item.path, dataset.placements[item.path], flip)
-        for dataset in run.data.datasets for subset in dataset.subsets for item in subset.items
+        for dataset in data.datasets for subset in dataset.subsets for item in subset.items
         for flip in ((False, True) if subset.options.flip_aug else (False,))
     ]
 
     def pixels(key: LatentKey) -> torch.Tensor:
         return load_image(key.path, key.bucket, key.resized, Augmentation(flip=key.flip))
 
-    cache = LatentCache(to_disk=data.cache_latents_to_disk)
-    accelerator = run.accelerator
+    cache = LatentCache(to_disk=options.cache_latents_to_disk)
     if not cache.to_disk:  # in memory: every process encodes its own copy, all at once
-        cache.fill(keys, pixels, run.sd.vae, data.vae_batch_size)
+        cache.fill(keys, pixels, models.vae, options.vae_batch_size)
     else:  # the main process writes the files, then the others read them
         if accelerator.is_main_process:
-            cache.fill(keys, pixels, run.sd.vae, data.vae_batch_size)
+            cache.fill(keys, pixels, models.vae, options.vae_batch_size)
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
-            cache.fill(keys, pixels, run.sd.vae, data.vae_batch_size, write=False)
-    run.latent_cache = cache
+            cache.fill(keys, pixels, models.vae, options.vae_batch_size, write=False)
+    return cache
 
 
 def _clip_gradients(run: Run, network) -> None:

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import library.training.trainer as trainer  # noqa: E402
 from library.cat.network_protocol import unwrap_network  # noqa: E402
 from library.cli.train_args import parse_args  # noqa: E402
+from library.families.sd.models import load as load_stable_diffusion  # noqa: E402
 
 calls = {"allreduce": 0}
 
@@ -26,7 +27,7 @@ def counting_all_reduce(*args, **kwargs):
 
 def main() -> None:
     config = parse_args(sys.argv[1:])
-    run = trainer.setup(config)
+    run = trainer.setup(config, load_stable_diffusion)
     torch.distributed.all_reduce = counting_all_reduce  # counts the collectives of the training loop only
     trainer.training_loop(run)
     torch.distributed.all_reduce = real_all_reduce

@@ -9,48 +9,22 @@ As in sd-scripts, the training noise schedule follows the flags, not the checkpo
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from library.families.sd import folder as sd_folder, single_file as sd_single_file
 from library.families.checkpoint_file import read_state_dict
 from library.families.clip_tokenizer import EOS_TOKEN, SD2_PAD_TOKEN, build_clip_tokenizer
+from library.config.train_config import ModelArgs
 from library.errors import UserInputError
+from library.families.sd.family import StableDiffusionModels, freeze_models
 
 logger = logging.getLogger(__name__)
 
 MODEL_CONFIGS_DIR = Path(__file__).resolve().parents[3] / "configs" / "models"
-
-
-@dataclass
-class StableDiffusionModels:
-    """The parts of an SD1/SD2 model a LoRA trainer needs, with the flags they were loaded under."""
-
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    noise_scheduler: DDPMScheduler
-    v2: bool
-    v_parameterization: bool
-
-    def pipeline(self) -> StableDiffusionPipeline:
-        """A diffusers pipeline sharing these models (no safety checker), e.g. to `load_lora_weights` or save."""
-        return StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-            scheduler=self.noise_scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-
-    @property
-    def model_version(self) -> str:
-        """sd-scripts' `ss_base_model_version`: "sd_v1", "sd_v2", "sd_v2_v" (or "sd_v1_v", as sd-scripts
-        writes for --v_parameterization without --v2)."""
-        base = "sd_v2" if self.v2 else "sd_v1"
-        return base + "_v" if self.v_parameterization else base
 
 
 def architecture_dir(v2: bool, model_config: str | os.PathLike | None = None) -> Path:
@@ -204,10 +178,9 @@ def _warn_on_prediction_type(path: Path, v_parameterization: bool) -> None:
         )
 
 
-def freeze_models(models: StableDiffusionModels, dtype: torch.dtype) -> None:
-    """Put every model in `dtype`, eval mode and without gradients; training code opts in explicitly."""
-    for model in (models.text_encoder, models.unet, models.vae):
-        if model.dtype != dtype:
-            model.to(dtype=dtype)
-        model.eval()
-        model.requires_grad_(False)
+def load(model: ModelArgs) -> StableDiffusionModels:
+    """The family's `ModelLoader`: the model the training flags name, in float32 (the trainer casts)."""
+    return load_stable_diffusion(
+        model.pretrained_model_name_or_path, v2=model.v2, v_parameterization=model.v_parameterization,
+        vae=model.vae, model_config=model.model_config,
+    )

@@ -1,0 +1,71 @@
+"""`ModelFamily`: everything the trainer, the CAT objective, sampling and evaluation know about a model.
+
+A family (Stable Diffusion 1.x/2.x today, SDXL and FLUX.1 next) is loaded once into an object with
+this interface; the code above `library.families` talks to the model only through it, never through
+checks of which family it is. A new family is one sub-package that provides such an object and a
+`load(model_args)` function, plus the training script that passes that function to
+`library.training.trainer.train`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+from PIL import Image
+from torch import Tensor, nn
+
+from library.cat.objective import Denoiser
+from library.config.train_config import ModelArgs
+
+
+class ModelFamily(Protocol):
+    """One loaded model of a family: its parts, and what is specific to the family about them."""
+
+    unet: nn.Module  # the denoiser network the adapters attach to (the kohya contract calls it `unet`)
+    vae: nn.Module
+    noise_scheduler: Any  # the training noise schedule (a diffusers scheduler)
+
+    @property
+    def text_encoders(self) -> list[nn.Module]:
+        """Every text encoder, in the order the kohya contract and the files number them."""
+
+    @property
+    def network_text_encoder(self) -> nn.Module | list[nn.Module]:
+        """What the network module's `text_encoder` argument gets (one model, or a list of them)."""
+
+    @property
+    def model_version(self) -> str:
+        """sd-scripts' `ss_base_model_version` (the metadata id of the family and its variant)."""
+
+    @property
+    def native_resolution(self) -> tuple[int, int]:
+        """(width, height) in pixels the model was trained at."""
+
+    def tokenize(self, texts: list[str], max_token_length: int | None = None) -> Tensor:
+        """Token ids for `texts`, in the form this family's `Denoiser.encode` takes."""
+
+    def denoiser(self, clip_skip: int | None = None) -> Denoiser:
+        """The text encoders and the denoiser network as CAT's objective calls them."""
+
+    def latents_from_vae(self, sample: Tensor) -> Tensor:
+        """A VAE latent sample in the space the denoiser works in (scaled, and shifted where the family does)."""
+
+    def latent_shape(self, batch: int, width: int, height: int) -> tuple[int, ...]:
+        """The shape of a batch of latents for images of `width` x `height` pixels."""
+
+    def lora_layers(self) -> dict[str, nn.Module]:
+        """Every layer a LoRA file for this family may name, by its kohya name."""
+
+    def pipeline(self) -> Any:
+        """A diffusers pipeline sharing these models (e.g. for `load_lora_weights` or sampling)."""
+
+    def prompt_kwargs(self, prompt: str, negative_prompt: str, clip_skip: int | None = None,
+                      max_token_length: int | None = None) -> dict[str, Tensor]:
+        """The pipeline's prompt arguments (embeddings), encoded as training encodes prompts."""
+
+    def decode_image(self, latents: Tensor) -> Image.Image:
+        """The first image of a batch of denoised latents."""
+
+
+ModelLoader = Callable[[ModelArgs], ModelFamily]
+"""A family's `load`: the model named by `--pretrained_model_name_or_path` and its flags."""

@@ -1,0 +1,103 @@
+"""`StableDiffusionModels`: Stable Diffusion 1.x/2.x as a `library.families.family.ModelFamily`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
+from torch import Tensor, nn
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from library.families.prompt_tokens import tokenize
+from library.families.sd.denoiser import SDDenoiser
+from networks.lora_cat.targets import text_encoder_targets, unet_targets
+
+
+@dataclass
+class StableDiffusionModels:
+    """The parts of an SD1/SD2 model a LoRA trainer needs, with the flags they were loaded under."""
+
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    noise_scheduler: DDPMScheduler
+    v2: bool
+    v_parameterization: bool
+
+    @property
+    def text_encoders(self) -> list[nn.Module]:
+        return [self.text_encoder]
+
+    @property
+    def network_text_encoder(self) -> nn.Module:
+        return self.text_encoder
+
+    @property
+    def model_version(self) -> str:
+        """sd-scripts' `ss_base_model_version`: "sd_v1", "sd_v2", "sd_v2_v" (or "sd_v1_v", as sd-scripts
+        writes for --v_parameterization without --v2)."""
+        base = "sd_v2" if self.v2 else "sd_v1"
+        return base + "_v" if self.v_parameterization else base
+
+    @property
+    def native_resolution(self) -> tuple[int, int]:
+        size = self.unet.config.sample_size * self._vae_scale_factor
+        return size, size
+
+    def tokenize(self, texts: list[str], max_token_length: int | None = None) -> Tensor:
+        """(B, 77) CLIP ids, or (B, n, 77) windows for sd-scripts' long prompts."""
+        return tokenize(self.tokenizer, texts, max_token_length)
+
+    def denoiser(self, clip_skip: int | None = None) -> SDDenoiser:
+        return SDDenoiser(self.unet, self.text_encoder, clip_skip)
+
+    def latents_from_vae(self, sample: Tensor) -> Tensor:
+        return sample * self.vae.config.scaling_factor
+
+    def latent_shape(self, batch: int, width: int, height: int) -> tuple[int, ...]:
+        factor = self._vae_scale_factor
+        return batch, self.unet.config.in_channels, height // factor, width // factor
+
+    def lora_layers(self) -> dict[str, nn.Module]:
+        """U-Net layers with conv blocks (a file may carry LoCon layers) and the text encoder's."""
+        targets = unet_targets(self.unet, with_conv_blocks=True) + text_encoder_targets(self.text_encoder)
+        return {target.lora_name: target.module for target in targets}
+
+    def pipeline(self) -> StableDiffusionPipeline:
+        """A diffusers pipeline sharing these models (no safety checker), e.g. to `load_lora_weights` or save."""
+        return StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=self.noise_scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+
+    def prompt_kwargs(self, prompt: str, negative_prompt: str, clip_skip: int | None = None,
+                      max_token_length: int | None = None) -> dict[str, Tensor]:
+        """`prompt_embeds` / `negative_prompt_embeds` encoded as training does (clip skip, long prompts)."""
+        denoiser = self.denoiser(clip_skip)
+
+        def encode(text: str) -> Tensor:
+            return denoiser.encode(self.tokenize([text], max_token_length).to(self.unet.device))
+
+        return {"prompt_embeds": encode(prompt), "negative_prompt_embeds": encode(negative_prompt)}
+
+    def decode_image(self, latents: Tensor) -> Image.Image:
+        """Decoded in the VAE's own dtype (outside autocast, so --no_half_vae keeps float32)."""
+        pixels = self.vae.decode(latents.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return VaeImageProcessor(vae_scale_factor=self._vae_scale_factor).postprocess(pixels.float(), output_type="pil")[0]
+
+    @property
+    def _vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def freeze_models(models: StableDiffusionModels, dtype: torch.dtype) -> None:
+    """Put every model in `dtype`, eval mode and without gradients; training code opts in explicitly."""
+    for model in (*models.text_encoders, models.unet, models.vae):
+        if model.dtype != dtype:
+            model.to(dtype=dtype)
+        model.eval()
+        model.requires_grad_(False)
