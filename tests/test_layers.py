@@ -72,6 +72,13 @@ def _append(path: Path, code: str) -> int:
             "import library.errors",
             "networks.lora_cat.layer -> library.errors",
         ),
+        # The trainer reaching past the family interface into one family.
+        (
+            "family-seam",
+            "library/training/noise.py",
+            "import library.families.sd.models",
+            "library.training.noise -> library.families.sd.models",
+        ),
     ],
 )
 def test_a_wrong_way_import_breaks_its_contract(tmp_path, contract, file, code, chain):

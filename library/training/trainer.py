@@ -108,20 +108,7 @@ def setup(config: TrainConfig, load_models: ModelLoader) -> Run:
     output_dir = check_writable(config.save.output_dir)
     output_name = config.save.output_name
     sample_prompts = scheduled_sample_prompts(config.sample)  # a bad prompt file stops the run before any model loads
-    # accelerate keeps its state per process; a second run in the same process (a GUI or a test
-    # calling main() again) must not inherit the first one's precision or gradient settings.
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    accelerator = Accelerator(
-        # Several processes on a machine without a GPU (torchrun): accelerate runs them as MULTI_CPU
-        # (gloo) only when told to use the CPU; otherwise each would train alone.
-        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
-        mixed_precision=config.run.mixed_precision,
-        log_with=config.log.log_with,
-        project_dir=config.log.logging_dir,
-    )
-    if config.run.full_fp16 and accelerator.scaler is not None:
-        _allow_fp16_gradients(accelerator.scaler)
+    accelerator = _accelerator(config)
     seed = _seed(config, accelerator)
     set_seed(seed)
 
@@ -138,26 +125,12 @@ def setup(config: TrainConfig, load_models: ModelLoader) -> Run:
 
     cached = config.data.cache_latents or config.data.cache_latents_to_disk
     batches = EpochBatches(data, seed, accelerator.num_processes, accelerator.process_index, load_pixels=not cached)
-    per_process = len(batches.batches(1))  # the same in every epoch
-    if per_process == 0:
-        raise UserInputError(
-            f"{data.batches_per_epoch()} batches per epoch cannot be shared by {accelerator.num_processes} processes; "
-            "add images or repeats (the folder name's number), lower the batch size, or use fewer processes."
-        )
-    steps_per_epoch = math.ceil(per_process / config.run.gradient_accumulation_steps)
-    max_steps = config.run.max_train_epochs * steps_per_epoch if config.run.max_train_epochs else config.run.max_train_steps
+    steps_per_epoch, max_steps = _run_length(config, data, batches, accelerator.num_processes)
     groups, descriptions = _optimizer_groups(network, config)
     optimizer, optimizer_name = build_optimizer(
         groups, config.optimizer.optimizer_type, config.optimizer.learning_rate, config.optimizer.optimizer_args
     )
-    lr_scheduler = build_lr_scheduler(
-        optimizer, config.scheduler.lr_scheduler, num_training_steps=max_steps,
-        warmup_steps=config.scheduler.warmup_steps(max_steps), num_cycles=config.scheduler.lr_scheduler_num_cycles,
-        power=config.scheduler.lr_scheduler_power, scheduler_args=dict(config.scheduler.lr_scheduler_args),
-        min_lr_ratio=config.scheduler.lr_scheduler_min_lr_ratio, scheduler_type=config.scheduler.lr_scheduler_type,
-        decay_steps=config.scheduler.decay_steps(max_steps), timescale=config.scheduler.lr_scheduler_timescale,
-        learning_rate=config.optimizer.learning_rate,
-    )
+    lr_scheduler = _lr_scheduler(config, optimizer, max_steps)
     # The network itself is not prepared (no DDP wrapper): see library.training.grad_sync.
     optimizer = accelerator.prepare(optimizer)
 
@@ -177,6 +150,49 @@ def setup(config: TrainConfig, load_models: ModelLoader) -> Run:
         output_name=output_name, save_dtype=SAVE_DTYPES.get(config.save.save_precision) if config.save.save_precision else None,
         latent_cache=_cache_latents(config, data, models, accelerator), batches=batches, loader=loader,
         sampler=sampler, generator=torch.Generator().manual_seed(seed), sample_prompts=sample_prompts,
+    )
+
+
+def _accelerator(config: TrainConfig) -> Accelerator:
+    # accelerate keeps its state per process; a second run in the same process (a GUI or a test
+    # calling main() again) must not inherit the first one's precision or gradient settings.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    accelerator = Accelerator(
+        # Several processes on a machine without a GPU (torchrun): accelerate runs them as MULTI_CPU
+        # (gloo) only when told to use the CPU; otherwise each would train alone.
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+        mixed_precision=config.run.mixed_precision,
+        log_with=config.log.log_with,
+        project_dir=config.log.logging_dir,
+    )
+    if config.run.full_fp16 and accelerator.scaler is not None:
+        _allow_fp16_gradients(accelerator.scaler)
+    return accelerator
+
+
+def _run_length(config: TrainConfig, data: TrainingData, batches: EpochBatches, processes: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, steps in the run) for this process's share of every epoch."""
+    per_process = len(batches.batches(1))  # the same in every epoch
+    if per_process == 0:
+        raise UserInputError(
+            f"{data.batches_per_epoch()} batches per epoch cannot be shared by {processes} processes; "
+            "add images or repeats (the folder name's number), lower the batch size, or use fewer processes."
+        )
+    steps_per_epoch = math.ceil(per_process / config.run.gradient_accumulation_steps)
+    max_steps = config.run.max_train_epochs * steps_per_epoch if config.run.max_train_epochs else config.run.max_train_steps
+    return steps_per_epoch, max_steps
+
+
+def _lr_scheduler(config: TrainConfig, optimizer, max_steps: int):
+    schedule = config.scheduler
+    return build_lr_scheduler(
+        optimizer, schedule.lr_scheduler, num_training_steps=max_steps,
+        warmup_steps=schedule.warmup_steps(max_steps), num_cycles=schedule.lr_scheduler_num_cycles,
+        power=schedule.lr_scheduler_power, scheduler_args=dict(schedule.lr_scheduler_args),
+        min_lr_ratio=schedule.lr_scheduler_min_lr_ratio, scheduler_type=schedule.lr_scheduler_type,
+        decay_steps=schedule.decay_steps(max_steps), timescale=schedule.lr_scheduler_timescale,
+        learning_rate=config.optimizer.learning_rate,
     )
 
 
