@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import os
@@ -28,6 +27,7 @@ from library.data.image_loading import Augmentation, load_image
 from library.data.latents import LatentCache, LatentKey, encode, key_for, sample_latents
 from library.training.lr_schedulers import build_lr_scheduler, current_learning_rates
 from library.training.noise import check_snr_weighting_flags, zero_terminal_snr_scheduler
+from library.training.network_setup import DTYPES, build_network, optimizer_groups
 from library.training.optimizers import build_optimizer
 from library.training.output_files import (
     check_writable, epoch_name, epoch_to_remove, final_name, interrupted_name, state_folder_name, step_name,
@@ -49,7 +49,6 @@ from library.training.train_state import Progress, load_state, read_progress, sa
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -121,12 +120,12 @@ def setup(config: TrainConfig, load_models: ModelLoader) -> Run:
     models = load_models(config.model)
     weight_dtype = DTYPES[config.run.mixed_precision]
     _prepare_models(config, models, accelerator, weight_dtype)
-    network = _build_network(config, models, accelerator)
+    network = build_network(config, models, accelerator.device)
 
     cached = config.data.cache_latents or config.data.cache_latents_to_disk
     batches = EpochBatches(data, seed, accelerator.num_processes, accelerator.process_index, load_pixels=not cached)
     steps_per_epoch, max_steps = _run_length(config, data, batches, accelerator.num_processes)
-    groups, descriptions = _optimizer_groups(network, config)
+    groups, descriptions = optimizer_groups(network, config)
     optimizer, optimizer_name = build_optimizer(
         groups, config.optimizer.optimizer_type, config.optimizer.learning_rate, config.optimizer.optimizer_args
     )
@@ -241,58 +240,6 @@ def _prepare_models(config: TrainConfig, models: ModelFamily, accelerator: Accel
                       or text_encoder.gradient_checkpointing_enable)
             enable()
             text_encoder.train()
-
-
-# sd-scripts' own module names, which GUIs write: ours is the drop-in with the same files and args.
-NETWORK_MODULE_ALIASES = {"networks.lora": "networks.lora_cat"}
-
-
-def import_network_module(name: str):
-    """The `--network_module`: sd-scripts' `networks.lora` means ours; anything else is imported as named."""
-    name = NETWORK_MODULE_ALIASES.get(name, name)
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as error:
-        raise UserInputError(
-            f"--network_module {name}: cannot import it ({error}); use networks.lora_cat, or install the package "
-            "that provides it (e.g. pip install lycoris-lora for lycoris.kohya)."
-        ) from None
-
-
-def _build_network(config: TrainConfig, models: ModelFamily, accelerator: Accelerator):
-    module = import_network_module(config.network.module)
-    vae, text_encoder, unet = models.vae, models.network_text_encoder, models.unet
-    for path, multiplier in zip(config.network.base_weights, config.network.base_weights_multiplier):
-        merger, weights_sd = module.create_network_from_weights(multiplier, path, vae, text_encoder, unet, for_inference=True)
-        merger.merge_to(text_encoder, unet, weights_sd, None, accelerator.device)
-        logger.info("merged --base_weights %s at multiplier %s", path, multiplier)
-    kwargs = dict(config.network.args)
-    if "dropout" not in kwargs:
-        kwargs["dropout"] = config.network.dropout
-    if config.network.dim_from_weights:
-        network, _ = module.create_network_from_weights(1.0, config.network.weights, vae, text_encoder, unet, **kwargs)
-    else:
-        network = module.create_network(1.0, config.network.dim, config.network.alpha, vae, text_encoder, unet, **kwargs)
-    train_unet = not config.network.train_text_encoder_only
-    train_text_encoder = not config.network.train_unet_only
-    network.apply_to(text_encoder, unet, train_text_encoder, train_unet)
-    if config.network.weights:
-        network.load_weights(config.network.weights)
-    if config.run.gradient_checkpointing:
-        network.enable_gradient_checkpointing()
-    network.prepare_grad_etc(text_encoder, unet)
-    if config.run.full_fp16 or config.run.full_bf16:
-        network.to(DTYPES[config.run.mixed_precision])
-    return network.to(accelerator.device)
-
-
-def _optimizer_groups(network, config: TrainConfig) -> tuple[list[dict], list[str]]:
-    result = network.prepare_optimizer_params(
-        config.optimizer.text_encoder_lr, config.optimizer.unet_lr, config.optimizer.learning_rate
-    )
-    if isinstance(result, tuple):
-        return result
-    return result, [f"group{i}" for i in range(len(result))]
 
 
 # --- the loop ---------------------------------------------------------------------------------------

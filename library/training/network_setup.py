@@ -1,0 +1,72 @@
+"""The `--network_module` network of a run: imported, built on the model family's parts, attached,
+and its optimizer parameter groups (the kohya network-module contract, `library.cat.network_protocol`)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import torch
+
+from library.config.train_config import TrainConfig
+from library.errors import UserInputError
+from library.families.family import ModelFamily
+
+logger = logging.getLogger(__name__)
+
+# --mixed_precision -> the weights' dtype (the frozen models; the network too with --full_fp16/--full_bf16)
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# sd-scripts' own module names, which GUIs write: ours is the drop-in with the same files and args.
+NETWORK_MODULE_ALIASES = {"networks.lora": "networks.lora_cat"}
+
+
+def import_network_module(name: str):
+    """The `--network_module`: sd-scripts' `networks.lora` means ours; anything else is imported as named."""
+    name = NETWORK_MODULE_ALIASES.get(name, name)
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        raise UserInputError(
+            f"--network_module {name}: cannot import it ({error}); use networks.lora_cat, or install the package "
+            "that provides it (e.g. pip install lycoris-lora for lycoris.kohya)."
+        ) from None
+
+
+def build_network(config: TrainConfig, models: ModelFamily, device: torch.device):
+    """The `--network_module` network, built, attached to `models` and trainable (with --base_weights merged
+    in first and --network_weights loaded), on `device`."""
+    module = import_network_module(config.network.module)
+    vae, text_encoder, unet = models.vae, models.network_text_encoder, models.unet
+    for path, multiplier in zip(config.network.base_weights, config.network.base_weights_multiplier):
+        merger, weights_sd = module.create_network_from_weights(multiplier, path, vae, text_encoder, unet, for_inference=True)
+        merger.merge_to(text_encoder, unet, weights_sd, None, device)
+        logger.info("merged --base_weights %s at multiplier %s", path, multiplier)
+    kwargs = dict(config.network.args)
+    if "dropout" not in kwargs:
+        kwargs["dropout"] = config.network.dropout
+    if config.network.dim_from_weights:
+        network, _ = module.create_network_from_weights(1.0, config.network.weights, vae, text_encoder, unet, **kwargs)
+    else:
+        network = module.create_network(1.0, config.network.dim, config.network.alpha, vae, text_encoder, unet, **kwargs)
+    train_unet = not config.network.train_text_encoder_only
+    train_text_encoder = not config.network.train_unet_only
+    network.apply_to(text_encoder, unet, train_text_encoder, train_unet)
+    if config.network.weights:
+        network.load_weights(config.network.weights)
+    if config.run.gradient_checkpointing:
+        network.enable_gradient_checkpointing()
+    network.prepare_grad_etc(text_encoder, unet)
+    if config.run.full_fp16 or config.run.full_bf16:
+        network.to(DTYPES[config.run.mixed_precision])
+    return network.to(device)
+
+
+def optimizer_groups(network, config: TrainConfig) -> tuple[list[dict], list[str]]:
+    result = network.prepare_optimizer_params(
+        config.optimizer.text_encoder_lr, config.optimizer.unet_lr, config.optimizer.learning_rate
+    )
+    if isinstance(result, tuple):
+        return result
+    return result, [f"group{i}" for i in range(len(result))]
