@@ -1,13 +1,19 @@
 """The offline CLIP tokenizer gives Stable Diffusion's exact token ids."""
 
+import copy
+import pickle
+
 import pytest
+from transformers import CLIPTokenizer
 
 from library.families.clip_tokenizer import (
     SD2_PAD_TOKEN,
     VOCAB_SIZE,
     build_clip_tokenizer,
     bytes_to_unicode,
+    clean_clip_text,
     clip_vocab_and_merges,
+    with_clip_text_cleaning,
 )
 from library.errors import UserInputError
 
@@ -42,12 +48,49 @@ def test_byte_table_is_a_printable_bijection():
         "Hello, World!  It's 2024 -- don't   panic",
         "café naïve über 東京 🙂",
         "<lora:style:0.8> score_9, 1girl",
+        # What CLIP's ftfy cleaning changes, and what LLM captioners and scraped captions hold:
+        "fish &amp; chips, Tom &amp;amp; Jerry, &lt;3",
+        "The dog’s toy, “quoted”, ‘single’",
+        "a ﬁsh and a ﬂower",
+        "Ｈｅｌｌｏ ｗｏｒｌｄ １２３",
+        "mojibake: cafÃ© and naÃ¯ve",
+        "tabs\tand\nnew lines \u00a0 and  runs   of spaces ",
     ],
 )
 def test_agrees_with_open_clip_reference_tokenizer(text):
     open_clip_tokenizer = pytest.importorskip("open_clip.tokenizer")
     reference = open_clip_tokenizer.SimpleTokenizer()
     assert build_clip_tokenizer()(text).input_ids == [49406, *reference.encode(text), 49407]
+
+
+def test_every_encoding_path_cleans_the_text():
+    tokenizer = build_clip_tokenizer()
+    clean = tokenizer("the dog's toy").input_ids
+    assert tokenizer("the dog’s toy").input_ids == clean
+    assert tokenizer.encode("the dog’s toy") == clean
+    assert tokenizer(["the dog’s toy", "ﬁsh"]).input_ids == [clean, tokenizer("fish").input_ids]
+    assert tokenizer.tokenize("the dog’s toy") == ["the</w>", "dog</w>", "'s</w>", "toy</w>"]
+    padded = tokenizer("the dog’s toy", padding="max_length", truncation=True, return_tensors="pt").input_ids
+    assert padded[0, : len(clean)].tolist() == clean
+
+
+def test_entities_next_to_a_less_than_sign_are_kept_as_transformers_4_with_ftfy_keeps_them():
+    # open_clip (and OpenAI's CLIP) unescape twice more after ftfy and would give "&" here; sd-scripts'
+    # tokenizer (transformers 4's CLIPTokenizer with ftfy) keeps "&amp;", and so do we.
+    assert clean_clip_text("<lora:x:1> fish &amp; chips") == "<lora:x:1> fish &amp; chips"
+    assert clean_clip_text("fish &amp; chips") == "fish & chips"
+
+
+def test_the_cleaning_tokenizer_is_a_plain_clip_tokenizer_that_copies_and_pickles(tmp_path):
+    tokenizer = build_clip_tokenizer()
+    assert type(tokenizer) is CLIPTokenizer  # what diffusers writes into model_index.json on save
+    expected = tokenizer("dog's").input_ids
+    assert copy.deepcopy(tokenizer)("dog’s").input_ids == expected
+    assert pickle.loads(pickle.dumps(tokenizer))("dog’s").input_ids == expected
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = CLIPTokenizer.from_pretrained(tmp_path)
+    assert reloaded("dog’s").input_ids != expected  # transformers 5 alone does not clean
+    assert with_clip_text_cleaning(reloaded)("dog’s").input_ids == expected
 
 
 def test_sd1_pads_with_end_of_text_and_sd2_with_exclamation_mark():

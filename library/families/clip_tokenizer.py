@@ -7,13 +7,18 @@ out: the 256 byte symbols, the same with "</w>", one entry per merge, then the t
 That gives the ids every SD checkpoint was trained with ("sks" -> 48136, "<|endoftext|>" -> 49407).
 
 SD1 pads with "<|endoftext|>"; SD2 (OpenCLIP) pads with "!" (id 0).
+
+Before its BPE, CLIP cleans the text with ftfy (curly quotes, ligatures, full-width letters, HTML
+entities, mojibake); transformers 5's CLIPTokenizer does not, so the tokenizer built here adds it.
 """
 
 import functools
 import gzip
 import importlib.util
 from pathlib import Path
+from typing import Any
 
+import ftfy
 from transformers import CLIPTokenizer
 
 from library.errors import UserInputError
@@ -88,4 +93,46 @@ def build_clip_tokenizer(pad_token: str = EOS_TOKEN, model_max_length: int = 77)
             f"The pad token {pad_token!r} given to build_clip_tokenizer is not in CLIP's vocabulary; "
             f"use {EOS_TOKEN!r} (SD1) or {SD2_PAD_TOKEN!r} (SD2)."
         )
-    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=model_max_length)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=model_max_length)
+    return with_clip_text_cleaning(tokenizer)
+
+
+def clean_clip_text(text: str) -> str:
+    """The text cleaning CLIP applies before its BPE, as sd-scripts' tokenizer does it.
+
+    ftfy's `fix_text` ("don’t" -> "don't", "ﬁ" -> "fi", "Ｈｅｌｌｏ" -> "Hello", "&amp;" -> "&", mojibake
+    "Ã©" -> "é"), then runs of whitespace collapsed to one space. Lowercasing is left to the tokenizer.
+    This is transformers 4's Python CLIPTokenizer with ftfy installed (what sd-scripts and the diffusers
+    pipelines of that time tokenize with). OpenAI's and open_clip's `basic_clean` also call
+    `html.unescape` twice after ftfy, which differs only where ftfy leaves entities alone on purpose:
+    in text that holds a "<" ("<lora:x:1> &amp; cat" keeps its "&amp;" here).
+    """
+    return " ".join(ftfy.fix_text(text).split())
+
+
+def with_clip_text_cleaning(tokenizer: CLIPTokenizer) -> CLIPTokenizer:
+    """Make `tokenizer` run `clean_clip_text` on every text it encodes; returns the same object.
+
+    transformers 5's CLIPTokenizer only NFC-normalises, collapses whitespace and lowercases (in Rust),
+    so "the dog’s toy" would get other ids than SD was trained with. Every encoding path (`__call__`,
+    `encode`, `tokenize`) goes through `_encode_plus`, which is wrapped on this instance rather than in
+    a subclass: the object stays a plain `CLIPTokenizer`, so a pipeline saved with it writes
+    "transformers", "CLIPTokenizer" into model_index.json and loads anywhere (transformers wraps this
+    tokenizer's decode per instance in the same way). The partial survives pickling and deepcopy.
+    """
+    tokenizer._encode_plus = functools.partial(_encode_plus_cleaned, tokenizer)
+    return tokenizer
+
+
+def _encode_plus_cleaned(tokenizer: CLIPTokenizer, text: Any, text_pair: Any = None, **kwargs: Any) -> Any:
+    """CLIPTokenizer._encode_plus on the cleaned text (single texts, batches and pre-split words alike)."""
+    return CLIPTokenizer._encode_plus(tokenizer, _clean_texts(text), text_pair=_clean_texts(text_pair), **kwargs)
+
+
+def _clean_texts(texts: Any) -> Any:
+    """`clean_clip_text` on a string, or on each string of a (nested) list or tuple; None stays None."""
+    if isinstance(texts, str):
+        return clean_clip_text(texts)
+    if isinstance(texts, (list, tuple)):
+        return type(texts)(_clean_texts(text) for text in texts)
+    return texts
