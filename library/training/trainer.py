@@ -285,13 +285,18 @@ def training_loop(run: Run) -> list[Path]:
                     continue
                 # One optimizer step: average across processes, check, clip, step.
                 average_gradients(network.get_trainable_params(), accelerator.num_processes)
-                _stop_if_diverged(finite, network, losses)
+                _stop_if_diverged(finite, network, losses, run.accelerator.scaler)
                 finite = True
                 _clip_gradients(run, network)
-                run.optimizer.step()
+                run.optimizer.step()  # with fp16's loss scaler: skipped if the scaled gradients overflowed
                 run.optimizer.zero_grad(set_to_none=True)
-                run.lr_scheduler.step()
                 step += 1
+                if run.optimizer.step_was_skipped:
+                    # The scaler halved its scale; the lr schedule waits for a real update, as in sd-scripts.
+                    logger.info("step %d: fp16 gradients overflowed at loss scale %g; update skipped, scale halved",
+                                step, run.accelerator.scaler.get_scale() * 2)
+                else:
+                    run.lr_scheduler.step()
                 _scale_weight_norms(run, network)
                 _log(run, losses, step, bar)
                 drift.after_step(step, bar)
@@ -323,14 +328,21 @@ def training_loop(run: Run) -> list[Path]:
     return written
 
 
-def _stop_if_diverged(finite: bool, network, losses) -> None:
-    """Stop on a NaN/inf loss. Gradients are already averaged, so every process sees a bad one."""
-    grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in network.get_trainable_params() if p.grad is not None)
-    if finite and grads_finite:
+def _stop_if_diverged(finite_loss: bool, network, losses, scaler) -> None:
+    """Stop on a NaN/inf loss, or, without a loss scaler, on NaN/inf gradients. With fp16's scaler,
+    overflowing gradients are its normal signal to skip the step and lower the scale: left to it.
+    Gradients are already averaged, so every process decides the same."""
+    grads_finite = scaler is not None or all(
+        bool(torch.isfinite(p.grad).all()) for p in network.get_trainable_params() if p.grad is not None
+    )
+    if finite_loss and grads_finite:
         return
     raise TrainingDiverged(
         f"the loss became {losses.total.item()} (main {losses.main.item()}, cat {losses.cat.item()}); training "
         "stopped and the files already written were kept. Lower the learning rate or use --mixed_precision bf16."
+        if not finite_loss else
+        f"the gradients became NaN or infinite at a finite loss {losses.total.item()}; training stopped and the "
+        "files already written were kept. Lower the learning rate or use --mixed_precision bf16."
     )
 
 
