@@ -573,3 +573,12 @@ def test_bad_dataset_flags_are_named(flags, message):
 def test_folder_flags_beside_a_dataset_config_are_named_as_unused(caplog):
     parse_args(BASE + ["--dataset_config", "d.toml", "--reg_data_dir", "reg"])
     assert "--reg_data_dir reg" in caplog.text and "not used" in caplog.text
+
+
+@pytest.mark.parametrize("flags", [["--skip_until_initial_step"], ["--initial_step", "100"], ["--initial_epoch", "2"]])
+def test_start_step_flags_point_to_resume(flags):
+    with pytest.raises(UserInputError) as err:
+        parse_args(BASE + flags)
+    message = str(err.value)
+    assert f"{flags[0]} (" in message and "--resume a state folder written by --save_state" in message
+    assert "resuming is not implemented" not in message  # --resume is implemented

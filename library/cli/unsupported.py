@@ -9,15 +9,19 @@ from __future__ import annotations
 
 from typing import Any
 
+# sd-scripts needs these three to continue a run at the right step; --resume does that by itself.
+_USE_RESUME = ("starting at a given step is not implemented; to continue a run, --resume a state folder "
+               "written by --save_state, which restores its step count, epoch and data order exactly")
+
 # Giving one of these a value other than its default is refused at parse time, all of them in one sentence.
 NOT_IMPLEMENTED: dict[str, str] = {
     "--cache_text_encoder_outputs": "text-encoder outputs are not cached; it is trained",
     "--mem_eff_attn": "use --sdpa or --xformers",
     "--masked_loss": "masked loss is not implemented",
     "--alpha_mask": "masked loss is not implemented",
-    "--skip_until_initial_step": "resuming is not implemented yet",
-    "--initial_epoch": "resuming is not implemented yet",
-    "--initial_step": "resuming is not implemented yet",
+    "--skip_until_initial_step": _USE_RESUME,
+    "--initial_epoch": _USE_RESUME,
+    "--initial_step": _USE_RESUME,
     "--secondary_separator": "secondary caption separators are not implemented",
     "--enable_wildcard": "caption wildcards are not implemented",
     "--face_crop_aug_range": "face crops are not implemented",
