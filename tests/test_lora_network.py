@@ -304,9 +304,17 @@ def test_bad_network_args_name_key_and_value(sd, args, message):
         lora_cat.create_network(1.0, 4, 1.0, sd.vae, sd.text_encoder, sd.unet, **args)
 
 
-def test_bad_network_dim(sd):
-    with pytest.raises(UserInputError, match="--network_dim network_dim=0"):
+def test_bad_network_dim_and_alpha_are_written_as_flags(sd):
+    # --network_dim is a flag, not a network_args pair: the sentence says it the way the user typed it.
+    with pytest.raises(UserInputError) as err:
         lora_cat.create_network(1.0, 0, 1.0, sd.vae, sd.text_encoder, sd.unet)
+    assert str(err.value) == "--network_dim 0: expected a positive integer, e.g. --network_dim 4."
+    with pytest.raises(UserInputError) as err:
+        lora_cat.create_network(1.0, 4, "one", sd.vae, sd.text_encoder, sd.unet)
+    assert str(err.value) == "--network_alpha one: expected a number, e.g. --network_alpha 1.0."
+    with pytest.raises(UserInputError) as err:
+        lora_cat.create_network(1.0, 4, 1.0, sd.vae, sd.text_encoder, sd.unet, conv_dim="four")
+    assert str(err.value) == "network_args conv_dim='four': expected a positive integer, e.g. conv_dim=4."
 
 
 def test_string_args_and_trainer_dropout_are_parsed(sd):

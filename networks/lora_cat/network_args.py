@@ -108,6 +108,7 @@ def _is_set(value: Any) -> bool:
 
 
 def _positive_int(key: str, value: Any, default: int | None, where: str) -> int | None:
+    """`value` as a positive int; `where` is the flag ("--network_dim") or "network_args" it came from."""
     if not _is_set(value):
         return default
     try:
@@ -115,7 +116,9 @@ def _positive_int(key: str, value: Any, default: int | None, where: str) -> int 
     except (TypeError, ValueError):
         number = float("nan")
     if not number.is_integer() or number <= 0:
-        raise UserInputError(f"{where} {key}={value!r}: expected a positive integer, e.g. {key}=4.")
+        raise UserInputError(
+            f"{_given(key, value, where)}: expected a positive integer, e.g. {_example(key, 4, where)}."
+        )
     return int(number)
 
 
@@ -125,10 +128,22 @@ def _float(key: str, value: Any, default: float | None, where: str, minimum: flo
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise UserInputError(f"{where} {key}={value!r}: expected a number, e.g. {key}=1.0.") from None
+        raise UserInputError(
+            f"{_given(key, value, where)}: expected a number, e.g. {_example(key, 1.0, where)}."
+        ) from None
     if number != number or (minimum is not None and number < minimum):
-        raise UserInputError(f"{where} {key}={value!r}: expected a number >= {minimum}.")
+        raise UserInputError(f"{_given(key, value, where)}: expected a number >= {minimum}.")
     return number
+
+
+def _given(key: str, value: Any, where: str) -> str:
+    """A value as the user wrote it: "--network_dim 0" for a flag, "network_args conv_dim='x'" for a pair."""
+    return f"{where} {value}" if where.startswith("--") else f"{where} {key}={value!r}"
+
+
+def _example(key: str, value: Any, where: str) -> str:
+    """A correct value written the way the user writes that option: "--network_dim 4", "conv_dim=4"."""
+    return f"{where} {value}" if where.startswith("--") else f"{key}={value}"
 
 
 def _probability(key: str, value: Any) -> float | None:
