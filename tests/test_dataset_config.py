@@ -113,6 +113,27 @@ def test_bad_files_name_the_file_and_the_fix(tmp_path, text, message):
     assert message in str(error.value) and "bad.toml" in str(error.value)
 
 
+def test_file_is_read_as_toml_1_0_like_the_config_file(two_concepts):
+    # stdlib tomllib, as for --config_file: a byte-order mark (Windows editors) is fine, and a mixed
+    # array is valid TOML that the strict check then names (the old `toml` package called both invalid TOML).
+    two_concepts.write_bytes(b"\xef\xbb\xbf" + two_concepts.read_bytes())
+    (spec,) = load_dataset_config(two_concepts, cli_data())
+    assert len(spec.subsets) == 3
+    two_concepts.write_text(two_concepts.read_text(encoding="utf-8-sig").replace('["zxc"]', '["zxc", 1]'))
+    with pytest.raises(UserInputError) as error:
+        load_dataset_config(two_concepts, cli_data())
+    assert "cat_trigger = ['zxc', 1] should be a string or a list of non-empty strings" in str(error.value)
+
+
+def test_windows_backslash_path_names_the_line_and_how_to_write_it(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "C:\\lora\\img"\n', encoding="utf-8")
+    with pytest.raises(UserInputError) as error:
+        load_dataset_config(path, cli_data())
+    message = str(error.value)
+    assert str(path) in message and "line 3" in message and "image_dir = 'C:\\lora\\img'" in message
+
+
 def test_all_problems_are_reported_together(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('[[datasets]]\nbatchsize = 2\n[[datasets.subsets]]\nimage_dir = "x"\nenable_wildcard = true\n'
