@@ -64,3 +64,18 @@ def test_hidden_files_and_folders_are_not_data(tmp_path):
     (tmp_path / "train" / ".ipynb_checkpoints").mkdir()
     (subset,) = scan_folders(tmp_path / "train", ".txt", is_reg=False)
     assert [i.path.name for i in subset.items] == ["a.png"]
+
+
+@pytest.mark.parametrize("is_reg, flag, example", [(False, "--train_data_dir", "10_sks dog"),
+                                                   (True, "--reg_data_dir", "1_dog")])
+def test_flat_image_folder_says_how_to_name_the_subfolder(tmp_path, is_reg, flag, example):
+    flat = tmp_path / "my images"
+    flat.mkdir()
+    for name in ("a.png", "b.jpg"):
+        Image.new("RGB", (8, 8)).save(flat / name)
+    (flat / "a.txt").write_text("a photo of sks dog")
+    with pytest.raises(UserInputError) as error:
+        scan_folders(flat, ".txt", is_reg=is_reg)
+    message = str(error.value)
+    assert message.startswith(f"{flag}: {flat} holds 2 image(s) directly")
+    assert f"move the images (and their caption files) into a subfolder named like '{flat / example}/'" in message

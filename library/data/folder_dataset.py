@@ -176,9 +176,20 @@ def _scan(root: Path, flag: str, caption_extension: str, is_reg: bool, options: 
             continue
         subsets.append(Subset(folder, int(match.group(1)), match.group(2).strip(), is_reg, items, options=options))
     if not subsets and not problems:
-        problems.append(f"{root}: no '<repeats>_<class tokens>' folders inside")
+        problems.append(_no_subfolders(root, is_reg))
     gathered += [f"{flag}: {problem}" for problem in problems]
     return subsets
+
+
+def _no_subfolders(root: Path, is_reg: bool) -> str:
+    """The problem with a folder without `<repeats>_<class tokens>` sub-folders, and how to name one."""
+    loose = [path for path in root.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")]
+    if not loose:
+        return f"{root}: no '<repeats>_<class tokens>' folders inside"
+    repeats, class_tokens = ("1", "dog") if is_reg else ("10", "sks dog")
+    return (f"{root} holds {len(loose)} image(s) directly, but images are read from its sub-folders named "
+            f"'<repeats>_<class tokens>': move the images (and their caption files) into a subfolder named like "
+            f"'{root / f'{repeats}_{class_tokens}'}/' ({repeats} repeats, class tokens '{class_tokens}')")
 
 
 def _items(
