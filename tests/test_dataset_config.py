@@ -134,6 +134,26 @@ def test_windows_backslash_path_names_the_line_and_how_to_write_it(tmp_path):
     assert str(path) in message and "line 3" in message and "image_dir = 'C:\\lora\\img'" in message
 
 
+@pytest.mark.parametrize("table, line, message", [
+    ("[[datasets]]", 'resolution = "64"', "[[datasets]] #1 resolution = '64' is a string, and sd-scripts reads an "
+                                          "integer or [width, height] here: write resolution = 64 "),
+    ("[general]", 'resolution = "512,768"', "[general] resolution = '512,768' is a string, and sd-scripts reads an "
+                                            "integer or [width, height] here: write resolution = [512, 768] "),
+    ("[[datasets]]", "resolution = [512.5, 512]",
+     "[[datasets]] #1 resolution = [512.5, 512] should be one size (resolution = 512)"),
+    ("[[datasets]]", 'resolution = ["64", "64"]', "[[datasets]] #1 resolution = ['64', '64'] should be one size"),
+])
+def test_resolution_is_an_integer_or_a_pair_of_integers_as_in_sd_scripts(tmp_path, table, line, message):
+    (tmp_path / "img").mkdir()
+    path = tmp_path / "data.toml"
+    body = {"[general]": f"[general]\n{line}\n[[datasets]]\nresolution = 64\n",
+            "[[datasets]]": f"[[datasets]]\n{line}\n"}[table]
+    path.write_text(body + '[[datasets.subsets]]\nimage_dir = "img"\n', encoding="utf-8")
+    with pytest.raises(UserInputError) as error:
+        load_dataset_config(path, cli_data("--resolution", "64"))
+    assert f"{path}: {message}" in str(error.value)
+
+
 def test_all_problems_are_reported_together(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('[[datasets]]\nbatchsize = 2\n[[datasets.subsets]]\nimage_dir = "x"\nenable_wildcard = true\n'

@@ -29,7 +29,7 @@ from library.data.training_data import DatasetSpec
 
 INT, FLOAT, STR, BOOL, LIST, TABLE = (int,), (float, int), (str,), (bool,), (list,), (dict,)
 DATASET_KEYS = {
-    "resolution": (int, list, str), "batch_size": INT, "enable_bucket": BOOL, "min_bucket_reso": INT,
+    "resolution": (int, list), "batch_size": INT, "enable_bucket": BOOL, "min_bucket_reso": INT,
     "max_bucket_reso": INT, "bucket_reso_steps": INT, "bucket_no_upscale": BOOL,
 }
 SUBSET_KEYS = {
@@ -113,7 +113,7 @@ def _subset_where(where: _Where, index: int) -> _Where:
 
 def _dataset(dataset: dict, general: dict, data: DataArgs, where: _Where, problems: list[str]) -> DatasetSpec | None:
     merged = {**general, **dataset}
-    resolution = _resolution(merged.get("resolution"), where, problems) or data.resolution
+    resolution = _resolution(merged.get("resolution")) or data.resolution
     if resolution is None:
         problems.append(f"{where}: no resolution; set resolution = 512 there (or in [general]), or pass --resolution")
         return None
@@ -231,6 +231,9 @@ def _check_keys(table: dict, allowed: dict[str, tuple[type, ...]], where: _Where
             near = difflib.get_close_matches(key, sorted(set(allowed) | NOT_IMPLEMENTED_KEYS), n=1)
             hint = f"; did you mean {near[0]}?" if near else ""
             problems.append(f"{where} has an unknown key {key!r}{hint}")
+        elif key == "resolution":
+            if _resolution_sides(value) is None:
+                problems.append(f"{where} resolution = {value!r} {_resolution_fix(value)}")
         elif not _fits(value, allowed[key]):
             problems.append(f"{where} {key} = {value!r} should be {_type_names(allowed[key])}")
         elif key == "cat_trigger" and isinstance(value, list) and not all(isinstance(t, str) and t.strip() for t in value):
@@ -266,21 +269,27 @@ def _inherited(table: dict) -> dict:
     return {k: v for k, v in table.items() if k in SUBSET_KEYS and k not in SUBSET_ONLY}
 
 
-def _resolution(value: Any, where: _Where, problems: list[str]) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        sides = [value, value] if isinstance(value, int) else value
-        if isinstance(value, str):
-            sides = [int(v) for v in value.split(",")] if "," in value else [int(value)] * 2
-        if len(sides) != 2 or any(isinstance(v, bool) or int(v) <= 0 for v in sides):
-            raise ValueError
-        return int(sides[0]), int(sides[1])
-    except (TypeError, ValueError):
-        problems.append(f"{where} resolution = {value!r} should be one size (512) or [width, height]")
-        return None
+def _resolution(value: Any) -> tuple[int, int] | None:
+    """(width, height) of a resolution that `_check_keys` accepted; None when no level sets one."""
+    return None if value is None else _resolution_sides(value)
+
+
+def _resolution_sides(value: Any) -> tuple[int, int] | None:
+    """sd-scripts' schema for a dataset resolution: one integer (square) or [width, height] of integers."""
+    sides = [value, value] if not isinstance(value, list) else value
+    if len(sides) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sides):
+        return sides[0], sides[1]
+    return None
+
+
+def _resolution_fix(value: Any) -> str:
+    """What is wrong with a refused resolution, and the line to write instead."""
+    parts = [part.strip() for part in value.split(",")] if isinstance(value, str) else []
+    if len(parts) in (1, 2) and all(part.isdigit() and int(part) > 0 for part in parts):
+        fixed = parts[0] if len(parts) == 1 else f"[{parts[0]}, {parts[1]}]"
+        return (f"is a string, and sd-scripts reads an integer or [width, height] here: write resolution = {fixed} "
+                f"(the quoted \"512,768\" form belongs to --resolution and --config_file)")
+    return "should be one size (resolution = 512) or [width, height] (resolution = [512, 768]), in pixels"
 
 
 def _raise(problems: list[str]) -> None:
