@@ -12,21 +12,27 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from accelerate.utils import reduce
 
 
 def average_gradients(params: Iterable[torch.nn.Parameter], world_size: int) -> None:
-    """Replace each parameter's gradient by its mean over the `world_size` processes."""
+    """Replace each parameter's gradient by its mean over the `world_size` processes (one all-reduce).
+
+    A parameter no process gave a gradient keeps none, as with one process (an optimizer then
+    leaves it alone, weight decay included); one that only some processes used averages their
+    gradients with zeros from the others, as DistributedDataParallel does.
+    """
     if world_size <= 1:
         return
     params = [p for p in params if p.requires_grad]
-    for p in params:
-        if p.grad is None:  # e.g. module dropout skipped it here but not on another process
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    flat = _flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    flat.div_(world_size)
-    for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-        grad.copy_(synced)
+    if not params:
+        return
+    dtype = next((p.grad.dtype for p in params if p.grad is not None), params[0].dtype)
+    used = torch.tensor([p.grad is not None for p in params], dtype=dtype, device=params[0].device)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p, dtype=dtype) for p in params]
+    total = reduce(torch.cat([used] + [grad.reshape(-1) for grad in grads]), reduction="sum")
+    counts, offset = total[: len(params)], len(params)
+    for param, count in zip(params, counts.tolist()):
+        size = param.numel()
+        param.grad = None if count == 0 else (total[offset : offset + size] / world_size).view_as(param).to(dtype)
+        offset += size

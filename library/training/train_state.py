@@ -40,16 +40,19 @@ class Progress:
 
 
 def save_state(
-    folder: Path, network, optimizer, lr_scheduler, generator: torch.Generator, progress: Progress, scaler=None
+    folder: Path, network, optimizer, lr_scheduler, random_streams: list[dict], progress: Progress, scaler=None
 ) -> Path:
-    """Write the state folder atomically (a partial folder never carries the final name)."""
+    """Write the state folder atomically (a partial folder never carries the final name).
+
+    `random_streams` holds `random_streams()` of every process, in process order: each process draws
+    its own noise, so each resumes its own streams."""
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     network.save_weights(partial / NETWORK_FILE, None, None)
     torch.save(optimizer.state_dict(), partial / OPTIMIZER_FILE)
     torch.save(lr_scheduler.state_dict(), partial / SCHEDULER_FILE)
-    torch.save(_rng_states(generator), partial / RNG_FILE)
+    torch.save({"processes": random_streams}, partial / RNG_FILE)
     if scaler is not None:
         torch.save(scaler.state_dict(), partial / SCALER_FILE)
     (partial / PROGRESS_FILE).write_text(json.dumps(asdict(progress), indent=2), encoding="utf-8")
@@ -64,8 +67,10 @@ def save_state(
     return folder
 
 
-def load_state(folder: Path, network, optimizer, lr_scheduler, generator: torch.Generator, scaler=None) -> Progress:
-    """Restore everything `save_state` wrote; a state that does not fit this run is a UserInputError."""
+def load_state(folder: Path, network, optimizer, lr_scheduler, generator: torch.Generator, scaler=None,
+               process_index: int = 0, num_processes: int = 1) -> Progress:
+    """Restore everything `save_state` wrote (this process's own random streams); a state that does not
+    fit this run is a UserInputError."""
     progress = read_progress(folder)
     network.load_weights(folder / NETWORK_FILE)
     try:
@@ -76,7 +81,7 @@ def load_state(folder: Path, network, optimizer, lr_scheduler, generator: torch.
             f"--resume {folder}: its optimizer or scheduler state does not fit this run ({error}); resume with the "
             "same --network_dim, network_args, optimizer and learning-rate flags as the run that saved it."
         ) from None
-    _restore_rng(_load(folder / RNG_FILE), generator)
+    _restore_rng(_process_streams(folder, process_index, num_processes), generator)
     if scaler is not None and (folder / SCALER_FILE).is_file():
         scaler.load_state_dict(_load(folder / SCALER_FILE))
     return progress
@@ -102,7 +107,20 @@ def _load(path: Path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _rng_states(generator: torch.Generator) -> dict:
+def _process_streams(folder: Path, process_index: int, num_processes: int) -> dict:
+    saved = _load(folder / RNG_FILE)
+    streams = saved.get("processes", [saved])  # a single process's flat record, as earlier versions wrote
+    if len(streams) != num_processes:
+        raise UserInputError(
+            f"--resume {folder} was saved by a run of {len(streams)} process(es), this run has {num_processes}; "
+            f"resume with {len(streams)} (accelerate launch --num_processes {len(streams)}): each process "
+            "continues its own noise stream."
+        )
+    return streams[process_index]
+
+
+def random_streams(generator: torch.Generator) -> dict:
+    """This process's random streams: torch's, Python's, CUDA's and the run's noise generator."""
     states = {"torch": torch.get_rng_state(), "generator": generator.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()

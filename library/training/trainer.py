@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -45,7 +45,7 @@ from library.data.run_data import free_caption, load_training_data, training_cap
 from library.data.training_data import TrainingData
 from library.config.train_config import TrainConfig
 from library.training.train_metadata import RunFacts, at_save, training_metadata
-from library.training.train_state import Progress, load_state, read_progress, save_state
+from library.training.train_state import Progress, load_state, random_streams, read_progress, save_state
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +148,15 @@ def setup(config: TrainConfig, load_models: ModelLoader) -> Run:
         metadata=training_metadata(config, facts, output_name or "last"), output_dir=output_dir,
         output_name=output_name, save_dtype=SAVE_DTYPES.get(config.save.save_precision) if config.save.save_precision else None,
         latent_cache=_cache_latents(config, data, models, accelerator), batches=batches, loader=loader,
-        sampler=sampler, generator=torch.Generator().manual_seed(seed), sample_prompts=sample_prompts,
+        sampler=sampler, generator=torch.Generator().manual_seed(process_seed(seed, accelerator.process_index)),
+        sample_prompts=sample_prompts,
     )
+
+
+def process_seed(seed: int, process_index: int) -> int:
+    """The seed of a process's own generator (noise, timesteps): the run seed on the main process, so one process trains as it always did, and a different one on
+    each other process, which would otherwise noise its different images with the same draws."""
+    return seed if process_index == 0 else (seed + process_index * 0x9E3779B97F4A7C15) % 2**64
 
 
 def _accelerator(config: TrainConfig) -> Accelerator:
@@ -234,7 +241,9 @@ def _prepare_models(config: TrainConfig, models: ModelFamily, accelerator: Accel
     if config.run.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
         models.unet.train()  # diffusers and transformers checkpoint only in training mode
-        for text_encoder in models.text_encoders:
+        # Only a text encoder that is trained: checkpointing makes transformers turn on gradients for
+        # its input embeddings, so a frozen one would be back-propagated through for nothing.
+        for text_encoder in models.text_encoders if not config.network.train_unet_only else ():
             # transformers 5 renamed it; the old name still works there but warns.
             enable = (getattr(text_encoder, "activation_checkpointing_enable", None)
                       or text_encoder.gradient_checkpointing_enable)
@@ -357,7 +366,9 @@ def _start_progress(run: Run, network) -> Progress:
             f"--resume {folder} was saved by a run with seed {saved.seed}, this run has seed {run.facts.seed}; "
             f"pass --seed {saved.seed} to continue it (the data order and noise depend on it)."
         )
-    progress = load_state(folder, network, run.optimizer, run.lr_scheduler, run.generator, run.accelerator.scaler)
+    accelerator = run.accelerator
+    progress = load_state(folder, network, run.optimizer, run.lr_scheduler, run.generator, accelerator.scaler,
+                          accelerator.process_index, accelerator.num_processes)
     logger.info("resumed from %s at step %d (epoch %d, batch %d)", folder, progress.step, progress.epoch,
                 progress.batches_in_epoch)
     return progress
@@ -379,7 +390,9 @@ def _train_on(run: Run, denoiser: Denoiser, batch: LoadedBatch, epoch: int, loss
     )
 
     def backward(loss: torch.Tensor, last: bool) -> None:
-        accelerator.backward(loss * loss_scale)  # averaged across processes once, before the optimizer step
+        # Autocast is for the forward passes only; averaged across processes once, before the optimizer step.
+        with torch.autocast(accelerator.device.type, enabled=False):
+            accelerator.backward(loss * loss_scale)
 
     with accelerator.autocast():
         return cat_step(denoiser, run.network, cat_batch, config.cat.weight, config.cat.mode, loss_fn, backward)
@@ -447,14 +460,17 @@ def _log(run: Run, losses, step: int, progress) -> None:
 def _save(run: Run, network, name: str, progress: Progress | None, end: bool = False) -> Path:
     """Write one LoRA file (and, with --save_state, the state to resume from at this point)."""
     path = run.output_dir / name
+    save = run.config.save
+    wants_state = progress is not None and (save.save_state or (end and save.save_state_on_train_end))
+    # Every process takes part: each has its own noise stream, and the main process saves them all.
+    streams = gather_object([random_streams(run.generator)]) if wants_state else None
     if run.accelerator.is_main_process:
         epoch, step = (progress.epoch, progress.step) if progress else (0, 0)
-        metadata = None if run.config.save.no_metadata else at_save(run.metadata, epoch, step)
+        metadata = None if save.no_metadata else at_save(run.metadata, epoch, step)
         network.save_weights(path, run.save_dtype, metadata)
-        wants_state = run.config.save.save_state or (end and run.config.save.save_state_on_train_end)
-        if progress is not None and wants_state:
+        if wants_state:
             state = run.output_dir / state_folder_name(name)
-            save_state(state, network, run.optimizer, run.lr_scheduler, run.generator, progress, run.accelerator.scaler)
+            save_state(state, network, run.optimizer, run.lr_scheduler, streams, progress, run.accelerator.scaler)
     run.accelerator.wait_for_everyone()
     return path
 

@@ -1,7 +1,10 @@
 """Run by tests/test_ddp.py under `torchrun --nproc_per_node 2`: trains with the real trainer and
-writes, per rank, how many all-reduce calls the training loop made and a checksum of the adapter weights."""
+writes, per rank, how many all-reduce calls the training loop made, a checksum of the adapter weights,
+the seed of the rank's noise generator, and the first optimizer step's gradients before and after
+averaging (with one parameter made unused on every rank and one on rank 0 only)."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,8 +28,28 @@ def counting_all_reduce(*args, **kwargs):
     return real_all_reduce(*args, **kwargs)
 
 
+real_average = trainer.average_gradients
+first_step: dict = {}
+
+
+def recording_average(params, world_size):
+    """At the first optimizer step: drop the gradient of parameter 0 everywhere and of parameter 1 on
+    rank 0 (as module dropout would), and keep the first four gradients before and after averaging."""
+    params = list(params)
+    if not first_step and os.environ.get("PROBE_FIRST_STEP") == "1":
+        params[0].grad = None
+        if torch.distributed.get_rank() == 0:
+            params[1].grad = None
+        first_step["local"] = [None if p.grad is None else p.grad.clone() for p in params[:4]]
+        real_average(params, world_size)
+        first_step["averaged"] = [None if p.grad is None else p.grad.clone() for p in params[:4]]
+        return
+    real_average(params, world_size)
+
+
 def main() -> None:
     config = parse_args(sys.argv[1:])
+    trainer.average_gradients = recording_average
     run = trainer.setup(config, load_stable_diffusion)
     torch.distributed.all_reduce = counting_all_reduce  # counts the collectives of the training loop only
     trainer.training_loop(run)
@@ -34,7 +57,9 @@ def main() -> None:
     network = unwrap_network(run.network)
     checksum = sum(p.double().sum().item() for p in network.parameters())
     # One file per rank: lines printed by two processes into one pipe can interleave.
-    probe = {"rank": run.accelerator.process_index, "allreduce": calls["allreduce"], "checksum": checksum}
+    rank = run.accelerator.process_index
+    probe = {"rank": rank, "allreduce": calls["allreduce"], "checksum": checksum, "seed": run.generator.initial_seed()}
+    torch.save(first_step, Path(config.save.output_dir) / f"grads-rank{rank}.pt")
     (Path(config.save.output_dir) / f"probe-rank{probe['rank']}.json").write_text(json.dumps(probe))
 
 
