@@ -2,8 +2,8 @@
 
 `--network_module some.module` names a Python module with two factory functions
 (`NetworkModuleFactory`); they return a network object (`Network`). The trainer depends on these
-Protocols, not on `hasattr` checks scattered through the loop. Optional methods of the contract
-(`prepare_network`, `on_step_start`) are looked up by the trainer where it needs them.
+Protocols, not on `hasattr` checks scattered through the loop. sd-scripts also calls a few optional
+methods (`prepare_network`, `on_step_start`); this trainer needs none of them.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from torch import nn
 @runtime_checkable
 class Network(Protocol):
     """What a network object returned by `create_network` must offer."""
+
+    multiplier: float  # the strength every adapter runs at; `multiplier_set_to` reads it to restore it
 
     def apply_to(self, text_encoder: Any, unet: nn.Module, apply_text_encoder: bool = True, apply_unet: bool = True) -> None:
         """Attach the adapters to the models (only the parts asked for)."""

@@ -39,7 +39,9 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 """(prediction, target) -> per-sample loss of shape (B,)."""
 
 Backward = Callable[[Tensor, bool], None]
-"""(loss, is_last_backward_of_this_batch) -> None; the trainer syncs gradients on the last one only."""
+"""(loss, is_last_backward_of_this_batch) -> None: back-propagate `loss` into the adapters' gradients
+(the trainer scales it for accumulation; gradients are averaged across processes later, once per
+optimizer step, so the flag is information for callers that want it)."""
 
 
 class Denoiser(Protocol):

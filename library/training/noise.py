@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
 
 from library.errors import UserInputError
 
@@ -234,9 +235,7 @@ def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
     (never 0). Pass the un-rescaled scheduler here to reproduce that; pass the rescaled one for
     the SNR the model actually sees (0 at the last timestep).
     """
-    alphas_cumprod = scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)
-    abar = alphas_cumprod[timesteps.long()]
-    return abar / (1.0 - abar)
+    return compute_snr(scheduler, timesteps.long()).float()  # diffusers' (alpha / sigma)^2
 
 
 def min_snr_weight(snr_t: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:

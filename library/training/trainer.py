@@ -154,8 +154,9 @@ def setup(config: TrainConfig, load_models: ModelLoader) -> Run:
 
 
 def process_seed(seed: int, process_index: int) -> int:
-    """The seed of a process's own generator (noise, timesteps): the run seed on the main process, so one process trains as it always did, and a different one on
-    each other process, which would otherwise noise its different images with the same draws."""
+    """The seed of a process's own generator (noise, timesteps): the run seed on the main process, so
+    one process trains as it always did, and a different one on each other process, which would
+    otherwise noise its different images with the same draws."""
     return seed if process_index == 0 else (seed + process_index * 0x9E3779B97F4A7C15) % 2**64
 
 
