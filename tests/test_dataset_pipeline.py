@@ -11,6 +11,7 @@ from PIL import Image
 
 import library.training.trainer as trainer
 from library.families.sd.family import StableDiffusionModels
+from library.training.network_guard import PROBE_CAPTIONS
 import train_network_cat
 from networks.lora_cat.file_format import read_lora_file
 from library.testing.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
@@ -97,12 +98,22 @@ def test_sd_scripts_dataset_trains_unchanged_with_samples(model, dataset, tmp_pa
     assert len(samples) == 2 and all(name.startswith("lora_") and name.endswith("_5.png") for name in samples)
 
 
+def _recording(tokenize, seen: list):
+    """`tokenize` that also appends the captions of each training step to `seen`."""
+    def recording(models, captions, max_length=None):
+        if tuple(captions) != PROBE_CAPTIONS:  # the start-up check of the network module is no training step
+            seen.append(list(captions))
+        return tokenize(models, captions, max_length)
+    return recording
+
+
 def test_captions_that_reach_the_step(model, dataset, tmp_path, monkeypatch):
     seen = []
     tokenize = StableDiffusionModels.tokenize
 
-    def recording(models, captions, max_length):
-        seen.append(list(captions))
+    def recording(models, captions, max_length=None):
+        if tuple(captions) != PROBE_CAPTIONS:  # the start-up check of the network module is no training step
+            seen.append(list(captions))
         return tokenize(models, captions, max_length)
 
     monkeypatch.setattr(StableDiffusionModels, "tokenize", recording)
@@ -120,7 +131,7 @@ def test_captions_that_reach_the_step(model, dataset, tmp_path, monkeypatch):
         assert stripped == caption.replace("sks ", "", 1), "the trigger-free caption is the shuffled one, stripped"
     assert any(c not in CAPTIONS for c in captions if c != "teapot"), "tags were shuffled"
     again = []
-    monkeypatch.setattr(StableDiffusionModels, "tokenize", lambda t, c, m: again.append(list(c)) or tokenize(t, c, m))
+    monkeypatch.setattr(StableDiffusionModels, "tokenize", _recording(tokenize, again))
     assert train_network_cat.main(_argv(model, dataset, tmp_path / "out2", "--max_train_steps", "6")) == 0
     assert again == seen, "the same seed gives the same captions"
 
@@ -200,7 +211,7 @@ def test_data_loader_workers_do_not_change_the_lora(model, dataset, tmp_path):
 def test_regularisation_samples_are_weighted_by_prior_loss_weight(model, dataset, tmp_path, monkeypatch):
     captions, weights = [], []
     tokenize, build = StableDiffusionModels.tokenize, trainer.build_cat_batch
-    monkeypatch.setattr(StableDiffusionModels, "tokenize", lambda t, c, m: captions.append(list(c)) or tokenize(t, c, m))
+    monkeypatch.setattr(StableDiffusionModels, "tokenize", _recording(tokenize, captions))
     monkeypatch.setattr(trainer, "build_cat_batch", lambda *a: weights.append(a[3].tolist()) or build(*a))
     argv = _argv(model, dataset, tmp_path / "out", "--prior_loss_weight", "0.25", "--max_train_steps", "8", "--cat_weight", "0")
     assert train_network_cat.main(argv) == 0
