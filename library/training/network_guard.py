@@ -51,14 +51,15 @@ class OffProbe:
 
     @classmethod
     def of_bare_model(cls, models: ModelFamily, device: torch.device, clip_skip: int | None = None,
-                      autocast: torch.dtype | None = None) -> OffProbe:
-        """Draw the probe batch and run the bare model on it; call before the network is created."""
+                      max_token_length: int | None = None, autocast: torch.dtype | None = None) -> OffProbe:
+        """Draw the probe batch and run the bare model on it, its captions encoded as training encodes
+        them (clip skip, long-prompt windows); call before the network is created."""
         generator = torch.Generator().manual_seed(PROBE_SEED)
         shape = models.latent_shape(len(PROBE_CAPTIONS), PROBE_PIXELS, PROBE_PIXELS)
         latents = torch.randn(shape, generator=generator).to(device, models.unet.dtype)
         steps = getattr(getattr(models.noise_scheduler, "config", None), "num_train_timesteps", 1000)
         timesteps = torch.randint(0, steps, (shape[0],), generator=generator).to(device)
-        input_ids = models.tokenize(list(PROBE_CAPTIONS)).to(device)
+        input_ids = models.tokenize(list(PROBE_CAPTIONS), max_token_length).to(device)
         with _untouched(models):
             bare = _prediction(models, clip_skip, autocast, latents, timesteps, input_ids)
         return cls(models, clip_skip, autocast, latents, timesteps, input_ids, bare)

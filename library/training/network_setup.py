@@ -54,7 +54,8 @@ def build_network(config: TrainConfig, models: ModelFamily, device: torch.device
         logger.info("merged --base_weights %s at multiplier %s", path, multiplier)
     # The base model's own prediction, taken before the network exists: nothing of it can leak in.
     started = time.perf_counter()
-    probe = OffProbe.of_bare_model(models, device, config.model.clip_skip, _autocast_dtype(config))
+    probe = OffProbe.of_bare_model(models, device, config.model.clip_skip, config.model.max_token_length,
+                                   _autocast_dtype(config))
     probe_seconds = time.perf_counter() - started
     network = _create_network(module, config, vae, text_encoder, unet)
     train_unet = not config.network.train_text_encoder_only
