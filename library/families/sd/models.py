@@ -64,7 +64,8 @@ def load_stable_diffusion(
     """Load an SD1/SD2 diffusers folder or single-file checkpoint, frozen, in eval mode, in `dtype`.
 
     `v2` must be given for SD2 models (as sd-scripts' --v2); `vae` replaces the model's VAE with a
-    diffusers folder or a single file; `model_config` names the architecture config folder that
+    diffusers folder or a single file, and the model's own VAE is then not loaded at all (pruned
+    "no-VAE" checkpoints lack it); `model_config` names the architecture config folder that
     single files are converted against and whose scheduler config gives the noise schedule
     (default: configs/models/sd_v1, or sd_v2 with `v2`). A diffusers folder brings its own configs.
     """
@@ -76,11 +77,12 @@ def load_stable_diffusion(
     if v_parameterization and not v2:
         logger.warning("--v_parameterization without --v2: SD1 models are not trained for v-prediction.")
     config_dir = architecture_dir(v2, model_config)
+    own_vae = vae is None
     if path.is_dir():
-        models = _load_folder(path, v2, v_parameterization, dtype)
+        models = _load_folder(path, v2, v_parameterization, dtype, own_vae)
         vae_config_dir = path
     else:
-        models = _load_single_file(path, v2, config_dir, dtype)
+        models = _load_single_file(path, v2, config_dir, dtype, own_vae)
         vae_config_dir = config_dir
     unet, text_encoder, tokenizer, model_vae = models
     if vae is not None:
@@ -98,11 +100,12 @@ def load_stable_diffusion(
     return result
 
 
-Components = tuple[UNet2DConditionModel, CLIPTextModel, CLIPTokenizer, AutoencoderKL]
+# The VAE is None when --vae replaces it.
+Components = tuple[UNet2DConditionModel, CLIPTextModel, CLIPTokenizer, AutoencoderKL | None]
 
 
-def _load_folder(path: Path, v2: bool, v_parameterization: bool, dtype: torch.dtype) -> Components:
-    """(unet, text_encoder, tokenizer, vae) of a diffusers folder."""
+def _load_folder(path: Path, v2: bool, v_parameterization: bool, dtype: torch.dtype, own_vae: bool) -> Components:
+    """(unet, text_encoder, tokenizer, vae) of a diffusers folder; its vae/ weights only when `own_vae`."""
     sd_folder.check_diffusers_folder(path)
     _check_v2_flag(sd_folder.is_open_clip_folder(path), v2, path)
     _warn_on_prediction_type(path, v_parameterization)
@@ -110,20 +113,26 @@ def _load_folder(path: Path, v2: bool, v_parameterization: bool, dtype: torch.dt
         sd_folder.load_unet(path, dtype),
         sd_folder.load_text_encoder(path, dtype),
         sd_folder.load_tokenizer(path, v2),
-        sd_folder.load_vae(path, dtype),
+        sd_folder.load_vae(path, dtype) if own_vae else None,
     )
 
 
-def _load_single_file(path: Path, v2: bool, config_dir: Path, dtype: torch.dtype) -> Components:
-    """(unet, text_encoder, tokenizer, vae) of an LDM-layout checkpoint file."""
-    state_dict = read_state_dict(path)
+def _load_single_file(path: Path, v2: bool, config_dir: Path, dtype: torch.dtype, own_vae: bool) -> Components:
+    """(unet, text_encoder, tokenizer, vae) of an LDM-layout checkpoint file; its VAE only when `own_vae`.
+
+    Without it the file's VAE keys are left unread, so a checkpoint without them loads.
+    """
+    skipped = () if own_vae else (sd_single_file.VAE_PREFIX,)
+    state_dict = read_state_dict(path, skip_prefixes=skipped)
     _check_v2_flag(sd_single_file.is_open_clip_checkpoint(state_dict, path), v2, path)
+    if own_vae:
+        sd_single_file.check_has_vae(state_dict, path)
     state_dict = sd_single_file.with_text_model_level(state_dict)
     return (
         sd_single_file.load_unet(state_dict, config_dir, path, dtype),
         sd_single_file.load_text_encoder(state_dict, config_dir, path, dtype),
         build_clip_tokenizer(pad_token=SD2_PAD_TOKEN if v2 else EOS_TOKEN),
-        sd_single_file.load_vae(state_dict, config_dir, path, dtype),
+        sd_single_file.load_vae(state_dict, config_dir, path, dtype) if own_vae else None,
     )
 
 

@@ -27,6 +27,7 @@ from library.errors import UserInputError
 
 SD1_TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
 SD2_TEXT_ENCODER_KEY = "cond_stage_model.model.token_embedding.weight"
+VAE_PREFIX = "first_stage_model."
 
 Model = TypeVar("Model", UNet2DConditionModel, AutoencoderKL)
 Converter = Callable[[dict, dict], dict]
@@ -49,6 +50,15 @@ def is_open_clip_checkpoint(state_dict: dict[str, torch.Tensor], path: Path) -> 
         "'cond_stage_model.model.'); give a full Stable Diffusion 1.x/2.x checkpoint, "
         "not a LoRA, a VAE or an SDXL model."
     )
+
+
+def check_has_vae(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """Raise unless the checkpoint has VAE weights: pruned "no-VAE" files are used with --vae."""
+    if not any(key.startswith(VAE_PREFIX) for key in state_dict):
+        raise UserInputError(
+            f"The checkpoint {path} has no VAE weights (no keys under {VAE_PREFIX!r}), as pruned \"no-VAE\" "
+            "checkpoints do; pass --vae with the VAE to use (a .safetensors/.ckpt file or a diffusers VAE folder)."
+        )
 
 
 def with_text_model_level(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
