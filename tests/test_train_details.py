@@ -5,6 +5,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+import library.training.network_guard as network_guard
 import library.training.trainer as trainer
 import train_network_cat
 from library.families.sd.denoiser import SDDenoiser
@@ -32,15 +33,24 @@ def _argv(workspace, out, *extra):
 
 @pytest.mark.parametrize("unet_only", [True, False], ids=["unet-only", "with-text-encoder"])
 def test_a_frozen_text_encoder_builds_no_graph_under_checkpointing(workspace, tmp_path, monkeypatch, unet_only):
-    graphs = []
-    encode = SDDenoiser.encode
+    graphs, probing = [], []
+    encode, probe = SDDenoiser.encode, network_guard._prediction
 
     def recording(self, input_ids):
         states = encode(self, input_ids)
-        graphs.append(states.requires_grad)
+        if not probing:  # the network guard's start-up probe is no training step
+            graphs.append(states.requires_grad)
         return states
 
+    def guard_prediction(*args):
+        probing.append(True)
+        try:
+            return probe(*args)
+        finally:
+            probing.pop()
+
     monkeypatch.setattr(SDDenoiser, "encode", recording)
+    monkeypatch.setattr(network_guard, "_prediction", guard_prediction)
     extra = ("--gradient_checkpointing",) + (("--network_train_unet_only",) if unet_only else ())
     assert train_network_cat.main(_argv(workspace, tmp_path / "out", *extra)) == 0
     # Every step encodes the reference (no grad) and two adapted captions.
