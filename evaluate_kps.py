@@ -8,7 +8,9 @@ For each LoRA (loaded with diffusers' `load_lora_weights`, as users load it) and
 it generates images from the trigger prompts (`y_T`), from the same prompts without the trigger
 (`y`, same seed), and from each training image's caption; then scores them with open_clip and
 writes results.json, results.md and grid_<adapter>.png to --output_dir. A re-run with the same
-arguments reuses the images already generated.
+arguments reuses the images already generated. Prompts are encoded as training encoded them, with
+each LoRA's clip skip and token length from its metadata unless --clip_skip / --max_token_length
+say otherwise; the base model takes the first LoRA's (library/evaluation/kps_conditioning.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import library  # noqa: F401  (before diffusers: quiets an irrelevant bitsandbyt
 from library.cat.captions import CAPTION_MODES, contains_trigger, trigger_free_caption
 from library.errors import UserInputError
 from library.evaluation.kps_clip import load_clip
+from library.evaluation.kps_conditioning import TOKEN_LENGTHS, choose_conditionings
 from library.evaluation.kps_data import read_prompt_file, training_images
 from library.evaluation.kps_images import (
     Adapter, GenerationSettings, PlannedImage, PromptPair, bytes_fingerprint, files_fingerprint, generate_images,
@@ -38,6 +41,7 @@ from library.evaluation.lora_fit import check_lora_fits
 from library.sampling.samplers import SAMPLERS, inference_scheduler
 from library.families.family import ModelFamily
 from library.families.sd.models import load_stable_diffusion
+from networks.lora_cat.file_format import read_lora_file
 
 BASE_MODEL = "base model"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -71,6 +75,8 @@ class KPSConfig:
     guidance_scale: float
     width: int | None
     height: int | None
+    clip_skip: int | None  # None: each LoRA's own (its metadata)
+    max_token_length: int | None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> KPSConfig:
@@ -83,6 +89,8 @@ def parse_args(argv: Sequence[str] | None = None) -> KPSConfig:
         parser.error(f"--images_per_prompt must be at least 1, got {args.images_per_prompt}")
     if args.sample_steps < 1:
         parser.error(f"--sample_steps must be at least 1, got {args.sample_steps}")
+    if args.clip_skip is not None and args.clip_skip < 1:
+        parser.error(f"--clip_skip must be at least 1 (1 is the text encoder's last layer), got {args.clip_skip}")
     if args.train_data_dir is not None and args.dataset_config is not None:
         parser.error("give either --train_data_dir or --dataset_config, not both")
     if args.prompt_file is None and args.train_data_dir is None and args.dataset_config is None:
@@ -106,7 +114,7 @@ def parse_args(argv: Sequence[str] | None = None) -> KPSConfig:
         output_dir=Path(args.output_dir), clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype=args.dtype,
         sampler=args.sampler, sample_steps=args.sample_steps, guidance_scale=args.guidance_scale,
-        width=args.width, height=args.height,
+        width=args.width, height=args.height, clip_skip=args.clip_skip, max_token_length=args.max_token_length,
     )
 
 
@@ -138,6 +146,11 @@ def _parser() -> argparse.ArgumentParser:
     sampling.add_argument("--width", type=int, default=None, help="default: the model's native size")
     sampling.add_argument("--height", type=int, default=None, help="default: the model's native size")
     sampling.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    encoding = parser.add_argument_group("prompt encoding (default: as each LoRA was trained, from its metadata)")
+    encoding.add_argument("--clip_skip", type=int, default=None,
+                          help="text-encoder layer from the end for every row (default: ss_clip_skip, else 1)")
+    encoding.add_argument("--max_token_length", type=int, choices=TOKEN_LENGTHS, default=None,
+                          help="prompt length for every row (default: ss_max_token_length, else 75)")
     scoring = parser.add_argument_group("scoring")
     scoring.add_argument("--clip_model", default="ViT-L-14", help="open_clip model name or model-config JSON")
     scoring.add_argument("--clip_pretrained", default=None, help="CLIP weights file (or an open_clip pretrained tag)")
@@ -150,7 +163,7 @@ def evaluate(config: KPSConfig) -> dict:
     # Check every input before the slow parts: a mistake found after an hour of sampling costs the hour.
     training = _training_images(config)
     pairs = _prompt_pairs(config, training)
-    adapters = _adapters(config.loras)
+    adapters, conditioning = _adapters(config)
     embedder = load_clip(config.clip_model, config.clip_pretrained, config.device)
     models = load_stable_diffusion(
         config.pretrained_model_name_or_path, v2=config.v2, v_parameterization=config.v_parameterization,
@@ -161,11 +174,13 @@ def evaluate(config: KPSConfig) -> dict:
 
     settings = _settings(config, models)
     planned = plan_images(adapters, pairs, [caption for _, caption in training], config.seeds)
-    files, generated = generate_images(_pipeline(models, config), adapters, planned, settings, config.output_dir / "images")
+    files, generated = generate_images(
+        _pipeline(models, config), models.prompt_kwargs, adapters, planned, settings, config.output_dir / "images"
+    )
     scores = score_adapters(embedder, [a.name for a in adapters], files, pairs, [path for path, _ in training])
 
     settings_json = _jsonable(asdict(config)) | {"width": settings.width, "height": settings.height}
-    results = results_json(settings_json, scores, files, pairs, generated)
+    results = results_json(settings_json, conditioning, scores, files, pairs, generated)
     _write_outputs(config, results, results_table(scores), adapters, files, len(pairs))
     return results
 
@@ -225,8 +240,10 @@ def _prompt_pairs(config: KPSConfig, training: list[tuple[Path, str]]) -> list[P
     ]
 
 
-def _adapters(loras: Sequence[Path]) -> list[Adapter]:
-    """The base model, then one row per LoRA file, named by its file stem."""
+def _adapters(config: KPSConfig) -> tuple[list[Adapter], dict[str, dict]]:
+    """The base model, then one row per LoRA file, named by its file stem, each with the conditioning its
+    prompts are encoded with; and that conditioning with where it came from, by row, for results.json."""
+    loras = config.loras
     for path in loras:
         if not path.is_file():
             raise UserInputError(f"The --lora file {path} does not exist; check the path.")
@@ -236,7 +253,12 @@ def _adapters(loras: Sequence[Path]) -> list[Adapter]:
         raise UserInputError(f"Several --lora files are named {duplicates[0]}; rename them so each row has its own name.")
     if BASE_MODEL in stems:
         raise UserInputError(f"A --lora file is named {BASE_MODEL!r}, the name of the base model's row; rename it.")
-    return [Adapter(BASE_MODEL, None, None)] + [Adapter(p.stem, p, bytes_fingerprint(p)) for p in loras]
+    flags = {"clip_skip": config.clip_skip, "max_token_length": config.max_token_length}
+    base, chosen = choose_conditionings(flags, [(path, read_lora_file(path)[1]) for path in loras])
+    adapters = [Adapter(BASE_MODEL, None, None, base.conditioning)] + [
+        Adapter(path.stem, path, bytes_fingerprint(path), c.conditioning) for path, c in zip(loras, chosen)
+    ]
+    return adapters, {adapter.name: c.as_json() for adapter, c in zip(adapters, [base, *chosen])}
 
 
 def _settings(config: KPSConfig, models: ModelFamily) -> GenerationSettings:

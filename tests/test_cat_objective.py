@@ -8,8 +8,12 @@ import torch
 
 import networks.lora_cat as lora_cat
 from library.cat.objective import CATBatch, base_prediction, cat_step, preservation_loss
+from library.cli.train_args import parse_args
 from library.families.sd.denoiser import SDDenoiser
-from library.testing.tiny_sd import build_tiny_sd
+from library.families.sd.models import load
+from library.testing.demo_data import write_demo_dataset
+from library.testing.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
+from library.training.trainer import setup
 
 
 class CountingDenoiser(SDDenoiser):
@@ -134,13 +138,65 @@ def test_trigger_free_caption_gives_pure_preservation():
     assert losses.cat > 0
 
 
-def test_no_gradient_reaches_the_base_weights():
+class RecordingDenoiser(SDDenoiser):
+    """SDDenoiser that keeps every tensor it returns, before anyone can detach it."""
+
+    def __init__(self, unet, text_encoder):
+        super().__init__(unet, text_encoder)
+        self.outputs = []
+
+    def encode(self, input_ids):
+        self.outputs.append(super().encode(input_ids))
+        return self.outputs[-1]
+
+    def predict(self, noisy_latents, timesteps, text_states):
+        self.outputs.append(super().predict(noisy_latents, timesteps, text_states))
+        return self.outputs[-1]
+
+
+def _trainer_run(tmp_path, *extra):
+    """The models and network exactly as `trainer.setup` prepares them for training (real loader, real
+    `build_network`): nothing here touches requires_grad."""
+    save_single_file(build_tiny_sd(seed=0), tmp_path / "tiny.safetensors")
+    write_demo_dataset(tmp_path / "data")
+    config = parse_args([
+        "--pretrained_model_name_or_path", str(tmp_path / "tiny.safetensors"), "--model_config", str(tiny_config_dir(False)),
+        "--train_data_dir", str(tmp_path / "data" / "train"), "--caption_extension", ".txt", "--resolution", "64",
+        "--output_dir", str(tmp_path / "out"), "--network_dim", "4", "--network_alpha", "4", "--cat_trigger", "sks",
+        "--max_data_loader_n_workers", "0", "--seed", "0", *extra,
+    ])
+    return setup(config, load)
+
+
+@pytest.mark.parametrize("extra", [(), ("--gradient_checkpointing",)], ids=["plain", "checkpointing"])
+def test_no_gradient_reaches_the_base_weights(tmp_path, extra):
+    run = _trainer_run(tmp_path, *extra)
+    models, network = run.models, run.network
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # a LoRA some steps into training: every adapter parameter gets a gradient
+        for lora in network.all_loras:
+            lora.lora_up.weight.copy_(torch.randn(lora.lora_up.weight.shape, generator=gen) * 0.05)
+    base = [(f"{part}.{name}", p) for part, model in (("unet", models.unet), ("text_encoder", models.text_encoder),
+                                                        ("vae", models.vae)) for name, p in model.named_parameters()]
+    own = {id(p) for p in network.parameters()}
+    assert base and not any(id(p) in own for _, p in base), "the network holds no base parameter"
+    for mode in ("batched", "sequential"):
+        network.zero_grad(set_to_none=True)
+        cat_step(models.denoiser(), network, _batch(models), 1.0, mode, _mse, lambda loss, last: loss.backward())
+        assert [name for name, p in base if p.grad is not None] == [], mode
+        assert [n for n, p in network.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == [], mode
+
+
+def test_reference_pass_builds_no_graph_even_when_the_base_requires_grad():
     sd, _, network = _setup()
-    sd.unet.requires_grad_(False)
-    sd.text_encoder.requires_grad_(False)
-    _, grads = _run(sd, network, _batch(sd), 1.0, "batched")
-    assert all(p.grad is None for p in list(sd.unet.parameters()) + list(sd.text_encoder.parameters()))
-    assert all(g.abs().sum() > 0 for g in grads.values())
+    sd.unet.requires_grad_(True)  # deliberately: only the no-grad guard can keep the graph away now
+    sd.text_encoder.requires_grad_(True)
+    recording = RecordingDenoiser(sd.unet, sd.text_encoder)
+    reference = base_prediction(recording, network, _batch(sd))
+    assert len(recording.outputs) == 2, "one text-encoder pass and one U-Net pass"
+    for output in (*recording.outputs, reference):
+        assert not output.requires_grad and output.grad_fn is None
+    assert network.multiplier == 1.0
 
 
 @pytest.mark.parametrize("mode", ["batched", "sequential"])

@@ -2,16 +2,22 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 import evaluate_kps
 import networks.lora_cat as lora_cat
 from library.errors import UserInputError
 from library.evaluation.kps_clip import load_clip
+from library.evaluation.kps_conditioning import Conditioning
 from library.evaluation.kps_images import Adapter, GenerationSettings, PlannedImage, cache_key
 from library.evaluation.kps_metrics import SIMILARITY_FLOOR, knowledge_preservation_score, pairwise_similarities
+from library.families.prompt_tokens import tokenize
+from library.families.sd.denoiser import SDDenoiser
+from library.families.sd.models import load_stable_diffusion
 from networks.lora_cat.file_format import read_lora_file, save_lora_file
 from library.testing.tiny_clip import TINY_CLIP_CONFIG, save_tiny_open_clip
 from library.testing.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
@@ -125,12 +131,136 @@ def test_a_rerun_reuses_every_image(run, workspace):
 def test_the_cache_key_changes_with_what_decides_the_pixels():
     settings = GenerationSettings("model", "ddim", 4, 7.5, 64, 64, "float32", "cpu")
     image = PlannedImage("a", "with_trigger", "a photo of sks teapot", 0, 0)
-    lora = Adapter("a", None, "lora-bytes")
+    lora = Adapter("a", None, "lora-bytes", Conditioning())
     key = cache_key(image, lora, settings)
-    assert key == cache_key(PlannedImage("b", "identity", image.prompt, 0, 5), Adapter("b", None, "lora-bytes"), settings)
+    same = Adapter("b", None, "lora-bytes", Conditioning())
+    assert key == cache_key(PlannedImage("b", "identity", image.prompt, 0, 5), same, settings)
     assert key != cache_key(image, lora, GenerationSettings("model", "ddim", 5, 7.5, 64, 64, "float32", "cpu"))
     assert key != cache_key(PlannedImage("a", "with_trigger", image.prompt, 1, 0), lora, settings)
-    assert key != cache_key(image, Adapter("a", None, "other-bytes"), settings)
+    assert key != cache_key(image, Adapter("a", None, "other-bytes", Conditioning()), settings)
+    assert key != cache_key(image, Adapter("a", None, "lora-bytes", Conditioning(clip_skip=2)), settings)
+    assert key != cache_key(image, Adapter("a", None, "lora-bytes", Conditioning(max_token_length=150)), settings)
+
+
+# --- prompts encoded as the LoRA was trained (clip skip, token length) ------------------------------
+
+PROMPT = "a photo of sks teapot"
+
+
+def _lora_with_metadata(workspace, name, **metadata):
+    """The random LoRA's layers, with training metadata of our choosing."""
+    tensors, existing = read_lora_file(workspace / "random_lora.safetensors")
+    save_lora_file(workspace / f"{name}.safetensors", tensors, {**existing, **metadata})
+    return workspace / f"{name}.safetensors"
+
+
+def _one_prompt_argv(workspace, out, loras, *extra):
+    """One prompt, one seed, two sampling steps and no training images: 2 images per row."""
+    prompts = workspace / "one_prompt.txt"
+    prompts.write_text(PROMPT + "\n")
+    return [
+        "--pretrained_model_name_or_path", str(workspace / "tiny.safetensors"), "--model_config", str(tiny_config_dir(False)),
+        "--lora", *map(str, loras), "--trigger", "sks", "--prompt_file", str(prompts), "--clip_model", str(TINY_CLIP_CONFIG),
+        "--clip_pretrained", str(workspace / "clip.safetensors"), "--sample_steps", "2", "--seed", "3",
+        "--device", "cpu", "--output_dir", str(out), *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained_conditioning(workspace):
+    """skip2 (ss_clip_skip 2) and long (ss_max_token_length 150) evaluated without flags; the prompt
+    embeddings the pipeline got for each image, in generation order (row by row, y_T before y)."""
+    skip2 = _lora_with_metadata(workspace, "skip2", ss_clip_skip="2", ss_max_token_length="None")
+    long = _lora_with_metadata(workspace, "long", ss_max_token_length="150")  # no ss_clip_skip at all
+    calls, original = [], StableDiffusionPipeline.__call__
+
+    def recording_call(pipe, *args, **kwargs):
+        calls.append((kwargs["prompt_embeds"].clone(), kwargs["negative_prompt_embeds"].clone()))
+        return original(pipe, *args, **kwargs)
+
+    out = workspace / "conditioning"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(StableDiffusionPipeline, "__call__", recording_call)
+        assert evaluate_kps.main(_one_prompt_argv(workspace, out, [skip2, long])) == 0
+    return out, json.loads((out / "results.json").read_text()), calls
+
+
+def test_results_record_each_row_s_conditioning_and_where_it_came_from(trained_conditioning):
+    _, results, calls = trained_conditioning
+    assert results["conditioning"] == {
+        "base model": {"clip_skip": 2, "max_token_length": 75, "from": {"clip_skip": "as skip2", "max_token_length": "as skip2"}},
+        "skip2": {"clip_skip": 2, "max_token_length": 75, "from": {"clip_skip": "ss_clip_skip", "max_token_length": "default"}},
+        "long": {"clip_skip": 1, "max_token_length": 150,
+                 "from": {"clip_skip": "default", "max_token_length": "ss_max_token_length"}},
+    }
+    assert len(calls) == 6, "3 rows x (y_T, y)"
+
+
+def _trainer_states(models, clip_skip, max_token_length, texts):
+    """The trainer's text conditioning of `texts`: its denoiser's encode of its tokenizer's ids."""
+    with torch.no_grad():
+        return SDDenoiser(models.unet, models.text_encoder, clip_skip).encode(
+            tokenize(models.tokenizer, texts, max_token_length))
+
+
+def test_the_prompt_embeddings_are_the_trainer_s_own_conditioning(workspace, trained_conditioning):
+    _, results, calls = trained_conditioning
+    texts = [PROMPT, results["prompts"][0]["without_trigger"]]
+    models = load_stable_diffusion(workspace / "tiny.safetensors", model_config=tiny_config_dir(False))
+    base = _trainer_states(models, 2, None, texts + [""])  # the base row takes skip2's clip skip
+    for index, (embeds, negative) in enumerate(calls[:2]):
+        assert torch.equal(embeds[0], base[index]) and torch.equal(negative[0], base[2])
+    assert not torch.allclose(calls[0][0][0], _trainer_states(models, 1, None, [PROMPT])[0], atol=1e-3)
+
+    # A LoRA row: the text encoder with the trainer's own adapter of that file attached.
+    for row, (name, clip_skip, max_token_length) in enumerate([("skip2", 2, None), ("long", None, 150)], start=1):
+        path = workspace / f"{name}.safetensors"
+        network, _ = lora_cat.create_network_from_weights(1.0, path, models.vae, models.text_encoder, models.unet)
+        network.apply_to(models.text_encoder, models.unet)
+        network.load_weights(path)
+        expected = _trainer_states(models, clip_skip, max_token_length, texts + [""])
+        network.restore()
+        for index, (embeds, negative) in enumerate(calls[2 * row:2 * row + 2]):
+            assert embeds.shape == expected[index:index + 1].shape == (1, (max_token_length or 75) + 2, 32)
+            assert torch.allclose(embeds[0], expected[index], atol=1e-5)
+            assert torch.allclose(negative[0], expected[2], atol=1e-5)
+
+
+def _pixels(results, adapter):
+    """{(role, prompt, seed): pixels} of one row's images."""
+    return {(i["role"], i["prompt"], i["seed"]): np.asarray(Image.open(i["path"]))
+            for i in results["images"] if i["adapter"] == adapter}
+
+
+def test_a_lora_trained_with_clip_skip_2_is_sampled_as_with_the_flag(workspace, trained_conditioning):
+    _, from_metadata, _ = trained_conditioning
+    out = workspace / "flags"
+    assert evaluate_kps.main(_one_prompt_argv(workspace, out, [workspace / "skip2.safetensors"], "--clip_skip", "2")) == 0
+    flagged = json.loads((out / "results.json").read_text())
+    for adapter in ("skip2", "base model"):
+        metadata_pixels, flag_pixels = _pixels(from_metadata, adapter), _pixels(flagged, adapter)
+        assert metadata_pixels.keys() == flag_pixels.keys() and len(flag_pixels) == 2
+        assert all(np.array_equal(metadata_pixels[k], flag_pixels[k]) for k in flag_pixels), adapter
+
+    # Same folder, --clip_skip 1: no image made under clip skip 2 may be reused.
+    assert evaluate_kps.main(_one_prompt_argv(workspace, out, [workspace / "skip2.safetensors"], "--clip_skip", "1")) == 0
+    skip1 = json.loads((out / "results.json").read_text())
+    assert skip1["images_generated"] == 4 and skip1["images_reused"] == 0
+    assert skip1["conditioning"]["skip2"]["clip_skip"] == 1 and skip1["conditioning"]["base model"]["clip_skip"] == 1
+    for adapter in ("skip2", "base model"):
+        skip2_pixels, skip1_pixels = _pixels(from_metadata, adapter), _pixels(skip1, adapter)
+        assert all(not np.array_equal(skip2_pixels[k], skip1_pixels[k]) for k in skip1_pixels), adapter
+
+
+def test_a_lora_whose_metadata_holds_no_clip_skip_is_refused_early(workspace, tmp_path):
+    bad = _lora_with_metadata(workspace, "bad_skip", ss_clip_skip="two")
+    _fails_early(workspace, tmp_path, r"bad_skip\.safetensors has ss_clip_skip='two' in its metadata", lora=bad)
+
+
+def test_clip_skip_below_1_stops_at_parse_time(workspace, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        evaluate_kps.parse_args(_argv(workspace, tmp_path, "--clip_skip", "0"))
+    assert "--clip_skip must be at least 1" in capsys.readouterr().err
 
 
 def _fails_early(workspace, tmp_path, match, *extra, lora=None):

@@ -68,7 +68,7 @@ def _argv(workspace, out, *extra):
 
 
 def test_an_overflow_skips_its_step_and_halves_the_scale(workspace, tmp_path, overflow_at, monkeypatch, caplog):
-    scales, steps = [], []
+    scales = []
     step = trainer.Accelerator.backward
 
     def recording_backward(self, loss, **kwargs):

@@ -1,6 +1,7 @@
 """PS, IS and KPS (paper Eq. 4-11) against values computed by hand; no model involved."""
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -33,6 +34,15 @@ def test_harmonic_mean_clamps_non_positive_values_and_counts_them():
     assert score.value == pytest.approx(3 / (2 + 100 + 100))
     assert score.clamped == 2
     assert harmonic_mean([0.01, 0.5], floor=0.01).clamped == 0, "a value at the floor is not clamped"
+
+
+def test_harmonic_mean_is_the_standard_library_s_whatever_the_order():
+    """statistics.harmonic_mean sums exactly: the same similarities in another order give the same bits
+    (a float sum, 3 / (1/0.7 + 1/0.6 + 1/1e-4), differs in its last bit when reversed)."""
+    values = [0.7, 0.6, -0.2]
+    score = harmonic_mean(values)
+    assert score.value == harmonic_mean(values[::-1]).value == statistics.harmonic_mean([0.7, 0.6, SIMILARITY_FLOOR])
+    assert score.clamped == 1
 
 
 def test_harmonic_mean_of_nothing_or_with_a_bad_floor_is_refused():

@@ -76,16 +76,51 @@ def test_diffusers_loads_the_trained_lora(workspace, tmp_path):
     assert (ours - got).abs().max() < 1e-4
 
 
-def test_cat_weight_zero_is_bitwise_cat_switched_off(workspace, tmp_path):
-    with_trigger = tmp_path / "a"
-    without = tmp_path / "b"
-    assert train_network_cat.main(_argv(workspace, with_trigger, "--cat_weight", "0")) == 0
-    argv = _argv(workspace, without, "--cat_weight", "0")
-    argv = argv[: argv.index("--cat_trigger")] + argv[argv.index("--cat_trigger") + 2 :]
+class _CountingDenoiser:
+    """The trainer's denoiser, counting U-Net calls and the samples each one saw."""
+
+    def __init__(self, denoiser):
+        self.denoiser, self.sizes = denoiser, []
+
+    def encode(self, input_ids):
+        return self.denoiser.encode(input_ids)
+
+    def predict(self, noisy_latents, timesteps, text_states):
+        self.sizes.append(noisy_latents.shape[0])
+        return self.denoiser.predict(noisy_latents, timesteps, text_states)
+
+
+def test_cat_weight_zero_is_plain_lora_training(workspace, tmp_path, monkeypatch):
+    """Every step of a --cat_weight 0 run (trigger given, mode sequential) is one U-Net call on the batch,
+    no reference pass, the adapters never switched, and the gradients of the plain loss, written out here."""
+    from library.cat import objective
+    from networks.lora_cat.network import LoRANetwork
+
+    real_step, real_reference, real_switch = trainer.cat_step, objective.base_prediction, LoRANetwork.set_multiplier
+    references, switches, steps = [], [], []
+    monkeypatch.setattr(objective, "base_prediction", lambda *args: references.append(args) or real_reference(*args))
+    monkeypatch.setattr(LoRANetwork, "set_multiplier", lambda self, m: switches.append(m) or real_switch(self, m))
+
+    def checked_step(denoiser, network, batch, alpha, mode, loss_fn, backward):
+        assert all(p.grad is None for p in network.parameters()), "no accumulation: each step starts without gradients"
+        counting = _CountingDenoiser(denoiser)
+        switches.clear()
+        losses = real_step(counting, network, batch, alpha, mode, loss_fn, backward)
+        trained = {name: p.grad.clone() for name, p in network.named_parameters()}
+        network.zero_grad(set_to_none=True)
+        # Plain LoRA: the prediction on the training caption, its per-sample loss, weighted, averaged.
+        prediction = denoiser.predict(batch.noisy_latents, batch.timesteps, denoiser.encode(batch.trigger_ids))
+        backward((loss_fn(prediction, batch.target) * batch.weights).mean(), True)
+        for name, p in network.named_parameters():
+            assert torch.equal(trained[name], p.grad), name
+        steps.append((counting.sizes, list(switches), losses.cat.item()))
+        return losses
+
+    monkeypatch.setattr(trainer, "cat_step", checked_step)
+    argv = _argv(workspace, tmp_path / "out", "--cat_weight", "0", "--cat_mode", "sequential")
     assert train_network_cat.main(argv) == 0
-    a, _ = read_lora_file(with_trigger / "cat.safetensors")
-    b, _ = read_lora_file(without / "cat.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert steps == [([2], [], 0.0)] * 4, "per step one U-Net call on the batch of 2, no multiplier switch"
+    assert references == []
 
 
 def test_cat_changes_the_result(workspace, tmp_path):
@@ -240,40 +275,6 @@ def test_resume_state_that_does_not_fit_the_network(workspace, tmp_path, capsys)
     assert "not a state folder" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    "extra",
-    [
-        ("--mixed_precision", "bf16"),
-        ("--mixed_precision", "bf16", "--full_bf16"),
-        ("--gradient_accumulation_steps", "2", "--max_grad_norm", "0.5", "--scale_weight_norms", "1.0"),
-        ("--optimizer_type", "AdamW8bit", "--lr_scheduler", "cosine", "--lr_warmup_steps", "0.5"),
-        ("--optimizer_type", "Lion8bit", "--optimizer_args", "weight_decay=0.01", "betas=0.9,0.99"),
-        ("--v2", "--v_parameterization", "--zero_terminal_snr", "--min_snr_gamma", "5",
-         "--scale_v_pred_loss_like_noise_pred"),
-        ("--noise_offset", "0.1", "--multires_noise_iterations", "3", "--ip_noise_gamma", "0.1",
-         "--loss_type", "huber", "--huber_schedule", "exponential"),
-        ("--clip_skip", "2", "--cat_mode", "batched", "--gradient_checkpointing", "--cache_latents"),
-        ("--cat_caption", "class", "--network_args", "conv_dim=2", "conv_alpha=1", "loraplus_lr_ratio=4"),
-        ("--cat_caption", "empty", "--xformers", "--min_timestep", "100", "--max_timestep", "900"),
-        ("--max_token_length", "225", "--cat_mode", "batched"),
-    ],
-    ids=["bf16", "full_bf16", "accumulate-clip-maxnorm", "adamw8bit-cosine", "lion8bit-args", "v2-v-zsnr-minsnr",
-         "noise-variants-huber", "clipskip-batched-checkpointing", "class-caption-locon-loraplus", "empty-xformers",
-         "max_token_length"],
-)
-def test_training_options_run_end_to_end(workspace, tmp_path, extra):
-    argv = _argv(workspace, tmp_path / "out", *extra)
-    if "--v2" in extra:
-        v2 = tmp_path / "tiny_v2.safetensors"
-        save_single_file(build_tiny_sd(seed=0, v2=True), v2)
-        argv[argv.index("--pretrained_model_name_or_path") + 1] = str(v2)
-        argv[argv.index("--model_config") + 1] = str(tiny_config_dir(True))
-    assert train_network_cat.main(argv) == 0
-    tensors, metadata = read_lora_file(tmp_path / "out" / "cat.safetensors")
-    assert all(torch.isfinite(t).all() for t in tensors.values())
-    assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_up" in k)
-
-
 def test_unet_only_and_tensorboard_logging(workspace, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -290,14 +291,59 @@ def test_unet_only_and_tensorboard_logging(workspace, tmp_path):
     assert len(events.Scalars("loss/total")) == 4
 
 
-def test_network_weights_and_base_weights(workspace, tmp_path):
+def test_network_weights_start_training_from_the_file(workspace, tmp_path):
     first = tmp_path / "first"
     assert train_network_cat.main(_argv(workspace, first)) == 0
-    lora = str(first / "cat.safetensors")
-    argv = _argv(workspace, tmp_path / "continued", "--network_weights", lora, "--dim_from_weights",
-                 "--base_weights", lora, "--base_weights_multiplier", "0.5", "--max_train_steps", "1")
+    start, _ = read_lora_file(first / "cat.safetensors")
+    # One step from the file, the text encoder's learning rate 0; --network_dim 8 is overridden by the file's 4.
+    one_step = ("--max_train_steps", "1", "--text_encoder_lr", "0", "--network_dim", "8")
+    argv = _argv(workspace, tmp_path / "continued", *one_step, "--network_weights", str(first / "cat.safetensors"),
+                 "--dim_from_weights")
     assert train_network_cat.main(argv) == 0
-    assert (tmp_path / "continued" / "cat.safetensors").is_file()
+    continued, _ = read_lora_file(tmp_path / "continued" / "cat.safetensors")
+    assert train_network_cat.main(_argv(workspace, tmp_path / "fresh", *one_step[:4])) == 0
+    fresh, _ = read_lora_file(tmp_path / "fresh" / "cat.safetensors")
+    assert continued.keys() == start.keys() and all(continued[k].shape == start[k].shape for k in start)
+    te = [k for k in start if k.startswith("lora_te_")]
+    unet = [k for k in start if k.startswith("lora_unet_")]
+    assert te and all(torch.equal(continued[k], start[k]) for k in te), "lr 0: exactly the file's weights"
+    # One AdamW step moves each weight by at most the learning rate (plus weight decay): from the file.
+    assert all((continued[k] - start[k]).abs().max() <= 1.01e-3 for k in unet)
+    assert any(not torch.equal(continued[k], start[k]) for k in unet if "lora_up" in k), "the U-Net part trained"
+    assert all(not torch.equal(continued[k], fresh[k]) for k in start if "lora_up" in k)
+    assert all(fresh[k].abs().sum() == 0 for k in te if "lora_up" in k), "a fresh LoRA starts from zero"
+
+
+def test_base_weights_are_merged_into_the_base_model(workspace, tmp_path, monkeypatch):
+    from library.cat.objective import CATBatch, base_prediction
+
+    assert train_network_cat.main(_argv(workspace, tmp_path / "first", "--learning_rate", "1e-2")) == 0
+    lora = tmp_path / "first" / "cat.safetensors"
+    runs = []
+    real_loop = trainer.training_loop
+    monkeypatch.setattr(trainer, "training_loop", lambda run: runs.append(run) or real_loop(run))
+    argv = _argv(workspace, tmp_path / "continued", "--base_weights", str(lora), "--base_weights_multiplier", "0.5",
+                 "--max_train_steps", "1")
+    assert train_network_cat.main(argv) == 0
+    (run,) = runs
+    # The reference pass of that run (its own network off) against the bare model with the LoRA at 0.5.
+    sd = load_stable_diffusion(workspace / "tiny.safetensors", model_config=tiny_config_dir(False))
+    ids = sd.tokenizer(["a photo of teapot"], padding="max_length", return_tensors="pt").input_ids
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    batch = CATBatch(noisy_latents=latents, timesteps=torch.tensor([300]), target=latents, trigger_ids=ids,
+                     free_ids=ids, weights=torch.ones(1))
+    reference = base_prediction(run.models.denoiser(), run.network, batch)
+    network, _ = lora_cat.create_network_from_weights(0.5, lora, sd.vae, sd.text_encoder, sd.unet)
+    network.apply_to(sd.text_encoder, sd.unet)
+    network.load_weights(lora)
+    expected = {}
+    for multiplier in (0.0, 0.5, 1.0):
+        network.set_multiplier(multiplier)
+        with torch.no_grad():
+            expected[multiplier] = sd.unet(latents, batch.timesteps, sd.text_encoder(ids).last_hidden_state).sample
+    torch.testing.assert_close(reference, expected[0.5], atol=1e-5, rtol=1e-4)
+    for other in (0.0, 1.0):
+        assert (reference - expected[other]).abs().max() > 1e-3, f"the LoRA at {other} must differ, or this proves nothing"
 
 
 def test_state_folders_are_pruned_like_files(workspace, tmp_path):

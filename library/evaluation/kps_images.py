@@ -6,9 +6,13 @@ For every adapter (and the base model, no adapter) and every seed:
   pair start from the same noise (KPS, paper Eq. 8);
 - `identity`: from each training image's own caption (IS, Eq. 6).
 
+Prompts are encoded by the model family's own code (`ModelFamily.prompt_kwargs`, the trainer's
+text conditioning), with each adapter's clip skip and token length (`kps_conditioning`).
+
 An image file is named by a hash of everything that decides its pixels (model files, LoRA bytes,
-prompt, seed, sampler, steps, guidance, size, dtype, device type, diffusers version), so a
-re-run reuses what exists, and two roles that ask for the same image share one file.
+clip skip and token length, prompt, seed, sampler, steps, guidance, size, dtype, device type,
+diffusers version), so a re-run reuses what exists, and two roles that ask for the same image share
+one file.
 """
 
 from __future__ import annotations
@@ -18,22 +22,29 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import diffusers
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
+from library.evaluation.kps_conditioning import Conditioning
+
 ROLES = ("with_trigger", "without_trigger", "identity")
+
+PromptKwargs = Callable[[str, str, int, int], dict[str, Tensor]]
+"""`ModelFamily.prompt_kwargs`: (prompt, negative prompt, clip skip, max token length) -> the pipeline's embeddings."""
 
 
 @dataclass(frozen=True)
 class Adapter:
-    """One row of the results: a LoRA file, or the base model (`path` None)."""
+    """One row of the results: a LoRA file, or the base model (`path` None), and how its prompts are encoded."""
 
     name: str
     path: Path | None
     fingerprint: str | None  # sha256 of the LoRA file's bytes
+    conditioning: Conditioning
 
 
 @dataclass(frozen=True)
@@ -89,8 +100,8 @@ def plan_images(
 def cache_key(image: PlannedImage, adapter: Adapter, settings: GenerationSettings) -> str:
     """The hex digest naming the image's file: role and source do not change pixels, so they are not in it."""
     decided_by = {
-        **asdict(settings), "lora": adapter.fingerprint, "prompt": image.prompt, "seed": image.seed,
-        "diffusers": diffusers.__version__,
+        **asdict(settings), "lora": adapter.fingerprint, **asdict(adapter.conditioning), "prompt": image.prompt,
+        "seed": image.seed, "diffusers": diffusers.__version__,
     }
     return hashlib.sha256(json.dumps(decided_by, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -121,12 +132,14 @@ def bytes_fingerprint(path: Path) -> str:
 
 
 def generate_images(
-    pipe, adapters: Sequence[Adapter], planned: Sequence[PlannedImage], settings: GenerationSettings, image_dir: Path
+    pipe, prompt_kwargs: PromptKwargs, adapters: Sequence[Adapter], planned: Sequence[PlannedImage],
+    settings: GenerationSettings, image_dir: Path,
 ) -> tuple[dict[PlannedImage, Path], int]:
     """Generate the images of `planned` that are not cached yet: ({image: file}, number generated).
 
     Each LoRA is loaded with diffusers' own `load_lora_weights`, as users load it, and unloaded before
-    the next; an adapter whose images are all cached is not loaded at all.
+    the next; an adapter whose images are all cached is not loaded at all. `prompt_kwargs` encodes the
+    prompts with the adapter's text encoder on, under the adapter's conditioning.
     """
     image_dir.mkdir(parents=True, exist_ok=True)
     by_name = {adapter.name: adapter for adapter in adapters}
@@ -146,7 +159,7 @@ def generate_images(
                 pipe.load_lora_weights(str(adapter.path), adapter_name="kps")
             try:
                 for path, image in missing.items():
-                    save_png(_generate(pipe, image, settings), path)
+                    save_png(_generate(pipe, prompt_kwargs, image, adapter.conditioning, settings), path)
                     generated += 1
                     bar.update(1)
             finally:
@@ -155,11 +168,15 @@ def generate_images(
     return files, generated
 
 
-def _generate(pipe, image: PlannedImage, settings: GenerationSettings):
+@torch.no_grad()
+def _generate(pipe, prompt_kwargs: PromptKwargs, image: PlannedImage, conditioning: Conditioning,
+              settings: GenerationSettings):
+    # The empty negative prompt is what the pipeline itself would use for classifier-free guidance.
+    embeddings = prompt_kwargs(image.prompt, "", conditioning.clip_skip, conditioning.max_token_length)
     # A CPU generator draws the same starting noise on every device: y and y_T of a pair share it.
     generator = torch.Generator("cpu").manual_seed(image.seed)
     return pipe(
-        image.prompt, num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
+        **embeddings, num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
         width=settings.width, height=settings.height, generator=generator,
     ).images[0]
 

@@ -11,11 +11,14 @@ Each score aggregates CLIP cosine similarities (Eq. 10) with a harmonic mean (Eq
 
 The harmonic mean is defined for positive numbers only, and a cosine similarity can be 0 or
 negative: each similarity is clamped to a small positive floor first, and the number clamped is
-reported with the score (the project's decision, CAT.md "Evaluation").
+reported with the score (the project's decision, CAT.md "Evaluation"). The mean itself is the
+standard library's `statistics.harmonic_mean` (exactly rounded; it refuses negative values, which
+the clamp has removed).
 """
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -41,14 +44,14 @@ def cosine_similarity(a: Tensor, b: Tensor) -> Tensor:
 
 
 def harmonic_mean(values: Sequence[float], floor: float = SIMILARITY_FLOOR) -> Score:
-    """Eq. 11: H(x_1..x_n) = n / sum_i 1/x_i, each x_i first raised to at least `floor` (> 0)."""
+    """Eq. 11: H(x_1..x_n) = n / sum_i 1/x_i, each x_i first raised to at least `floor` (> 0); a value at the
+    floor is not counted as clamped."""
     if floor <= 0:
         raise ValueError(f"the clamp floor must be positive, got {floor}")
     if len(values) == 0:
         raise ValueError("the harmonic mean of no values is undefined; score at least one image")
     clamped = [max(float(v), floor) for v in values]
-    value = len(clamped) / sum(1.0 / x for x in clamped)
-    return Score(value, len(clamped), sum(float(v) < floor for v in values), floor)
+    return Score(statistics.harmonic_mean(clamped), len(clamped), sum(float(v) < floor for v in values), floor)
 
 
 def prompt_score(similarities: Sequence[float], floor: float = SIMILARITY_FLOOR) -> Score:

@@ -18,12 +18,14 @@ LABEL_HEIGHT = 14
 
 
 def results_json(
-    settings: dict, scores: dict[str, AdapterScores], files: dict[PlannedImage, Path], pairs: Sequence[PromptPair],
-    generated: int,
+    settings: dict, conditioning: dict[str, dict], scores: dict[str, AdapterScores], files: dict[PlannedImage, Path],
+    pairs: Sequence[PromptPair], generated: int,
 ) -> dict:
-    """Every score, every image with its role, and every pairwise similarity."""
+    """Every score, every image with its role, and every pairwise similarity; `conditioning`: by adapter, how its
+    prompts were encoded (clip skip, token length, where each came from)."""
     return {
         "settings": settings,
+        "conditioning": conditioning,
         "images_generated": generated,
         "images_reused": len(set(files.values())) - generated,
         "prompts": [asdict(pair) for pair in pairs],

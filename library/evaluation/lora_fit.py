@@ -3,7 +3,8 @@
 diffusers' `load_lora_weights` skips keys that name no layer of the model (with at most a log
 line), so a LoRA trained for another base model can leave the images untouched and still produce
 scores. Every layer of the file must name an adaptable layer of this U-Net or text encoder, with
-that layer's input and output sizes.
+that layer's input and output sizes: the adapter's own rule (`networks.lora_cat.fit`), which its
+network applies when it loads a file.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import nn
 
 from library.errors import UserInputError
 from networks.lora_cat.file_format import describe_lora_state_dict, read_lora_file
+from networks.lora_cat.fit import fits, lora_shapes
 
 
 def check_lora_fits(path: Path, layers: dict[str, nn.Module]) -> None:
@@ -30,17 +32,11 @@ def check_lora_fits(path: Path, layers: dict[str, nn.Module]) -> None:
             f"(e.g. {unknown[0]}); it was trained for another base model (check the model path and --v2)."
         )
     for name, entry in entries.items():
-        expected = _expected_shapes(layers[name], entry.rank)
-        if (entry.down_shape, entry.up_shape) != expected:
+        if not fits(entry, layers[name]):
+            expected = lora_shapes(layers[name], entry.rank)
             raise UserInputError(
                 f"The LoRA file {path} has {name} with down {entry.down_shape} / up {entry.up_shape}, but this "
                 f"model's layer needs down {expected[0]} / up {expected[1]}; it was trained for another base "
                 "model (check the model path and --v2)."
             )
 
-
-def _expected_shapes(layer: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(lora_down, lora_up) shapes of a rank-`rank` LoRA on `layer`, as kohya files store them."""
-    if isinstance(layer, nn.Conv2d):
-        return (rank, layer.in_channels, *layer.kernel_size), (layer.out_channels, rank, 1, 1)
-    return (rank, layer.in_features), (layer.out_features, rank)

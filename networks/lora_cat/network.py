@@ -18,6 +18,7 @@ from torch import nn
 
 from .errors import UserInputError
 from .file_format import LoRAFileEntry, describe_lora_state_dict, read_lora_file, save_lora_file
+from .fit import fits
 from .layer import LoRAModule
 from .metadata import with_model_hashes
 from .targets import (
@@ -286,24 +287,24 @@ class LoRANetwork(nn.Module):
 
 
 def _check_file_fits(network: LoRANetwork, entries: Mapping[str, LoRAFileEntry], source: str) -> None:
-    """Every layer of the file that names a layer of this network must have that layer's shapes."""
+    """Every layer of the file that names a layer of this network must fit the base layer (`fit.fits`) at the
+    network's rank."""
     modules = {lora.lora_name: lora for lora in network.all_loras}
     matched = [name for name in entries if name in modules]
     for name in matched:
         entry, lora = entries[name], modules[name]
-        down, up = tuple(lora.lora_down.weight.shape), tuple(lora.lora_up.weight.shape)
-        if (entry.down_shape, entry.up_shape) == (down, up):
-            continue
-        if entry.down_shape[1:] == down[1:] and entry.up_shape[0] == up[0]:
+        if not fits(entry, lora.org_module[0]):
+            down, up = tuple(lora.lora_down.weight.shape), tuple(lora.lora_up.weight.shape)
+            raise UserInputError(
+                f"{source}: {name}.lora_down.weight {entry.down_shape} / lora_up.weight {entry.up_shape} do not fit "
+                f"this model's layer (needs down {down}, up {up}); the LoRA was trained for another base model "
+                "(check --v2 and --pretrained_model_name_or_path)."
+            )
+        if entry.rank != lora.rank:
             raise UserInputError(
                 f"{source}: {name} has rank {entry.rank} but this network has rank {lora.rank}; pass "
                 "--network_dim (and conv_dim) matching the file, or --dim_from_weights."
             )
-        raise UserInputError(
-            f"{source}: {name}.lora_down.weight {entry.down_shape} / lora_up.weight {entry.up_shape} do not fit "
-            f"this model's layer (needs down {down}, up {up}); the LoRA was trained for another base model "
-            "(check --v2 and --pretrained_model_name_or_path)."
-        )
     if entries and not matched:
         raise UserInputError(
             f"{source}: none of its {len(entries)} layers exist in this network (e.g. {next(iter(entries))}); "
