@@ -7,7 +7,8 @@ Personalized Image Generation", arXiv 2404.07554, Eq. 3):
 - `y_T` is the training caption (with the trigger), `y` the same caption without it;
 - `eps_base` is the model with every adapter off, U-Net and text encoder, computed under
   `torch.no_grad()` and detached: a target, not a path for gradients;
-- all three predictions share z_t, t and the noise; `w` is the per-sample loss weight
+- all three predictions share z_t, t, the noise and the image conditioning (SDXL's size and crop
+  numbers); the text conditioning is whatever the model's encoders return; `w` is the per-sample loss weight
   (prior-loss weight, min-SNR, ...) and multiplies the whole per-sample loss, CAT term included;
 - the CAT term compares two predictions, so it is the same for epsilon and v targets; it is the
   paper's squared error whatever `--loss_type` the main term uses.
@@ -25,8 +26,8 @@ With `alpha == 0` it is exactly plain LoRA training: no reference pass, no secon
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 from torch import Tensor
@@ -47,11 +48,13 @@ optimizer step, so the flag is information for callers that want it)."""
 class Denoiser(Protocol):
     """The model as the objective sees it; adapters, if applied, act inside these calls."""
 
-    def encode(self, input_ids: Tensor) -> Tensor:
-        """Text-encoder hidden states for token ids (clip skip applied)."""
+    def encode(self, input_ids: Tensor) -> Any:
+        """The text conditioning for token ids (batch first): hidden states (clip skip applied), and
+        for SDXL the pooled embedding with them."""
 
-    def predict(self, noisy_latents: Tensor, timesteps: Tensor, text_states: Tensor) -> Tensor:
-        """The U-Net's prediction (epsilon or v)."""
+    def predict(self, noisy_latents: Tensor, timesteps: Tensor, text_states: Any, **conditioning: Tensor) -> Tensor:
+        """The U-Net's prediction (epsilon or v); `conditioning` is the family's per-sample image
+        conditioning (none for SD 1.x/2.x, `time_ids` for SDXL)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class CATBatch:
     trigger_ids: Tensor  # tokens of y_T, the caption trained on
     free_ids: Tensor  # tokens of y, the same caption without the trigger
     weights: Tensor  # per-sample loss weights, shape (B,)
+    conditioning: Mapping[str, Tensor] = field(default_factory=dict)  # image conditioning, batch first
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,7 @@ def base_prediction(denoiser: Denoiser, network: Any, batch: CATBatch) -> Tensor
     """eps_base(z_t, t, y): every adapter off (U-Net and text encoder), no gradients, detached."""
     with torch.no_grad(), multiplier_set_to(network, 0.0):
         text_states = denoiser.encode(batch.free_ids)
-        return denoiser.predict(batch.noisy_latents, batch.timesteps, text_states).detach()
+        return denoiser.predict(batch.noisy_latents, batch.timesteps, text_states, **batch.conditioning).detach()
 
 
 def preservation_loss(adapted: Tensor, reference: Tensor) -> Tensor:
@@ -101,12 +105,19 @@ def preservation_loss(adapted: Tensor, reference: Tensor) -> Tensor:
     return (adapted.float() - reference.float()).square().mean(dim=tuple(range(1, adapted.dim())))
 
 
+def _twice(tensor: Tensor) -> Tensor:
+    """The batch followed by itself (the two adapted passes of `batched` mode share z_t, t and the image)."""
+    return torch.cat([tensor, tensor])
+
+
 def _weighted_mean(per_sample: Tensor, weights: Tensor) -> Tensor:
     return (per_sample * weights).mean()
 
 
 def _plain_step(denoiser: Denoiser, batch: CATBatch, loss_fn: LossFn, backward: Backward) -> StepLosses:
-    prediction = denoiser.predict(batch.noisy_latents, batch.timesteps, denoiser.encode(batch.trigger_ids))
+    prediction = denoiser.predict(
+        batch.noisy_latents, batch.timesteps, denoiser.encode(batch.trigger_ids), **batch.conditioning
+    )
     main = _weighted_mean(loss_fn(prediction, batch.target), batch.weights)
     backward(main, True)
     return StepLosses(main.detach(), torch.zeros_like(main.detach()), main.detach())
@@ -117,7 +128,8 @@ def _batched_step(
 ) -> StepLosses:
     text_states = denoiser.encode(torch.cat([batch.trigger_ids, batch.free_ids]))
     predictions = denoiser.predict(
-        torch.cat([batch.noisy_latents, batch.noisy_latents]), torch.cat([batch.timesteps, batch.timesteps]), text_states
+        _twice(batch.noisy_latents), _twice(batch.timesteps), text_states,
+        **{name: _twice(value) for name, value in batch.conditioning.items()},
     )
     on_trigger, on_free = predictions.chunk(2)
     main = _weighted_mean(loss_fn(on_trigger, batch.target), batch.weights)
@@ -131,11 +143,13 @@ def _sequential_step(
     denoiser: Denoiser, batch: CATBatch, reference: Tensor, alpha: float, loss_fn: LossFn, backward: Backward
 ) -> StepLosses:
     # Main term first; its activations are freed by its backward before the CAT pass allocates.
-    on_trigger = denoiser.predict(batch.noisy_latents, batch.timesteps, denoiser.encode(batch.trigger_ids))
+    on_trigger = denoiser.predict(
+        batch.noisy_latents, batch.timesteps, denoiser.encode(batch.trigger_ids), **batch.conditioning
+    )
     main = _weighted_mean(loss_fn(on_trigger, batch.target), batch.weights)
     backward(main, False)
     del on_trigger
-    on_free = denoiser.predict(batch.noisy_latents, batch.timesteps, denoiser.encode(batch.free_ids))
+    on_free = denoiser.predict(batch.noisy_latents, batch.timesteps, denoiser.encode(batch.free_ids), **batch.conditioning)
     cat = _weighted_mean(preservation_loss(on_free, reference), batch.weights)
     backward(alpha * cat, True)
     return StepLosses(main.detach(), cat.detach(), (main + alpha * cat).detach())

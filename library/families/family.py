@@ -9,13 +9,24 @@ checks of which family it is. A new family is one sub-package that provides such
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
 
+import torch
 from PIL import Image
 from torch import Tensor, nn
 
 from library.cat.objective import Denoiser
 from library.config.train_config import ModelArgs
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """Where a training image's pixels came from, in pixels: what size-conditioned families (SDXL) are told."""
+
+    original_size: tuple[int, int]  # (width, height) of the image file
+    crop_left_top: tuple[int, int]  # (left, top) of the crop in the resized image, as the model sees it (flips included)
+    target_size: tuple[int, int]  # (width, height) of the training image: its bucket
 
 
 class ModelFamily(Protocol):
@@ -47,6 +58,10 @@ class ModelFamily(Protocol):
     def denoiser(self, clip_skip: int | None = None) -> Denoiser:
         """The text encoders and the denoiser network as CAT's objective calls them."""
 
+    def image_conditioning(self, images: Sequence[ImageGeometry]) -> dict[str, Tensor]:
+        """The denoiser's per-sample inputs besides z_t, t and the text (keyword arguments of its
+        `predict`), from where each training image came from: SDXL's size/crop numbers; {} for SD."""
+
     def latents_from_vae(self, sample: Tensor) -> Tensor:
         """A VAE latent sample in the space the denoiser works in (scaled, and shifted where the family does)."""
 
@@ -65,6 +80,15 @@ class ModelFamily(Protocol):
 
     def decode_image(self, latents: Tensor) -> Image.Image:
         """The first image of a batch of denoised latents."""
+
+
+def freeze_models(models: ModelFamily, dtype: torch.dtype) -> None:
+    """Put every model in `dtype`, eval mode and without gradients; training code opts in explicitly."""
+    for model in (*models.text_encoders, models.unet, models.vae):
+        if model.dtype != dtype:
+            model.to(dtype=dtype)
+        model.eval()
+        model.requires_grad_(False)
 
 
 ModelLoader = Callable[[ModelArgs], ModelFamily]

@@ -20,7 +20,8 @@ from library.testing import ldm_layout
 from library.families.checkpoint_file import PICKLE_SUFFIXES
 from library.families.clip_tokenizer import EOS_TOKEN, SD2_PAD_TOKEN, build_clip_tokenizer
 from library.errors import UserInputError
-from library.families.sd.family import StableDiffusionModels, freeze_models
+from library.families.family import freeze_models
+from library.families.sd.family import StableDiffusionModels
 from library.families.sd.models import MODEL_CONFIGS_DIR, build_noise_scheduler
 
 # Added to every parameter after the default init: norms then no longer sit at exactly 1 and biases

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
-import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from library.families.family import ImageGeometry
 from library.families.prompt_tokens import tokenize
 from library.families.sd.denoiser import SDDenoiser
+from library.families.vae_images import decode_first_image, vae_scale_factor
 from networks.lora_cat.targets import text_encoder_targets, unet_targets
 
 
@@ -55,6 +56,10 @@ class StableDiffusionModels:
     def denoiser(self, clip_skip: int | None = None) -> SDDenoiser:
         return SDDenoiser(self.unet, self.text_encoder, clip_skip)
 
+    def image_conditioning(self, images: Sequence[ImageGeometry]) -> dict[str, Tensor]:
+        """Nothing: SD 1.x/2.x is not told the image sizes."""
+        return {}
+
     def latents_from_vae(self, sample: Tensor) -> Tensor:
         return sample * self.vae.config.scaling_factor
 
@@ -85,19 +90,9 @@ class StableDiffusionModels:
         return {"prompt_embeds": encode(prompt), "negative_prompt_embeds": encode(negative_prompt)}
 
     def decode_image(self, latents: Tensor) -> Image.Image:
-        """Decoded in the VAE's own dtype (outside autocast, so --no_half_vae keeps float32)."""
-        pixels = self.vae.decode(latents.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor).sample
-        return VaeImageProcessor(vae_scale_factor=self._vae_scale_factor).postprocess(pixels.float(), output_type="pil")[0]
+        return decode_first_image(self.vae, latents)
 
     @property
     def _vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_scale_factor(self.vae)
 
-
-def freeze_models(models: StableDiffusionModels, dtype: torch.dtype) -> None:
-    """Put every model in `dtype`, eval mode and without gradients; training code opts in explicitly."""
-    for model in (*models.text_encoders, models.unet, models.vae):
-        if model.dtype != dtype:
-            model.to(dtype=dtype)
-        model.eval()
-        model.requires_grad_(False)

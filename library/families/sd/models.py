@@ -20,7 +20,8 @@ from library.families.checkpoint_file import read_state_dict
 from library.families.clip_tokenizer import EOS_TOKEN, SD2_PAD_TOKEN, build_clip_tokenizer
 from library.config.train_config import ModelArgs
 from library.errors import UserInputError
-from library.families.sd.family import StableDiffusionModels, freeze_models
+from library.families.family import freeze_models
+from library.families.sd.family import StableDiffusionModels
 
 logger = logging.getLogger(__name__)
 

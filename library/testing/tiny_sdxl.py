@@ -1,0 +1,62 @@
+"""A tiny SDXL-shaped model with seeded random weights, for tests and the SDXL demo.
+
+Built from `configs/models/tiny_sdxl`: a U-Net of about 0.8M parameters with SDXL's block layout
+(a plain first level, cross-attention levels with 1 and 2 transformer layers, the text-time
+embedding that takes the pooled text and six size/crop numbers), an 8x VAE with SDXL's scaling
+factor, a 3-layer CLIP text encoder (TE1) and a 3-layer CLIP text encoder with projection (TE2),
+whose hidden sizes add up to the U-Net's cross-attention width, as 768 + 1280 do in SDXL.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from library.families.clip_tokenizer import EOS_TOKEN, SD2_PAD_TOKEN, build_clip_tokenizer
+from library.families.family import freeze_models
+from library.families.sd.models import MODEL_CONFIGS_DIR, build_noise_scheduler
+from library.families.sdxl.family import SDXLModels
+from library.testing.tiny_sd import PERTURBATION_STD
+
+TINY_SDXL_CONFIG = MODEL_CONFIGS_DIR / "tiny_sdxl"
+
+
+def build_tiny_sdxl(seed: int = 0, v_parameterization: bool = False) -> SDXLModels:
+    """A tiny SDXL-shaped model whose weights depend only on `seed` (the global RNG is left as it was)."""
+    config_dir = TINY_SDXL_CONFIG
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir, subfolder="unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir, subfolder="vae"))
+        text_encoder_1 = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir, subfolder="text_encoder"))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(config_dir, subfolder="text_encoder_2"))
+        for model in (unet, vae, text_encoder_1, text_encoder_2):
+            _perturb(model)
+    models = SDXLModels(
+        text_encoder_1=text_encoder_1,
+        text_encoder_2=text_encoder_2,
+        tokenizer_1=build_clip_tokenizer(pad_token=EOS_TOKEN),
+        tokenizer_2=build_clip_tokenizer(pad_token=SD2_PAD_TOKEN),
+        unet=unet,
+        vae=vae,
+        noise_scheduler=build_noise_scheduler(config_dir, v_parameterization),
+        v_parameterization=v_parameterization,
+    )
+    freeze_models(models, torch.float32)
+    return models
+
+
+@torch.no_grad()
+def _perturb(model: torch.nn.Module) -> None:
+    for parameter in model.parameters():
+        parameter.add_(torch.randn_like(parameter) * PERTURBATION_STD)
+
+
+def save_sdxl_diffusers_folder(models: SDXLModels, path: str | os.PathLike) -> Path:
+    """Write `models` as a diffusers SDXL folder (model_index.json, unet/, vae/, text_encoder(_2)/, tokenizer(_2)/, scheduler/)."""
+    models.pipeline().save_pretrained(path)
+    return Path(path)
