@@ -1,4 +1,5 @@
-"""Train a LoRA with Contrastive Adapter Training: a drop-in for kohya sd-scripts' `train_network.py`.
+"""Train a LoRA with Contrastive Adapter Training: a drop-in for kohya sd-scripts' `train_network.py`
+(Stable Diffusion 1.x and 2.x).
 
     accelerate launch train_network_cat.py --config_file my.toml --cat_trigger sks
     python train_network_cat.py --pretrained_model_name_or_path model.safetensors --train_data_dir data ...
@@ -9,32 +10,18 @@ Every sd-scripts flag keeps its name and meaning; CAT adds `--cat_weight`, `--ca
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Sequence
 
 import library  # noqa: F401  (before diffusers: quiets an irrelevant bitsandbytes import warning)
-from library.cli.train_args import parse_args
-from library.errors import UserInputError
+from library.cli.script_main import script_main
+from library.config.training_script import SD_SCRIPT
 from library.families.sd.models import load as load_stable_diffusion
-from library.training.trainer import TrainingDiverged, train
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse, train, and turn user mistakes into one readable sentence (exit code 2)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        train(parse_args(argv), load_stable_diffusion)
-    except UserInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: the current LoRA was saved under a name with 'interrupted' in it.", file=sys.stderr)
-        return 130
-    return 0
+    """Train; exit code 0, or 2 for a mistake in the flags (1 diverged, 130 interrupted), with a sentence."""
+    return script_main(argv, SD_SCRIPT, load_stable_diffusion)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from library.cli.arg_values import read_arg_values
+from library.config.training_script import SD_SCRIPT, SDXL_SCRIPT
 from library.cli.train_args import parse_args
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "configs" / "examples").glob("*.toml"))
@@ -16,12 +17,17 @@ EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "configs" / "example
 WHERE = {
     "pretrained_model_name_or_path": lambda c: c.model.pretrained_model_name_or_path,
     "clip_skip": lambda c: c.model.clip_skip,
+    "no_half_vae": lambda c: c.model.no_half_vae,
     "mixed_precision": lambda c: c.run.mixed_precision,
     "sdpa": lambda c: c.model.sdpa,
     "train_data_dir": lambda c: c.data.train_data_dir,
     "caption_extension": lambda c: c.data.caption_extension,
     "resolution": lambda c: c.data.resolution,
     "train_batch_size": lambda c: c.data.train_batch_size,
+    "enable_bucket": lambda c: c.data.enable_bucket,
+    "min_bucket_reso": lambda c: c.data.min_bucket_reso,
+    "max_bucket_reso": lambda c: c.data.max_bucket_reso,
+    "bucket_reso_steps": lambda c: c.data.bucket_reso_steps,
     "cache_latents": lambda c: c.data.cache_latents,
     "max_data_loader_n_workers": lambda c: c.data.max_data_loader_n_workers,
     "network_module": lambda c: c.network.module,
@@ -55,6 +61,8 @@ WHERE = {
 
 # Values the flags convert: the text of the file -> what the TrainConfig holds.
 CONVERTED = {
+    # A list gives one rate per text encoder (SDXL's TE1, TE2).
+    "text_encoder_lr": lambda v: tuple(v) if isinstance(v, list) else v,
     "resolution": lambda v: tuple(int(x) for x in v.split(",")),
     "network_args": lambda v: dict(item.split("=", 1) for item in v),
     "optimizer_args": lambda v: {k: tuple(float(x) for x in t.split(",")) if "," in t else float(t)
@@ -73,7 +81,8 @@ def test_example_parses(path):
     keys = _keys(path)
     assert keys.keys() <= WHERE.keys(), f"keys this test does not check yet: {sorted(keys.keys() - WHERE.keys())}"
     assert read_arg_values(["--config_file", str(path)]).from_file == keys.keys(), "every key is read from the file"
-    config = parse_args(["--config_file", str(path)])
+    script = SDXL_SCRIPT if "sdxl" in path.stem else SD_SCRIPT
+    config = parse_args(["--config_file", str(path)], script)
     for key, value in keys.items():
         assert WHERE[key](config) == CONVERTED.get(key, lambda v: v)(value), key
     # What those values mean together.

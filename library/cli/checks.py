@@ -16,6 +16,7 @@ from typing import Any, Iterable
 
 from library.cli.arg_values import ArgValues
 from library.cli.unsupported import IMPLEMENTED_VALUES, INERT_WITHOUT, NOT_IMPLEMENTED
+from library.config.training_script import SD_SCRIPT, TrainingScript
 from library.errors import UserInputError
 from library.sampling.drift_probe import read_preservation_prompts
 
@@ -25,12 +26,15 @@ logger = logging.getLogger(__name__)
 SCHEDULERS_WITHOUT_WARMUP = ("constant", "adafactor")
 
 
-def check_args(args: ArgValues) -> None:
-    """Refuse the first mistake in `args` with its sentence, then every not-implemented flag given at
-    once; then warn about combinations that train, but probably not as meant."""
+def check_args(args: ArgValues, script: TrainingScript = SD_SCRIPT) -> None:
+    """Refuse the first mistake in `args` with its sentence (the rules of `script`'s family included),
+    then every not-implemented flag given at once; then warn about combinations that train, but
+    probably not as meant."""
     for check in _CHECKS:
         check(args)
+    _check_family(args, script)
     _check_not_implemented(args)
+    _warn_family(args, script)
     for warn in _WARNINGS:
         warn(args)
 
@@ -200,10 +204,29 @@ def _not_implemented_item(args: ArgValues, flag: str) -> str:
     return f"{flag} ({NOT_IMPLEMENTED[flag]}{place})"
 
 
+def _check_family(args: ArgValues, script: TrainingScript) -> None:
+    """The rules sd-scripts' `script.replaces` enforces for its family: no --v2 where there is no 2.x, at
+    most one --text_encoder_lr per text encoder (bucket steps: the dataset's check, with the family's multiple)."""
+    if args["v2"] and not script.has_v2:
+        raise UserInputError(f"{args.show('v2')}: {script.model_name} has no 2.x variant ({script.replaces} refuses "
+                             "the flag too); remove it. For a Stable Diffusion 2.x model use train_network_cat.py.")
+    rates = args["text_encoder_lr"] or []
+    if script.text_encoders > 1 and len(rates) > script.text_encoders:
+        raise UserInputError(f"{args.show('text_encoder_lr')}: {script.model_name} has {script.text_encoders} text "
+                             f"encoders; give one rate for all or one each (e.g. --text_encoder_lr 1e-5 2e-5).")
+
+
+def _warn_family(args: ArgValues, script: TrainingScript) -> None:
+    """sd-scripts' warnings about model flags: v-prediction without SD 2.x, clip skip where it is not used."""
+    if script.has_v2 and args["v_parameterization"] and not args["v2"]:
+        logger.warning("--v_parameterization without --v2: v-prediction is meant for SD 2.x models.")
+    if args["clip_skip"] is not None and not script.uses_clip_skip:
+        logger.warning("%s: %s is conditioned on fixed text-encoder layers, so clip skip is not used (%s warns "
+                       "about it too).", args.show("clip_skip"), script.model_name, script.replaces)
+
+
 def _warn_model(args: ArgValues) -> None:
     """sd-scripts' warnings for combinations that train, but probably not as meant."""
-    if args["v_parameterization"] and not args["v2"]:
-        logger.warning("--v_parameterization without --v2: v-prediction is meant for SD 2.x models.")
     if args["v2"] and args["clip_skip"] is not None and args["clip_skip"] > 1:
         logger.warning("--clip_skip with --v2: SD 2.x is not meant to be used with clip skip.")
     if args["zero_terminal_snr"] and not args["v_parameterization"]:

@@ -14,6 +14,7 @@ from typing import NoReturn
 
 from library.cat.captions import CAPTION_MODES
 from library.cat.objective import CAT_MODES
+from library.config.training_script import SD_SCRIPT, TrainingScript
 from library.errors import UserInputError
 from library.sampling.sample_prompts import SAMPLER_ALIASES, SAMPLERS
 
@@ -30,14 +31,18 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 class _Parser(argparse.ArgumentParser):
     """argparse, with mistakes raised as `UserInputError` instead of printing usage and exiting."""
 
+    def __init__(self, script_name: str, **kwargs):
+        super().__init__(prog=script_name, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         """Raise the mistake with the way to the list of flags."""
-        raise UserInputError(f"{message}; see train_network_cat.py --help for the flags and their values.")
+        raise UserInputError(f"{message}; see {self.prog} --help for the flags and their values.")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Every flag of sd-scripts' train_network.py that this trainer knows, and CAT's."""
-    parser = _Parser(description="LoRA training for Stable Diffusion 1.x/2.x with Contrastive Adapter Training.")
+def build_parser(script: TrainingScript = SD_SCRIPT) -> argparse.ArgumentParser:
+    """Every flag of sd-scripts' `script.replaces` that this trainer knows, and CAT's (one set of flags
+    for every family: the family's rules are checked in checks.py)."""
+    parser = _Parser(script.name, description=f"LoRA training for {script.model_name} with Contrastive Adapter Training.")
     for add in (_add_model_arguments, _add_network_arguments, _add_optimizer_arguments, _add_scheduler_arguments,
                 _add_noise_arguments, _add_loss_arguments, _add_cat_arguments, _add_dataset_arguments,
                 _add_caption_arguments, _add_run_arguments, _add_save_arguments, _add_metadata_arguments,
@@ -71,6 +76,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sdpa", action="store_true", help="use PyTorch scaled-dot-product attention")
     group.add_argument("--mem_eff_attn", action="store_true", help="use memory-efficient attention")
     group.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32 under mixed precision")
+    group.add_argument("--disable_mmap_load_safetensors", action="store_true",
+                       help="read a .safetensors checkpoint into memory at once instead of memory-mapping it (SDXL)")
     group.add_argument("--lowram", action="store_true", help="load models to VRAM instead of RAM")
     group.add_argument("--highvram", action="store_true", help="do not free VRAM caches (more VRAM, faster)")
     group.add_argument("--fp8_base", action="store_true", help="keep the base model in fp8")
@@ -217,7 +224,9 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cache_latents_to_disk", action="store_true", help="cache VAE latents on disk")
     group.add_argument("--skip_cache_check", action="store_true", help="accepted for sd-scripts' configs; cache files are always checked (it is cheap)")
     group.add_argument("--vae_batch_size", type=int, default=1, help="batch size when caching latents")
-    group.add_argument("--cache_text_encoder_outputs", action="store_true", help="cache text-encoder outputs")
+    group.add_argument("--cache_text_encoder_outputs", action="store_true", help="cache text-encoder outputs (SDXL)")
+    group.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true",
+                       help="cache text-encoder outputs on disk (SDXL; implies --cache_text_encoder_outputs)")
 
 
 def _add_caption_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from library.cli.arg_values import ArgValues
 from library.cli.checks import parse_key_values, parse_literal_args, parse_resolution
 from library.cli.flags import build_parser
+from library.config.training_script import SD_SCRIPT, TrainingScript
 from library.config.train_config import (
     CATArgs,
     DataArgs,
@@ -38,18 +39,18 @@ logger = logging.getLogger(__name__)
 DEFAULT_OPTIMIZER = "AdamW"
 
 
-def to_train_config(args: ArgValues) -> TrainConfig:
-    """Build the typed configuration from checked values."""
+def to_train_config(args: ArgValues, script: TrainingScript = SD_SCRIPT) -> TrainConfig:
+    """Build the typed configuration of `script` from checked values."""
     return TrainConfig(
         model=_pick(ModelArgs, args),
         network=_network_args(args),
-        optimizer=_optimizer_args(args),
+        optimizer=_optimizer_args(args, script),
         scheduler=_pick(SchedulerArgs, args, lr_scheduler_type=args["lr_scheduler_type"] or None,
                         lr_scheduler_args=MappingProxyType(parse_literal_args(args["lr_scheduler_args"] or []))),
         noise=_pick(NoiseArgs, args),
         loss=_pick(LossArgs, args),
         cat=_pick(CATArgs, args, prefix="cat_", triggers=tuple(t.strip() for t in args["cat_trigger"] or [])),
-        data=_pick(DataArgs, args, resolution=_resolution(args)),
+        data=_pick(DataArgs, args, resolution=_resolution(args), bucket_reso_multiple=script.bucket_reso_multiple),
         run=_pick(RunArgs, args),
         save=_pick(SaveArgs, args),
         metadata=_pick(MetadataArgs, args, prefix="metadata_", training_comment=args["training_comment"]),
@@ -85,13 +86,13 @@ def _network_args(args: ArgValues) -> NetworkArgs:
     )
 
 
-def _optimizer_args(args: ArgValues) -> OptimizerArgs:
+def _optimizer_args(args: ArgValues, script: TrainingScript) -> OptimizerArgs:
     """OptimizerArgs: the optimizer name resolved, optimizer_args parsed, one text-encoder lr."""
     return _pick(
         OptimizerArgs, args,
         optimizer_type=_optimizer_type(args),
         optimizer_args=MappingProxyType(parse_literal_args(args["optimizer_args"] or [])),
-        text_encoder_lr=_text_encoder_lr(args),
+        text_encoder_lr=_text_encoder_lr(args, script),
     )
 
 
@@ -104,19 +105,25 @@ def _optimizer_type(args: ArgValues) -> str:
     return args["optimizer_type"] or DEFAULT_OPTIMIZER
 
 
-def _text_encoder_lr(args: ArgValues) -> float | None:
-    """SD 1.x/2.x have one text encoder: the first --text_encoder_lr value (GUIs write it twice)."""
+def _text_encoder_lr(args: ArgValues, script: TrainingScript) -> float | tuple[float, ...] | None:
+    """One text encoder: the first --text_encoder_lr value (GUIs write it twice). Several (SDXL): one
+    value for all of them, or one each (checks.py refuses more values than text encoders)."""
     rates = args["text_encoder_lr"] or []
-    if len(set(rates)) > 1:
-        logger.warning("%s: SD 1.x/2.x have one text encoder, so only the first rate, %g, is used.",
-                       args.show("text_encoder_lr"), rates[0])
-    return rates[0] if rates else None
+    if not rates:
+        return None
+    if script.text_encoders == 1:
+        if len(set(rates)) > 1:
+            logger.warning("%s: %s has one text encoder, so only the first rate, %g, is used.",
+                           args.show("text_encoder_lr"), script.model_name, rates[0])
+        return rates[0]
+    return rates[0] if len(rates) == 1 else tuple(rates)
 
 
 def dataset_defaults(**values: Any) -> DataArgs:
     """The dataset flags as the command line gives them by default, with `values` set: for tools
     that read a training dataset exactly as the trainer does (evaluate_kps.py)."""
     defaults = vars(build_parser().parse_args([]))
-    picked = {f.name: defaults[f.name] for f in fields(DataArgs)}
+    picked = {f.name: defaults[f.name] for f in fields(DataArgs) if f.name in defaults}
     picked["resolution"] = None
+    picked["bucket_reso_multiple"] = SD_SCRIPT.bucket_reso_multiple
     return DataArgs(**{**picked, **values})

@@ -19,23 +19,26 @@ from typing import Sequence
 from library.cli.arg_values import ArgValues, read_arg_values
 from library.cli.checks import check_args
 from library.cli.config_file import config_path, write_config_file
+from library.cli.flags import build_parser
 from library.cli.to_config import to_train_config
 from library.config.train_config import TrainConfig
+from library.config.training_script import SD_SCRIPT, TrainingScript
 from library.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
-    """The checked training configuration from `argv` (default: sys.argv[1:]) and its --config_file.
+def parse_args(argv: Sequence[str] | None = None, script: TrainingScript = SD_SCRIPT) -> TrainConfig:
+    """The checked training configuration of `script` from `argv` (default: sys.argv[1:]) and its
+    --config_file.
 
     With --output_config, writes the command-line flags to --config_file and exits (as sd-scripts).
     """
-    args = _normalized(read_arg_values(argv))
+    args = _normalized(read_arg_values(argv, build_parser(script)))
     if args["output_config"]:
         _write_output_config(args)
-    check_args(args)
-    return to_train_config(args)
+    check_args(args, script)
+    return to_train_config(args, script)
 
 
 def _normalized(args: ArgValues) -> ArgValues:

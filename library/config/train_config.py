@@ -31,6 +31,7 @@ class ModelArgs:
     sdpa: bool
     mem_eff_attn: bool
     no_half_vae: bool
+    disable_mmap_load_safetensors: bool  # read a .safetensors checkpoint into memory at once (SDXL's flag)
     lowram: bool
     highvram: bool
 
@@ -61,7 +62,8 @@ class OptimizerArgs:
     optimizer_args: Mapping[str, Any]  # k=v with Python-literal values: {"betas": (0.9, 0.999)}
     learning_rate: float
     unet_lr: float | None
-    text_encoder_lr: float | None  # SD1/2 have one text encoder: the first --text_encoder_lr value
+    # One rate for every text encoder, or one per text encoder (SDXL: TE1, TE2); None: --learning_rate.
+    text_encoder_lr: float | tuple[float, ...] | None
     max_grad_norm: float
 
 
@@ -175,6 +177,7 @@ class DataArgs:
     max_bucket_reso: int
     bucket_reso_steps: int
     bucket_no_upscale: bool
+    bucket_reso_multiple: int  # the family's rule for bucket_reso_steps (not a flag: TrainingScript's)
     alpha_mask: bool
     train_batch_size: int
     max_data_loader_n_workers: int

@@ -27,11 +27,12 @@ class BucketSettings:
 @dataclass(frozen=True)
 class Placement:
     """Where one image goes: its bucket, the size it is resized to before the crop, and the
-    bucket's aspect-ratio error (bucket w/h minus image w/h)."""
+    bucket's aspect-ratio error (bucket w/h minus image w/h); `original` is the image's own size."""
 
     bucket: tuple[int, int]
     resized: tuple[int, int]
     ar_error: float
+    original: tuple[int, int] | None = None  # (width, height) of the file; None where unknown
 
 
 def bucket_resolutions(resolution: tuple[int, int], min_size: int, max_size: int, steps: int) -> list[tuple[int, int]]:
@@ -69,7 +70,7 @@ def place_image(size: tuple[int, int], settings: BucketSettings, predefined: lis
         bucket = (resized[0] - resized[0] % steps, resized[1] - resized[1] % steps)
     # A side of 0 (bucket_no_upscale on an image smaller than a step) is reported by the caller.
     error = bucket[0] / bucket[1] - aspect if min(bucket) > 0 else float("inf")
-    return Placement(bucket, resized, error)
+    return Placement(bucket, resized, error, size)
 
 
 def _cover(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int]:
@@ -117,13 +118,32 @@ def crop_box(resized: tuple[int, int], bucket: tuple[int, int], random_offset: t
     return left, top, left + bucket[0], top + bucket[1]
 
 
-def check_bucket_settings(settings: BucketSettings, where: str) -> list[str]:
-    """Problems with one dataset's bucket options, each a sentence naming `where` they came from."""
+def size_conditioning_crop(bucket: tuple[int, int], original: tuple[int, int], flipped: bool) -> tuple[int, int]:
+    """(left, top) that SDXL is told as the crop of an image of size `original` trained at `bucket`,
+    as sd-scripts computes it (its `get_crop_ltrb`, after Stability's preprocessing): the offset of
+    the image scaled to fit inside the bucket, centred; mirrored for a flipped image. It describes
+    the centred fit, not the pixels `random_crop` cut, in sd-scripts too."""
+    bucket_ar, image_ar = bucket[0] / bucket[1], original[0] / original[1]
+    if bucket_ar > image_ar:
+        fitted = (bucket[1] * image_ar, bucket[1])
+    else:
+        fitted = (bucket[0], bucket[0] / image_ar)
+    left, top = (bucket[0] - fitted[0]) // 2, (bucket[1] - fitted[1]) // 2
+    if flipped:  # the right edge of the fit, seen from the mirrored image's left
+        left = bucket[0] - (left + fitted[0])
+    return int(left), int(top)
+
+
+def check_bucket_settings(settings: BucketSettings, where: str, reso_multiple: int = 8) -> list[str]:
+    """Problems with one dataset's bucket options, each a sentence naming `where` they came from;
+    `reso_multiple` is what the model family needs bucket_reso_steps to be a multiple of (SDXL: 32)."""
     problems = []
     if settings.enable:
-        if settings.reso_steps < 8 or settings.reso_steps % 8:
-            problems.append(f"{where}: bucket_reso_steps = {settings.reso_steps} must be a positive multiple of 8 "
-                            "(64 for SD 1.x/2.x, as sd-scripts recommends)")
+        if settings.reso_steps < reso_multiple or settings.reso_steps % reso_multiple:
+            advice = ("64 for SD 1.x/2.x, as sd-scripts recommends" if reso_multiple == 8
+                      else f"sd-scripts requires it for this model; e.g. {2 * reso_multiple}")
+            problems.append(f"{where}: bucket_reso_steps = {settings.reso_steps} must be a positive multiple of "
+                            f"{reso_multiple} ({advice})")
         if settings.min_reso > settings.max_reso:
             problems.append(f"{where}: min_bucket_reso = {settings.min_reso} is larger than max_bucket_reso = "
                             f"{settings.max_reso}; swap them")

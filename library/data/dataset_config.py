@@ -122,7 +122,7 @@ def _dataset(dataset: dict, general: dict, data: DataArgs, where: _Where, proble
         merged.get("max_bucket_reso", data.max_bucket_reso), merged.get("bucket_reso_steps", data.bucket_reso_steps),
         merged.get("bucket_no_upscale", data.bucket_no_upscale),
     )
-    problems += check_bucket_settings(buckets, str(where))
+    problems += check_bucket_settings(buckets, str(where), data.bucket_reso_multiple)
     built = []
     for index, subset in enumerate(dataset["subsets"]):
         values = {**cli_subset_values(data), **_inherited(general), **_inherited(dataset), **subset}

@@ -55,7 +55,7 @@ def _dataset_specs(config: TrainConfig, problems: list[str]) -> list[DatasetSpec
         raise UserInputError("No resolution: give --resolution (e.g. 512) or resolution in the dataset config.")
     buckets = BucketSettings(data.resolution, data.enable_bucket, data.min_bucket_reso, data.max_bucket_reso,
                              data.bucket_reso_steps, data.bucket_no_upscale)
-    problems += check_bucket_settings(buckets, "the command line")
+    problems += check_bucket_settings(buckets, "the command line", data.bucket_reso_multiple)
     return [DatasetSpec(tuple(subsets), data.train_batch_size, buckets)]
 
 

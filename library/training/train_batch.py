@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import Mapping
 
 import torch
 from diffusers import DDPMScheduler
@@ -42,8 +43,10 @@ def build_cat_batch(
     noise_args: NoiseArgs,
     loss_args: LossArgs,
     generator: torch.Generator | None = None,
+    conditioning: Mapping[str, Tensor] | None = None,
 ) -> tuple[CATBatch, LossFn]:
-    """Noise `latents` once; the batch carries z_t, t and the target that all CAT predictions share."""
+    """Noise `latents` once; the batch carries z_t, t, the target and the image `conditioning` (the
+    family's, e.g. SDXL's size/crop numbers) that all CAT predictions share."""
     scheduler = schedule.train
     noise = sample_noise(
         latents,
@@ -70,6 +73,7 @@ def build_cat_batch(
         trigger_ids=trigger_ids.to(latents.device),
         free_ids=free_ids.to(latents.device),
         weights=weights,
+        conditioning={name: value.to(latents.device) for name, value in (conditioning or {}).items()},
     )
     loss_fn = partial(
         per_sample_loss, loss_type=loss_args.loss_type, huber_c=loss_args.huber_c, huber_scale=loss_args.huber_scale,

@@ -34,7 +34,7 @@ from library.training.output_files import (
     step_to_remove,
 )
 from library.cat.objective import Denoiser, cat_step
-from library.families.family import ModelFamily, ModelLoader
+from library.families.family import ImageGeometry, ModelFamily, ModelLoader
 from library.sampling.drift_probe import PreservationDrift
 from library.sampling.sample_images import SampleImages, scheduled_sample_prompts
 from library.sampling.side_trip import SideTrip
@@ -42,7 +42,8 @@ from library.sampling.sample_prompts import SamplePrompt
 from library.training.train_batch import NoiseSchedule, build_cat_batch
 from library.data.batch_loader import EpochBatches, EpochSampler, LoadedBatch, batch_loader
 from library.data.run_data import free_caption, load_training_data, training_caption, trigger_free_prompt
-from library.data.training_data import TrainingData
+from library.data.buckets import size_conditioning_crop
+from library.data.training_data import Sample, TrainingData
 from library.config.train_config import TrainConfig
 from library.training.train_metadata import RunFacts, at_save, training_metadata
 from library.training.train_state import Progress, load_state, random_streams, read_progress, save_state
@@ -388,6 +389,7 @@ def _train_on(run: Run, denoiser: Denoiser, batch: LoadedBatch, epoch: int, loss
         latents, run.models.tokenize(captions, config.model.max_token_length),
         run.models.tokenize(free, config.model.max_token_length), weights,
         run.schedule, config.noise, config.loss, run.generator,
+        conditioning=run.models.image_conditioning([_geometry(s, a) for s, a in zip(samples, batch.augmentations)]),
     )
 
     def backward(loss: torch.Tensor, last: bool) -> None:
@@ -397,6 +399,14 @@ def _train_on(run: Run, denoiser: Denoiser, batch: LoadedBatch, epoch: int, loss
 
     with accelerator.autocast():
         return cat_step(denoiser, run.network, cat_batch, config.cat.weight, config.cat.mode, loss_fn, backward)
+
+
+def _geometry(sample: Sample, augmentation: Augmentation) -> ImageGeometry:
+    """Where the sample's pixels came from, for size-conditioned families (SDXL)."""
+    placement = sample.placement
+    original = placement.original or placement.resized
+    crop = size_conditioning_crop(placement.bucket, original, augmentation.flip)
+    return ImageGeometry(original_size=original, crop_left_top=crop, target_size=placement.bucket)
 
 
 def _latents(run: Run, batch: LoadedBatch) -> torch.Tensor:
