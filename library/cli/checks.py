@@ -210,10 +210,34 @@ def _check_family(args: ArgValues, script: TrainingScript) -> None:
     if args["v2"] and not script.has_v2:
         raise UserInputError(f"{args.show('v2')}: {script.model_name} has no 2.x variant ({script.replaces} refuses "
                              "the flag too); remove it. For a Stable Diffusion 2.x model use train_network_cat.py.")
+    _check_text_encoder_caching(args, script)
     rates = args["text_encoder_lr"] or []
     if script.text_encoders > 1 and len(rates) > script.text_encoders:
         raise UserInputError(f"{args.show('text_encoder_lr')}: {script.model_name} has {script.text_encoders} text "
                              f"encoders; give one rate for all or one each (e.g. --text_encoder_lr 1e-5 2e-5).")
+
+
+# Caption options that change a caption from step to step: its text-encoder outputs cannot be cached.
+VARYING_CAPTION_FLAGS = ("shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs",
+                         "caption_tag_dropout_rate", "token_warmup_step")
+
+
+def _check_text_encoder_caching(args: ArgValues, script: TrainingScript) -> None:
+    """sd-scripts' rules: caching is the family's option, cannot train the encoders, needs fixed captions."""
+    if not args["cache_text_encoder_outputs"]:
+        return
+    shown = args.show("cache_text_encoder_outputs_to_disk" if args["cache_text_encoder_outputs_to_disk"]
+                      else "cache_text_encoder_outputs")
+    if not script.text_encoder_caching:
+        raise UserInputError(f"{shown}: text-encoder outputs are cached for SDXL (sdxl_train_network_cat.py), not for "
+                             f"{script.model_name}; remove the flag.")
+    if not args["network_train_unet_only"]:
+        raise UserInputError(f"{shown} needs --network_train_unet_only: cached outputs cannot train the text "
+                             f"encoders ({script.replaces} requires it too).")
+    varying = [args.show(dest) for dest in VARYING_CAPTION_FLAGS if args[dest]]
+    if varying:
+        raise UserInputError(f"{shown} with {', '.join(varying)}: those change the captions from step to step, so "
+                             "their outputs cannot be cached; drop one or the other (sd-scripts refuses this too).")
 
 
 def _warn_family(args: ArgValues, script: TrainingScript) -> None:

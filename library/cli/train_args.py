@@ -53,6 +53,8 @@ def _normalized(args: ArgValues) -> ArgValues:
             logger.warning("%s is 0 or less, so no samples are made at that interval, as in sd-scripts.",
                            args.show(dest))
             values[dest] = None
+    if values["cache_text_encoder_outputs_to_disk"]:  # sd-scripts: the disk cache implies the cache
+        values["cache_text_encoder_outputs"] = True
     if values["caption_extention"] is not None:
         values["caption_extension"], values["caption_extention"] = values["caption_extention"], None
     if values["persistent_data_loader_workers"] and values["max_data_loader_n_workers"] == 0:

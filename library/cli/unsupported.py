@@ -15,8 +15,6 @@ _USE_RESUME = ("starting at a given step is not implemented; to continue a run, 
 
 # Giving one of these a value other than its default is refused at parse time, all of them in one sentence.
 NOT_IMPLEMENTED: dict[str, str] = {
-    "--cache_text_encoder_outputs": "text-encoder outputs are not cached yet",
-    "--cache_text_encoder_outputs_to_disk": "text-encoder outputs are not cached yet",
     "--mem_eff_attn": "use --sdpa or --xformers",
     "--masked_loss": "masked loss is not implemented",
     "--alpha_mask": "masked loss is not implemented",

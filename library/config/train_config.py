@@ -184,6 +184,8 @@ class DataArgs:
     persistent_data_loader_workers: bool
     cache_latents: bool
     cache_latents_to_disk: bool
+    cache_text_encoder_outputs: bool  # SDXL: encoders' outputs computed once (library.training.text_cache)
+    cache_text_encoder_outputs_to_disk: bool  # ... and kept beside the images (implies the above)
     vae_batch_size: int
 
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Callable
 
@@ -132,6 +133,21 @@ def training_caption(seed: int, sample: Sample, epoch: int) -> str:
     """The caption this sample trains on this epoch (its subset's prefix, dropout, shuffle...)."""
     rng = sample_rng(seed, epoch, sample.position)
     return transform_caption(sample.item.caption, rng, sample.item.options.captions, epoch)
+
+
+def varying_caption_options(subset: Subset) -> list[str]:
+    """The caption options of `subset` that make its captions change from step to step (none: each
+    image always trains on the same caption, which text-encoder output caching needs)."""
+    captions = subset.options.captions
+    options = {"shuffle_caption": captions.shuffle, "caption_dropout_rate": captions.dropout_rate > 0,
+               "caption_dropout_every_n_epochs": captions.dropout_every_n_epochs > 0,
+               "caption_tag_dropout_rate": captions.tag_dropout_rate > 0}
+    return [name for name, varies in options.items() if varies]
+
+
+def fixed_caption(item: ImageItem) -> str:
+    """The caption `item` trains on at every step, for a subset without `varying_caption_options`."""
+    return transform_caption(item.caption, random.Random(0), item.options.captions)
 
 
 def free_caption(config: TrainConfig, item: ImageItem, caption: str) -> str:

@@ -46,6 +46,7 @@ from library.data.buckets import size_conditioning_crop
 from library.data.training_data import Sample, TrainingData
 from library.config.train_config import TrainConfig
 from library.training.train_metadata import RunFacts, at_save, training_metadata
+from library.training.text_cache import CachedTextDenoiser, TextEncoderCache, build_text_cache
 from library.training.train_state import Progress, load_state, random_streams, read_progress, save_state
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class Run:
     sampler: EpochSampler  # points the loader at an epoch
     generator: torch.Generator
     sample_prompts: tuple[SamplePrompt, ...] = ()  # --sample_prompts, read at start
+    text_cache: TextEncoderCache | None = None  # --cache_text_encoder_outputs; None: encoded each step
 
     @property
     def resolution(self) -> tuple[int, int]:
@@ -150,7 +152,7 @@ def setup(config: TrainConfig, load_models: ModelLoader) -> Run:
         output_name=output_name, save_dtype=SAVE_DTYPES.get(config.save.save_precision) if config.save.save_precision else None,
         latent_cache=_cache_latents(config, data, models, accelerator), batches=batches, loader=loader,
         sampler=sampler, generator=torch.Generator().manual_seed(process_seed(seed, accelerator.process_index)),
-        sample_prompts=sample_prompts,
+        sample_prompts=sample_prompts, text_cache=_cache_text(config, data, models, accelerator),
     )
 
 
@@ -260,6 +262,8 @@ def training_loop(run: Run) -> list[Path]:
     config, accelerator = run.config, run.accelerator
     network = run.network
     denoiser = run.models.denoiser(config.model.clip_skip)
+    if run.text_cache is not None:
+        denoiser = CachedTextDenoiser(denoiser, run.text_cache, accelerator.device)
     if config.log.log_with:
         accelerator.init_trackers(config.log.log_tracker_name or "network_train")
     position = _start_progress(run, network)
@@ -447,6 +451,17 @@ def _cache_latents(config: TrainConfig, data: TrainingData, models: ModelFamily,
         if not accelerator.is_main_process:
             cache.fill(keys, pixels, models.vae, options.vae_batch_size, write=False)
     return cache
+
+
+def _cache_text(config: TrainConfig, data: TrainingData, models: ModelFamily,
+                accelerator: Accelerator) -> TextEncoderCache | None:
+    """--cache_text_encoder_outputs: every caption encoded once, under training's autocast; None without it."""
+    if not config.data.cache_text_encoder_outputs:
+        return None
+    length = config.model.max_token_length
+    return build_text_cache(config, data, models.denoiser(config.model.clip_skip),
+                            lambda texts: models.tokenize(texts, length), models.text_encoders, accelerator.device,
+                            accelerator.autocast)
 
 
 def _clip_gradients(run: Run, network) -> None:
