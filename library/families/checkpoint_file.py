@@ -18,6 +18,7 @@ import pickle
 from pathlib import Path
 
 import numpy
+import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -63,17 +64,21 @@ TRAINING_STATE_GLOBALS = [
 
 
 def read_state_dict(
-    path: str | Path, what: str = "checkpoint", skip_prefixes: tuple[str, ...] = ()
+    path: str | Path, what: str = "checkpoint", skip_prefixes: tuple[str, ...] = (), disable_mmap: bool = False
 ) -> dict[str, torch.Tensor]:
     """All tensors of the file at `path`, keyed by name, on the CPU.
 
     `what` names the file's role in error messages ("checkpoint", "--vae file"). A pickled
     checkpoint's top-level "state_dict" is unwrapped, and non-tensor entries (step counters) dropped.
-    Keys starting with one of `skip_prefixes` are left out; a safetensors file's bytes for them are not read.
+    Keys starting with one of `skip_prefixes` are left out; a safetensors file's bytes for them are not read,
+    unless `disable_mmap` (sd-scripts' --disable_mmap_load_safetensors) reads the whole file into memory
+    in one go instead of memory-mapping it (sd-scripts offers the flag to speed up loading under WSL).
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix in SAFETENSORS_SUFFIXES:
+    if suffix in SAFETENSORS_SUFFIXES and disable_mmap:
+        state_dict = _read_safetensors_bytes(path, what)
+    elif suffix in SAFETENSORS_SUFFIXES:
         state_dict = _read_safetensors(path, what, skip_prefixes)
     elif suffix in PICKLE_SUFFIXES:
         state_dict = _read_pickle(path, what)
@@ -95,6 +100,16 @@ def _read_safetensors(path: Path, what: str, skip_prefixes: tuple[str, ...]) -> 
     try:
         with safe_open(path, framework="pt", device="cpu") as file:
             return {key: file.get_tensor(key) for key in file.keys() if not key.startswith(skip_prefixes)}
+    except (SafetensorError, OSError) as error:
+        raise UserInputError(
+            f"The {what} {path} could not be read as safetensors ({error}); check that the download is complete."
+        ) from error
+
+
+def _read_safetensors_bytes(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """Load a safetensors file from its bytes, read in one go: no memory map stays open on the file."""
+    try:
+        return safetensors.torch.load(path.read_bytes())
     except (SafetensorError, OSError) as error:
         raise UserInputError(
             f"The {what} {path} could not be read as safetensors ({error}); check that the download is complete."

@@ -3,14 +3,18 @@
 A1111, ComfyUI and sd-scripts read SD checkpoints in the layout of the original CompVis/Stability
 code: the U-Net under `model.diffusion_model.` (`input_blocks`, `middle_block`, `output_blocks`), the
 VAE under `first_stage_model.`, the text encoder under `cond_stage_model.` (SD1: the transformers CLIP
-names; SD2: OpenCLIP's names). diffusers converts that layout to its own when it loads a single file;
-these functions go the other way, so that test models can be written as a user's checkpoint is and
-loaded back through the real single-file path.
+names; SD2: OpenCLIP's names). SDXL's files keep the layout of Stability's generative-models code
+(SGM): the same U-Net and VAE names (the U-Net with `label_emb`), and the two text encoders under
+`conditioner.embedders.0.` (CLIP names) and `conditioner.embedders.1.` (OpenCLIP's). diffusers
+converts these layouts to its own when it loads a single file; these functions go the other way,
+so that test models can be written as a user's checkpoint is and loaded back through the real
+single-file path.
 
 Block indices are derived from the model configs (number of blocks, `layers_per_block`), not fixed
 SD numbers. Every key of the input is converted or the conversion fails: nothing is dropped.
 """
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -209,12 +213,22 @@ def sd1_text_encoder_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> StateDict
 def sd2_text_encoder_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     """A CLIPTextModel state dict in OpenCLIP layout under `cond_stage_model.model.` (SD2).
 
-    OpenCLIP keeps one fused `in_proj` for q, k and v. CLIPTextModel has no text projection (SD2
-    conditions on hidden states, not on the pooled embedding); an identity stands in for it because
-    OpenCLIP readers expect the key and diffusers reads the attention width from its first dimension.
-    SD2's 24th OpenCLIP layer, which SD2 skips, is not in a 23-layer CLIPTextModel and is not written.
+    CLIPTextModel has no text projection (SD2 conditions on hidden states, not on the pooled
+    embedding); an identity stands in for it because OpenCLIP readers expect the key and diffusers
+    reads the attention width from its first dimension. SD2's 24th OpenCLIP layer, which SD2 skips,
+    is not in a 23-layer CLIPTextModel and is not written.
     """
-    flat = _flat_text_encoder_keys(state_dict)
+    converted = _open_clip_text_tower(_flat_text_encoder_keys(state_dict))
+    width = converted["positional_embedding"].shape[1]
+    converted["text_projection"] = torch.eye(width, dtype=converted["positional_embedding"].dtype)
+    return {SD2_TEXT_ENCODER_PREFIX + key: tensor for key, tensor in converted.items()}
+
+
+def _open_clip_text_tower(flat: Mapping[str, torch.Tensor]) -> StateDict:
+    """Flat CLIPTextModel keys (no `text_model.` level) renamed to OpenCLIP's text tower, without prefix.
+
+    OpenCLIP keeps one fused `in_proj` for q, k and v, and its positional embedding as a bare tensor.
+    """
     num_layers = 1 + max(int(key.split(".")[2]) for key in flat if key.startswith("encoder.layers."))
     module_map = {"embeddings.token_embedding": "token_embedding", "final_layer_norm": "ln_final"}
     for layer in range(num_layers):
@@ -228,9 +242,7 @@ def sd2_text_encoder_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> StateDict
     )
     converted.update(_fuse_qkv(flat, num_layers))
     converted["positional_embedding"] = flat[position_key]
-    width = flat[position_key].shape[1]
-    converted["text_projection"] = torch.eye(width, dtype=flat[position_key].dtype)
-    return {SD2_TEXT_ENCODER_PREFIX + key: tensor for key, tensor in converted.items()}
+    return converted
 
 
 def _fuse_qkv(flat: Mapping[str, torch.Tensor], num_layers: int) -> StateDict:
@@ -242,3 +254,51 @@ def _fuse_qkv(flat: Mapping[str, torch.Tensor], num_layers: int) -> StateDict:
             parts = [flat[f"{source}.{name}_proj.{kind}"] for name in ("q", "k", "v")]
             fused[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat(parts, dim=0)
     return fused
+
+
+# --- SDXL: the SGM layout of Stability's generative-models code (sd_xl_base_1.0.safetensors) ---------
+
+SDXL_TEXT_ENCODER_1_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_TEXT_ENCODER_2_PREFIX = "conditioner.embedders.1.model."
+
+# The text-time embedding (pooled text + size/crop numbers) of an SDXL U-Net, SGM's `label_emb.0`.
+_SDXL_UNET_EXTRAS = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+
+# OpenCLIP's initial temperature: SGM files carry it beside the text tower; readers ignore it.
+_OPEN_CLIP_LOGIT_SCALE = math.log(1 / 0.07)
+
+
+def sdxl_unet_to_sgm(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> StateDict:
+    """An SDXL UNet2DConditionModel state dict in SGM layout, under `model.diffusion_model.`.
+
+    The SGM U-Net is the LDM one plus `label_emb.0` (diffusers' `add_embedding`); several transformer
+    layers per attention keep their `transformer_blocks.N` names, so the LDM map covers them.
+    """
+    module_map = {**unet_module_map(config), **_SDXL_UNET_EXTRAS}
+    renamed = rename_by_module_map(state_dict, module_map)
+    return {UNET_PREFIX + key: tensor for key, tensor in renamed.items()}
+
+
+def sdxl_text_encoder_1_to_sgm(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """SDXL's CLIPTextModel (TE1) under `conditioner.embedders.0.transformer.text_model.`.
+
+    With the `embeddings.position_ids` buffer that SGM files carry (transformers no longer saves it).
+    """
+    flat = _flat_text_encoder_keys(state_dict)
+    positions = flat["embeddings.position_embedding.weight"].shape[0]
+    flat.setdefault("embeddings.position_ids", torch.arange(positions).unsqueeze(0))
+    return {SDXL_TEXT_ENCODER_1_PREFIX + key: tensor for key, tensor in flat.items()}
+
+
+def sdxl_text_encoder_2_to_sgm(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """SDXL's CLIPTextModelWithProjection (TE2) in OpenCLIP layout under `conditioner.embedders.1.model.`.
+
+    OpenCLIP applies its projection as `x @ text_projection`, so it stores the transpose of the
+    Linear weight transformers keeps: (width, projection_dim).
+    """
+    flat = _flat_text_encoder_keys(state_dict)
+    projection = flat.pop("text_projection.weight")
+    converted = _open_clip_text_tower(flat)
+    converted["text_projection"] = projection.T.contiguous()
+    converted["logit_scale"] = torch.tensor(_OPEN_CLIP_LOGIT_SCALE, dtype=projection.dtype)
+    return {SDXL_TEXT_ENCODER_2_PREFIX + key: tensor for key, tensor in converted.items()}

@@ -5,6 +5,8 @@ Built from `configs/models/tiny_sdxl`: a U-Net of about 0.8M parameters with SDX
 embedding that takes the pooled text and six size/crop numbers), an 8x VAE with SDXL's scaling
 factor, a 3-layer CLIP text encoder (TE1) and a 3-layer CLIP text encoder with projection (TE2),
 whose hidden sizes add up to the U-Net's cross-attention width, as 768 + 1280 do in SDXL.
+The writers produce a diffusers folder or an SGM-layout single file; reading those back goes
+through `load_sdxl`, exactly as a user's checkpoint does.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from library.families.clip_tokenizer import EOS_TOKEN, SD2_PAD_TOKEN, build_clip
 from library.families.family import freeze_models
 from library.families.sd.models import MODEL_CONFIGS_DIR, build_noise_scheduler
 from library.families.sdxl.family import SDXLModels
-from library.testing.tiny_sd import PERTURBATION_STD
+from library.testing import ldm_layout
+from library.testing.tiny_sd import PERTURBATION_STD, write_state_dict
 
 TINY_SDXL_CONFIG = MODEL_CONFIGS_DIR / "tiny_sdxl"
 
@@ -60,3 +63,22 @@ def save_sdxl_diffusers_folder(models: SDXLModels, path: str | os.PathLike) -> P
     """Write `models` as a diffusers SDXL folder (model_index.json, unet/, vae/, text_encoder(_2)/, tokenizer(_2)/, scheduler/)."""
     models.pipeline().save_pretrained(path)
     return Path(path)
+
+
+def sgm_state_dict(models: SDXLModels) -> dict[str, torch.Tensor]:
+    """All weights of `models` in the SGM single-file layout of sd_xl_base_1.0.safetensors."""
+    state_dict = {
+        **ldm_layout.sdxl_unet_to_sgm(models.unet.state_dict(), models.unet.config),
+        **ldm_layout.vae_to_ldm(models.vae.state_dict(), models.vae.config),
+        **ldm_layout.sdxl_text_encoder_1_to_sgm(models.text_encoder_1.state_dict()),
+        **ldm_layout.sdxl_text_encoder_2_to_sgm(models.text_encoder_2.state_dict()),
+    }
+    # safetensors refuses views that share storage; each tensor gets its own.
+    return {key: tensor.detach().clone().contiguous() for key, tensor in state_dict.items()}
+
+
+def save_sdxl_single_file(models: SDXLModels, path: str | os.PathLike) -> Path:
+    """Write `models` as one SGM-layout checkpoint: `.safetensors`, or `.ckpt`/`.pt` as {"state_dict": ...}."""
+    path = Path(path)
+    write_state_dict(sgm_state_dict(models), path)
+    return path

@@ -26,6 +26,7 @@ from library.families.sd.family import StableDiffusionModels
 logger = logging.getLogger(__name__)
 
 MODEL_CONFIGS_DIR = Path(__file__).resolve().parents[3] / "configs" / "models"
+SDXL_TEXT_ENCODERS_PREFIX = "conditioner.embedders."  # SDXL's SGM layout; SD 1.x/2.x use cond_stage_model.
 
 
 def architecture_dir(v2: bool, model_config: str | os.PathLike | None = None) -> Path:
@@ -107,6 +108,8 @@ Components = tuple[UNet2DConditionModel, CLIPTextModel, CLIPTokenizer, Autoencod
 
 def _load_folder(path: Path, v2: bool, v_parameterization: bool, dtype: torch.dtype, own_vae: bool) -> Components:
     """(unet, text_encoder, tokenizer, vae) of a diffusers folder; its vae/ weights only when `own_vae`."""
+    if (path / "text_encoder_2" / "config.json").is_file():
+        raise _sdxl_refused(f"The model folder {path} is SDXL (it has text_encoder_2/)")
     sd_folder.check_diffusers_folder(path)
     _check_v2_flag(sd_folder.is_open_clip_folder(path), v2, path)
     _warn_on_prediction_type(path, v_parameterization)
@@ -125,6 +128,8 @@ def _load_single_file(path: Path, v2: bool, config_dir: Path, dtype: torch.dtype
     """
     skipped = () if own_vae else (sd_single_file.VAE_PREFIX,)
     state_dict = read_state_dict(path, skip_prefixes=skipped)
+    if any(key.startswith(SDXL_TEXT_ENCODERS_PREFIX) for key in state_dict):
+        raise _sdxl_refused(f"The checkpoint {path} is SDXL (text encoders under {SDXL_TEXT_ENCODERS_PREFIX!r})")
     _check_v2_flag(sd_single_file.is_open_clip_checkpoint(state_dict, path), v2, path)
     if own_vae:
         sd_single_file.check_has_vae(state_dict, path)
@@ -154,6 +159,13 @@ def load_vae(path: str | os.PathLike, config_dir: Path, dtype: torch.dtype = tor
             f"The --vae folder {path} has neither config.json nor vae/config.json; give a diffusers VAE folder."
         )
     return sd_folder.load_pretrained(AutoencoderKL, path, subfolder, "--vae VAE", dtype)
+
+
+def _sdxl_refused(what_it_is: str) -> UserInputError:
+    """The error for an SDXL model given to the SD 1.x/2.x loader: it names the script that trains SDXL."""
+    return UserInputError(
+        f"{what_it_is}, not Stable Diffusion 1.x/2.x; train a LoRA for it with sdxl_train_network_cat.py."
+    )
 
 
 def _check_v2_flag(is_open_clip: bool, v2: bool, path: Path) -> None:
