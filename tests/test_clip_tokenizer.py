@@ -122,3 +122,14 @@ def test_each_call_returns_an_independent_tokenizer():
 def test_unknown_pad_token_is_refused():
     with pytest.raises(UserInputError, match="'<pad>'.*'!'"):
         build_clip_tokenizer(pad_token="<pad>")
+
+
+def test_a_diffusers_folder_s_own_tokenizer_cleans_text_too(tmp_path):
+    from library.families.sd.folder import load_tokenizer
+    from library.testing.tiny_sd import build_tiny_sd, save_diffusers_folder
+
+    folder = save_diffusers_folder(build_tiny_sd(seed=0), tmp_path / "model")
+    assert (folder / "tokenizer").is_dir()
+    text = "the dog\u2019s toy, \ufb01ne &amp; ＳＫＳ"
+    built = build_clip_tokenizer()
+    assert load_tokenizer(folder, v2=False)(text).input_ids == built(text).input_ids

@@ -175,8 +175,8 @@ def test_modelspec_leaves_out_unset_optional_keys() -> None:
 
 
 def test_unknown_model_version_is_a_user_error_naming_it() -> None:
-    with pytest.raises(UserInputError, match=r"'sdxl_base_v1-0'.*sd_v1, sd_v1_v, sd_v2, sd_v2_v"):
-        modelspec_metadata(model_version="sdxl_base_v1-0", title="t", resolution=1024, timestamp=0.0)
+    with pytest.raises(UserInputError, match=r"'sd3_medium'.*sd_v1, sd_v1_v, sd_v2, sd_v2_v, sdxl_base_v1-0"):
+        modelspec_metadata(model_version="sd3_medium", title="t", resolution=1024, timestamp=0.0)
 
 
 @pytest.mark.parametrize("resolution", [0, (512,), (512, 0), (512, 512, 512), (512.0, 512)])

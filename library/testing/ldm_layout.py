@@ -19,6 +19,9 @@ from collections.abc import Mapping
 
 import torch
 
+# The U-Net map is the adapter's: SDXL LoRA files name U-Net layers by it (sd-scripts writes SGM names).
+from networks.lora_cat.sgm_names import unet_module_map
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 SD1_TEXT_ENCODER_PREFIX = "cond_stage_model.transformer.text_model."
@@ -26,15 +29,6 @@ SD2_TEXT_ENCODER_PREFIX = "cond_stage_model.model."
 
 StateDict = dict[str, torch.Tensor]
 
-# ResnetBlock2D children: diffusers name -> LDM U-Net ResBlock name.
-_UNET_RESNET_CHILDREN = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
 _VAE_RESNET_CHILDREN = {
     "norm1": "norm1",
     "conv1": "conv1",
@@ -52,78 +46,10 @@ _OPEN_CLIP_LAYER_CHILDREN = {
 }
 
 
-def _per_block(value: int | list[int], num_blocks: int) -> list[int]:
-    """diffusers accepts `layers_per_block` as one int or one int per block."""
-    return list(value) if isinstance(value, (list, tuple)) else [value] * num_blocks
-
-
-def _has_attention(block_type: str) -> bool:
-    """CrossAttn*Block2D blocks carry a Transformer2DModel per resnet; plain ones do not."""
-    return block_type.startswith("CrossAttn")
-
-
 def _add_children(module_map: dict[str, str], diffusers_path: str, ldm_path: str, children: Mapping[str, str]) -> None:
     """Map each named child of a block (a resnet, an attention, a text layer) under its new path."""
     for diffusers_child, ldm_child in children.items():
         module_map[f"{diffusers_path}.{diffusers_child}"] = f"{ldm_path}.{ldm_child}"
-
-
-def unet_module_map(config: Mapping) -> dict[str, str]:
-    """diffusers U-Net module path -> LDM module path, for the U-Net described by `config`.
-
-    LDM numbers the down path as `input_blocks` (0 is conv_in, then one slot per resnet, with its
-    attention beside it, and one per downsampler) and the up path as `output_blocks` (one slot per
-    resnet; a level's upsampler sits after the last resnet of the level, behind its attention if any).
-    """
-    if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
-        raise ValueError(f"mid_block_type {config['mid_block_type']!r} has no LDM layout here")
-    module_map = {
-        "time_embedding.linear_1": "time_embed.0",
-        "time_embedding.linear_2": "time_embed.2",
-        "conv_in": "input_blocks.0.0",
-        "conv_norm_out": "out.0",
-        "conv_out": "out.2",
-        "mid_block.attentions.0": "middle_block.1",
-    }
-    _add_children(module_map, "mid_block.resnets.0", "middle_block.0", _UNET_RESNET_CHILDREN)
-    _add_children(module_map, "mid_block.resnets.1", "middle_block.2", _UNET_RESNET_CHILDREN)
-    _add_unet_down_path(module_map, config)
-    _add_unet_up_path(module_map, config)
-    return module_map
-
-
-def _add_unet_down_path(module_map: dict[str, str], config: Mapping) -> None:
-    """Fill `input_blocks` slots: resnets (+ attentions) of each level, then its downsampler."""
-    block_types = config["down_block_types"]
-    layers = _per_block(config["layers_per_block"], len(block_types))
-    slot = 1
-    for block, block_type in enumerate(block_types):
-        for layer in range(layers[block]):
-            resnet = f"down_blocks.{block}.resnets.{layer}"
-            _add_children(module_map, resnet, f"input_blocks.{slot}.0", _UNET_RESNET_CHILDREN)
-            if _has_attention(block_type):
-                module_map[f"down_blocks.{block}.attentions.{layer}"] = f"input_blocks.{slot}.1"
-            slot += 1
-        if block < len(block_types) - 1:
-            module_map[f"down_blocks.{block}.downsamplers.0.conv"] = f"input_blocks.{slot}.0.op"
-            slot += 1
-
-
-def _add_unet_up_path(module_map: dict[str, str], config: Mapping) -> None:
-    """Fill `output_blocks` slots: each level has one resnet more than its down counterpart."""
-    block_types = config["up_block_types"]
-    layers = list(reversed(_per_block(config["layers_per_block"], len(block_types))))
-    slot = 0
-    for block, block_type in enumerate(block_types):
-        for layer in range(layers[block] + 1):
-            resnet = f"up_blocks.{block}.resnets.{layer}"
-            _add_children(module_map, resnet, f"output_blocks.{slot}.0", _UNET_RESNET_CHILDREN)
-            if _has_attention(block_type):
-                module_map[f"up_blocks.{block}.attentions.{layer}"] = f"output_blocks.{slot}.1"
-            slot += 1
-        if block < len(block_types) - 1:
-            upsampler_index = 2 if _has_attention(block_type) else 1
-            module_map[f"up_blocks.{block}.upsamplers.0.conv"] = f"output_blocks.{slot - 1}.{upsampler_index}.conv"
 
 
 def vae_module_map(config: Mapping) -> dict[str, str]:

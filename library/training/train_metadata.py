@@ -198,6 +198,7 @@ def _modelspec(config: TrainConfig, facts: RunFacts, output_name: str, resolutio
         title=config.metadata.title or output_name,
         resolution=resolution,
         timestamp=facts.training_started_at,
+        v_parameterization=config.model.v_parameterization,
         trigger_phrase=trigger,
         clip_skip=config.model.clip_skip,
         timestep_range=(low, high) if (config.noise.min_timestep or config.noise.max_timestep) else None,

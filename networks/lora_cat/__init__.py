@@ -1,4 +1,4 @@
-"""`networks.lora_cat`: a drop-in `--network_module` for kohya sd-scripts (LoRA / LoCon for SD 1.x and 2.x).
+"""`networks.lora_cat`: a drop-in `--network_module` for kohya sd-scripts (LoRA / LoCon for SD 1.x, 2.x and SDXL).
 
     accelerate launch train_network_cat.py --network_module networks.lora_cat --network_dim 16 ...
 
@@ -8,8 +8,10 @@ The whole adapter lives in this folder and imports nothing of the CAT trainer's 
 
 - `network`: `create_network`, `create_network_from_weights`, `LoRANetwork` (the contract's entry points);
 - `layer` and `lora_math`: one adapter on one Linear/Conv2d, and its pure math;
-- `targets`: which layers are adapted and their kohya names;
+- `targets` and `sgm_names`: which layers are adapted and their kohya names (SDXL's U-Net in
+  Stability's layout, as sd-scripts names it);
 - `network_args` and `block_lr`: `--network_args` parsing, sd-scripts' block-wise lr weights;
+- `fit`: does a file fit the model (its family, then each layer's shapes);
 - `file_format` and `metadata`: kohya LoRA files, `ss_*`/`modelspec.*` metadata and the sshs hashes;
 - `errors`: `UserInputError`, the one exception for user mistakes (the trainer raises it too).
 

@@ -5,15 +5,25 @@ A rank-r LoRA on `Linear(in, out)` stores `lora_down` (r, in) and `lora_up` (out
 them. Two callers check a file against a model with it, each wording its own errors: the network,
 when it loads a file (`network.py`), and `evaluate_kps.py` before it scores a LoRA
 (`library.evaluation.lora_fit`).
+
+Before shapes, the model family: `file_family` tells an SDXL file (`lora_te1_`/`lora_te2_`,
+Stability-layout U-Net names) from an SD 1.x/2.x one (`lora_te_`) by its names alone.
 """
 
 from __future__ import annotations
+
+from typing import Iterable
 
 from torch import nn
 
 from .file_format import LoRAFileEntry
 
 Shape = tuple[int, ...]
+
+SDXL = "SDXL"
+SD = "Stable Diffusion 1.x/2.x"
+_SDXL_MARKERS = ("lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+_SD_MARKERS = ("lora_te_",)
 
 
 def lora_shapes(layer: nn.Module, rank: int) -> tuple[Shape, Shape]:
@@ -28,3 +38,21 @@ def lora_shapes(layer: nn.Module, rank: int) -> tuple[Shape, Shape]:
 def fits(entry: LoRAFileEntry, layer: nn.Module) -> bool:
     """Whether the file's layer, at its own rank, has the shapes a LoRA on `layer` has."""
     return (entry.down_shape, entry.up_shape) == lora_shapes(layer, entry.rank)
+
+
+def file_family(lora_names: Iterable[str]) -> tuple[str, str] | None:
+    """(`SDXL` or `SD`, a name that shows it), or None when the names do not tell.
+
+    SD 1.x/2.x files have one text encoder (`lora_te_`) and diffusers-layout U-Net names; SDXL files
+    two (`lora_te1_`, `lora_te2_`) and, from sd-scripts, Stability-layout U-Net names. A U-Net-only
+    file in diffusers layout can be either (some tools write SDXL U-Net names so), and a file with
+    markers of both is left to the layer-by-layer check.
+    """
+    names = list(lora_names)
+    sdxl = next((name for name in names if name.startswith(_SDXL_MARKERS)), None)
+    sd = next((name for name in names if name.startswith(_SD_MARKERS)), None)
+    if sdxl is not None and sd is None:
+        return SDXL, sdxl
+    if sd is not None and sdxl is None:
+        return SD, sd
+    return None

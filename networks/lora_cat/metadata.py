@@ -5,7 +5,7 @@ Three groups of string keys end up in the file's header:
 - `ss_*` training keys: any value, turned into text by `str()` (`stringify_metadata`);
 - `sshs_model_hash` / `sshs_legacy_hash`: the hashes sd-webui-additional-networks and A1111 index
   LoRAs by, computed on the tensors plus the `ss_*` keys only (`model_hashes`, `with_model_hashes`);
-- `modelspec.*`: the SAI model spec 1.0.1 keys for an SD1/SD2 LoRA (`modelspec_metadata`).
+- `modelspec.*`: the SAI model spec 1.0.1 keys for an SD1/SD2 or SDXL LoRA (`modelspec_metadata`).
 
 Reference read for compatibility: sd-scripts `library/train_util.py` (`precalculate_safetensors_hashes`,
 `addnet_hash_safetensors`, `addnet_hash_legacy`, `get_sai_model_spec`) and `library/sai_model_spec.py`
@@ -31,16 +31,21 @@ LEGACY_HASH_HEX_DIGITS = 8
 
 SAI_MODEL_SPEC_VERSION = "1.0.1"
 IMPLEMENTATION_DIFFUSERS = "diffusers"
+# sd-scripts' implementation of an SDXL LoRA (its U-Net names are Stability's layout, not diffusers').
+IMPLEMENTATION_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
+SDXL_MODEL_VERSION = "sdxl_base_v1-0"
 PREDICTION_EPSILON = "epsilon"
 PREDICTION_V = "v"
 
-# `ss_base_model_version` (sd-scripts' `get_model_version_str_for_sd1_sd2`) -> modelspec architecture.
-# The `_v` suffix means --v_parameterization; SD2 without it is the 512-px epsilon model.
+# `ss_base_model_version` (sd-scripts' `get_model_version_str_for_sd1_sd2`, and `sdxl_base_v1-0` for
+# every SDXL model) -> modelspec architecture. The `_v` suffix means --v_parameterization; SD2 without
+# it is the 512-px epsilon model. SDXL's version has no such suffix (a v-prediction SDXL keeps it).
 ARCHITECTURES = {
     "sd_v1": "stable-diffusion-v1",
     "sd_v1_v": "stable-diffusion-v1",
     "sd_v2": "stable-diffusion-v2-512",
     "sd_v2_v": "stable-diffusion-v2-768-v",
+    SDXL_MODEL_VERSION: "stable-diffusion-xl-v1-base",
 }
 LORA_ADAPTER_SUFFIX = "/lora"
 
@@ -108,6 +113,7 @@ def modelspec_metadata(
     title: str,
     resolution: tuple[int, int] | int,
     timestamp: float,
+    v_parameterization: bool | None = None,
     trigger_phrase: str | None = None,
     clip_skip: int | None = None,
     timestep_range: tuple[int, int] | None = None,
@@ -117,12 +123,13 @@ def modelspec_metadata(
     license: str | None = None,
     implementation_version: str | None = None,
 ) -> dict[str, str]:
-    """The `modelspec.*` keys sd-scripts writes for an SD1/SD2 LoRA.
+    """The `modelspec.*` keys sd-scripts writes for an SD1/SD2 or SDXL LoRA.
 
     Always written: `sai_model_spec` ("1.0.1"), `architecture` (from `model_version`, the
-    `ss_base_model_version` value), `implementation` ("diffusers"), `title`, `resolution` ("WxH"),
+    `ss_base_model_version` value), `implementation` ("diffusers"; Stability's generative-models URL
+    for SDXL), `title`, `resolution` ("WxH", the training resolution: "1024x1024" for SDXL at 1024),
     `date` (local time, whole seconds, ISO 8601 without zone: "2024-05-01T13:45:00") and
-    `prediction_type` ("v" for the `_v` versions, else "epsilon"). Written only when given:
+    `prediction_type` ("v" or "epsilon", see `prediction_type`). Written only when given:
     `trigger_phrase`, `encoder_layer` (the clip skip, as text), `timestep_range` ("min,max"),
     `description`, `author`, `tags`, `license`, `implementation_version`. sd-scripts gets
     `timestep_range` from --min_timestep/--max_timestep (0 and 1000 fill a missing end) and
@@ -131,11 +138,11 @@ def modelspec_metadata(
     spec = {
         "modelspec.sai_model_spec": SAI_MODEL_SPEC_VERSION,
         "modelspec.architecture": lora_architecture(model_version),
-        "modelspec.implementation": IMPLEMENTATION_DIFFUSERS,
+        "modelspec.implementation": implementation(model_version),
         "modelspec.title": title,
         "modelspec.resolution": resolution_text(resolution),
         "modelspec.date": iso_date(timestamp),
-        "modelspec.prediction_type": prediction_type(model_version),
+        "modelspec.prediction_type": prediction_type(model_version, v_parameterization),
     }
     optional = {
         "modelspec.trigger_phrase": trigger_phrase,
@@ -151,20 +158,34 @@ def modelspec_metadata(
 
 
 def lora_architecture(model_version: str) -> str:
-    """`stable-diffusion-v1/lora`, `stable-diffusion-v2-512/lora` or `stable-diffusion-v2-768-v/lora`."""
+    """`stable-diffusion-v1/lora`, `stable-diffusion-v2-512/lora`, `stable-diffusion-v2-768-v/lora` or
+    `stable-diffusion-xl-v1-base/lora`."""
     if model_version not in ARCHITECTURES:
         raise UserInputError(
-            f"model version {model_version!r} (ss_base_model_version, set by --v2 and --v_parameterization) "
-            f"is not an SD1/SD2 version; expected one of {', '.join(ARCHITECTURES)}. "
-            "SDXL and later models are not supported by this trainer."
+            f"model version {model_version!r} (ss_base_model_version, set by the model family, --v2 and "
+            f"--v_parameterization) is not one this trainer writes; expected one of {', '.join(ARCHITECTURES)}. "
+            "SD3, FLUX and later models are not supported by this trainer."
         )
     return ARCHITECTURES[model_version] + LORA_ADAPTER_SUFFIX
 
 
-def prediction_type(model_version: str) -> str:
-    """"v" for a v-parameterised model (`sd_v2_v`, `sd_v1_v`), else "epsilon"."""
+def implementation(model_version: str) -> str:
+    """"diffusers" for SD1/SD2 LoRAs; Stability's generative-models URL for SDXL ones, as sd-scripts writes."""
     lora_architecture(model_version)  # rejects unknown versions with a clear message
-    return PREDICTION_V if model_version.endswith("_v") else PREDICTION_EPSILON
+    return IMPLEMENTATION_STABILITY_AI if model_version == SDXL_MODEL_VERSION else IMPLEMENTATION_DIFFUSERS
+
+
+def prediction_type(model_version: str, v_parameterization: bool | None = None) -> str:
+    """"v" for a v-parameterised model, else "epsilon".
+
+    sd-scripts writes it from --v_parameterization; without that flag given (None) it is read from
+    the version: the `_v` versions (`sd_v2_v`, `sd_v1_v`) are "v", and `sdxl_base_v1-0`, which is the
+    same for a v-prediction SDXL, is "epsilon".
+    """
+    lora_architecture(model_version)  # rejects unknown versions with a clear message
+    if v_parameterization is None:
+        v_parameterization = model_version.endswith("_v")
+    return PREDICTION_V if v_parameterization else PREDICTION_EPSILON
 
 
 def resolution_text(resolution: tuple[int, int] | int) -> str:

@@ -18,12 +18,14 @@ from torch import nn
 
 from .errors import UserInputError
 from .file_format import LoRAFileEntry, describe_lora_state_dict, read_lora_file, save_lora_file
-from .fit import fits
+from .fit import SD, SDXL, file_family, fits
 from .layer import LoRAModule
 from .metadata import with_model_hashes
+from .sgm_names import is_sdxl_unet
 from .targets import (
     UNET_PREFIX,
     LoRATarget,
+    diffusers_layout_unet_names,
     text_encoder_prefixes,
     text_encoder_targets,
     unet_targets,
@@ -60,11 +62,14 @@ def create_network_from_weights(
 ) -> tuple["LoRANetwork", dict[str, torch.Tensor]]:
     """Build the network a LoRA file describes (ranks, alphas, conv ranks from the file).
 
-    The weights are not loaded here (the contract leaves that to `load_weights` / `merge_to`).
+    The weights are not loaded here (the contract leaves that to `load_weights` / `merge_to`); the
+    returned dict has this network's names (an SDXL file's diffusers-layout U-Net names become SGM).
     """
     if weights_sd is None:
         weights_sd, _ = read_lora_file(file)
     source = str(file) if file is not None else "weights_sd"
+    family = SDXL if is_sdxl_unet(unet) else SD
+    weights_sd = _in_network_layout(weights_sd, family, diffusers_layout_unet_names(unet), source)
     entries = describe_lora_state_dict(weights_sd, source)
     config = parse_network_config(None, None, kwargs.pop("dropout", None), kwargs)
     network = LoRANetwork(_as_list(text_encoder), unet, config, multiplier, file_entries=entries)
@@ -87,6 +92,14 @@ class LoRANetwork(nn.Module):
         self.config = config
         self.multiplier = float(multiplier)
         self.gradient_checkpointing = False
+        self.family = SDXL if is_sdxl_unet(unet) else SD
+        # Some tools write SDXL U-Net layers under diffusers-layout names; files are read under SGM names.
+        self._sgm_names = diffusers_layout_unet_names(unet)
+        if self.family == SDXL and config.block_lr is not None:
+            raise UserInputError(
+                "network_args down_lr_weight/mid_lr_weight/up_lr_weight: block-wise learning rates are defined "
+                "here for the SD 1.x/2.x U-Net only, not yet for SDXL's; remove them for this model."
+            )
         with_conv = config.conv_rank is not None or file_entries is not None
         te_targets = [
             t for te, prefix in zip(text_encoders, text_encoder_prefixes(len(text_encoders)))
@@ -244,6 +257,7 @@ class LoRANetwork(nn.Module):
     def load_weights(self, file: str | os.PathLike) -> dict[str, list[str]]:
         """Load a kohya file; layers missing from either side are skipped (sd-scripts' strict=False)."""
         weights_sd, _ = read_lora_file(file)
+        weights_sd = _in_network_layout(weights_sd, self.family, self._sgm_names, str(file))
         entries = describe_lora_state_dict(weights_sd, str(file))
         _check_file_fits(self, entries, str(file))
         own = self.state_dict()
@@ -256,6 +270,7 @@ class LoRANetwork(nn.Module):
 
     def merge_to(self, text_encoder: Any, unet: nn.Module, weights_sd: Mapping[str, torch.Tensor], dtype=None, device=None) -> None:
         """Fold the layers of `weights_sd` into the base weights at this network's multiplier."""
+        weights_sd = _in_network_layout(weights_sd, self.family, self._sgm_names, "weights_sd")
         for lora in self.all_loras:
             sd = {k[len(lora.lora_name) + 1:]: v for k, v in weights_sd.items() if k.startswith(lora.lora_name + ".")}
             if not sd:
@@ -284,6 +299,31 @@ class LoRANetwork(nn.Module):
             return 0, 0.0, 0.0
         norms = [norm for _, norm in results]
         return sum(scaled for scaled, _ in results), sum(norms) / len(norms), max(norms)
+
+
+def _in_network_layout(
+    weights_sd: Mapping[str, torch.Tensor], family: str, sgm_names: Mapping[str, str], source: str
+) -> dict[str, torch.Tensor]:
+    """`weights_sd` under this network's names, refused with a sentence when it is for the other model family.
+
+    `sgm_names` (SDXL only) renames diffusers-layout U-Net layers to the SGM names the network uses.
+    """
+    found = file_family(key.split(".", 1)[0] for key in weights_sd)
+    if found is not None and found[0] != family:
+        file_is, example = found
+        raise UserInputError(
+            f"{source}: this LoRA is for {file_is} (it has layers such as {example}) but the model is {family}; "
+            f"use a LoRA trained on {family}, or load the {file_is} model it was trained on "
+            "(--pretrained_model_name_or_path)."
+        )
+    renamed = {}
+    for key, tensor in weights_sd.items():
+        name, dot, rest = key.partition(".")
+        renamed[sgm_names.get(name, name) + dot + rest] = tensor
+    converted = sum(1 for key in weights_sd if key.partition(".")[0] in sgm_names)
+    if converted:
+        logger.info("%s: %d tensors renamed from diffusers-layout to SGM U-Net names", source, converted)
+    return renamed
 
 
 def _check_file_fits(network: LoRANetwork, entries: Mapping[str, LoRAFileEntry], source: str) -> None:

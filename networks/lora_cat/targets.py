@@ -5,15 +5,22 @@ Names are `<prefix>_<module path with '.' replaced by '_'>`, e.g.
 `lora_te_text_model_encoder_layers_0_self_attn_q_proj`. Since transformers 5.6 `CLIPTextModel`
 has no `text_model` level, so its module paths are re-rooted under `text_model.` to keep the
 names every UI expects.
+
+SD 1.x/2.x U-Net paths are diffusers' own. An SDXL U-Net's are renamed to the original Stability
+layout (`sgm_names`), because sd-scripts' SDXL LoRAs carry those:
+`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`; its text encoders are `lora_te1`
+(CLIPTextModel) and `lora_te2` (CLIPTextModelWithProjection, which keeps `text_model.`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 from torch import nn
 
-from .errors import UserInputError
+from .sgm_names import is_sdxl_unet, is_sgm_layout, renamed_module_path, sdxl_sgm_to_diffusers_map, unet_module_map
 
 UNET_PREFIX = "lora_unet"
 TEXT_ENCODER_PREFIX = "lora_te"
@@ -40,18 +47,38 @@ def lora_name(prefix: str, module_path: str) -> str:
 
 
 def unet_targets(unet: nn.Module, with_conv_blocks: bool) -> list[LoRATarget]:
-    """Targets in the U-Net: transformer blocks, plus ResNet/down/up-sample blocks when asked."""
-    _refuse_sdxl(unet)
+    """Targets in the U-Net: transformer blocks, plus ResNet/down/up-sample blocks when asked.
+
+    Named in diffusers' layout for SD 1.x/2.x, in Stability's (SGM) layout for SDXL: a diffusers
+    SDXL U-Net's paths are renamed, sd-scripts' own SDXL U-Net has SGM paths already.
+    """
     blocks = UNET_ATTENTION_BLOCKS + (UNET_CONV_BLOCKS if with_conv_blocks else ())
-    return _targets_in(unet, blocks, UNET_PREFIX, path_root="")
+    return _targets_in(unet, blocks, UNET_PREFIX, _unet_renamers(unet)[0])
+
+
+def diffusers_layout_unet_names(unet: nn.Module) -> dict[str, str]:
+    """For an SDXL U-Net: diffusers-layout name -> SGM name of every possible target (conv blocks included).
+
+    Some tools write SDXL LoRAs with diffusers-layout U-Net names (`lora_unet_down_blocks_1_attentions_0_...`);
+    sd-scripts renames them to SGM when it loads them, and so does this network. Empty for SD 1.x/2.x,
+    whose names are the diffusers ones already.
+    """
+    if not is_sdxl_unet(unet):
+        return {}
+    to_file, to_diffusers = _unet_renamers(unet)
+    blocks = UNET_ATTENTION_BLOCKS + UNET_CONV_BLOCKS
+    sgm_names = _targets_in(unet, blocks, UNET_PREFIX, to_file)
+    diffusers_names = _targets_in(unet, blocks, UNET_PREFIX, to_diffusers)
+    return {old.lora_name: new.lora_name for old, new in zip(diffusers_names, sgm_names)}
 
 
 def text_encoder_targets(text_encoder: nn.Module, prefix: str = TEXT_ENCODER_PREFIX) -> list[LoRATarget]:
     """Targets in a CLIP text encoder's attention and MLP layers, named as kohya files name them."""
     # transformers >= 5.6 flattened CLIPTextModel; older versions (and CLIPTextModelWithProjection)
     # keep the `text_model.` level that kohya names contain.
-    path_root = "" if hasattr(text_encoder, "text_model") else "text_model."
-    return _targets_in(text_encoder, TEXT_ENCODER_BLOCKS, prefix, path_root)
+    if hasattr(text_encoder, "text_model"):
+        return _targets_in(text_encoder, TEXT_ENCODER_BLOCKS, prefix, _keep_path)
+    return _targets_in(text_encoder, TEXT_ENCODER_BLOCKS, prefix, _under_text_model)
 
 
 def text_encoder_prefixes(count: int) -> list[str]:
@@ -61,7 +88,10 @@ def text_encoder_prefixes(count: int) -> list[str]:
     return [f"{TEXT_ENCODER_PREFIX}{i + 1}" for i in range(count)]
 
 
-def _targets_in(root: nn.Module, block_classes: tuple[str, ...], prefix: str, path_root: str) -> list[LoRATarget]:
+def _targets_in(
+    root: nn.Module, block_classes: tuple[str, ...], prefix: str, rename: Callable[[str], str]
+) -> list[LoRATarget]:
+    """Linear/Conv2d layers inside blocks of `block_classes`, named `prefix` + `rename(module path)`."""
     targets = []
     for block_path, block in root.named_modules():
         if type(block).__name__ not in block_classes:
@@ -69,16 +99,24 @@ def _targets_in(root: nn.Module, block_classes: tuple[str, ...], prefix: str, pa
         for child_path, child in block.named_modules():
             if not isinstance(child, (nn.Linear, nn.Conv2d)):
                 continue
-            path = path_root + ".".join(p for p in (block_path, child_path) if p)
+            path = rename(".".join(p for p in (block_path, child_path) if p))
             is_kxk = isinstance(child, nn.Conv2d) and tuple(child.kernel_size) != (1, 1)
             targets.append(LoRATarget(lora_name(prefix, path), child, is_kxk))
     return targets
 
 
-def _refuse_sdxl(unet: nn.Module) -> None:
-    config = getattr(unet, "config", None)
-    if config is not None and getattr(config, "addition_embed_type", None) == "text_time":
-        raise UserInputError(
-            "This U-Net is SDXL (addition_embed_type 'text_time'); networks.lora_cat supports "
-            "Stable Diffusion 1.x and 2.x. Use an SD 1.x/2.x checkpoint."
-        )
+def _keep_path(path: str) -> str:
+    return path
+
+
+def _under_text_model(path: str) -> str:
+    return "text_model." + path
+
+
+def _unet_renamers(unet: nn.Module) -> tuple[Callable[[str], str], Callable[[str], str]]:
+    """(module path -> path the file names it by, module path -> diffusers-layout path) for this U-Net."""
+    if not is_sdxl_unet(unet):
+        return _keep_path, _keep_path
+    if is_sgm_layout(unet):
+        return _keep_path, partial(renamed_module_path, sdxl_sgm_to_diffusers_map())
+    return partial(renamed_module_path, unet_module_map(unet.config)), _keep_path

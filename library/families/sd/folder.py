@@ -15,7 +15,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from library.families.clip_tokenizer import EOS_TOKEN, SD2_PAD_TOKEN, build_clip_tokenizer
+from library.families.clip_tokenizer import EOS_TOKEN, SD2_PAD_TOKEN, build_clip_tokenizer, with_clip_text_cleaning
 from library.errors import UserInputError
 
 REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder")
@@ -88,9 +88,10 @@ def refuse_missing_weights(missing_keys: Iterable[str], component: str, folder: 
 
 
 def load_tokenizer(path: Path, v2: bool) -> CLIPTokenizer:
-    """The folder's tokenizer/ when it has one, else SD's tokenizer built offline (SD2 pads with "!")."""
+    """The folder's tokenizer/ when it has one (with CLIP's text cleaning, as SD was trained), else SD's
+    tokenizer built offline (SD2 pads with "!")."""
     if (path / "tokenizer").is_dir():
-        return CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+        return with_clip_text_cleaning(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True))
     return build_clip_tokenizer(pad_token=SD2_PAD_TOKEN if v2 else EOS_TOKEN)
 
 
