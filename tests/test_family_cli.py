@@ -1,0 +1,158 @@
+"""Each family's training script end to end on its tiny model, the same tests for every family:
+files and metadata, diffusers reproduces the trained LoRA, resume is exact, samples and the drift
+signal run, and a GUI-style TOML trains. SD 1.x-only and SDXL-only behaviour is tested beside."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from PIL import Image
+
+import networks.lora_cat as lora_cat
+import sdxl_train_network_cat
+import train_network_cat
+from library.families.sd.models import load_stable_diffusion
+from library.families.sdxl.models import load_sdxl
+from library.testing.demo_data import write_demo_dataset
+from library.testing.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
+from library.testing.tiny_sdxl import TINY_SDXL_CONFIG, build_tiny_sdxl, save_sdxl_single_file
+from networks.lora_cat.file_format import read_lora_file
+
+
+@dataclass(frozen=True)
+class Family:
+    """One family's script, tiny checkpoint and what its files must say."""
+
+    main: Callable[[list[str]], int]
+    build: Callable[[], Any]
+    save: Callable[[Any, Path], Path]
+    load: Callable[[Path], Any]
+    config_dir: Path
+    model_version: str
+    architecture: str
+    prefixes: tuple[str, ...]  # every prefix its files carry
+
+
+FAMILIES = {
+    "sd1": Family(train_network_cat.main, lambda: build_tiny_sd(seed=0), save_single_file,
+                  lambda p: load_stable_diffusion(p, model_config=tiny_config_dir(False)), tiny_config_dir(False),
+                  "sd_v1", "stable-diffusion-v1/lora", ("lora_unet_down_blocks_", "lora_te_text_model_")),
+    "sdxl": Family(sdxl_train_network_cat.main, lambda: build_tiny_sdxl(seed=0), save_sdxl_single_file,
+                   lambda p: load_sdxl(p, model_config=TINY_SDXL_CONFIG), TINY_SDXL_CONFIG, "sdxl_base_v1-0",
+                   "stable-diffusion-xl-v1-base/lora",
+                   ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_",
+                    "lora_te1_text_model_", "lora_te2_text_model_")),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def case(request, tmp_path_factory):
+    family = FAMILIES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    family.save(family.build(), root / "tiny.safetensors")
+    write_demo_dataset(root / "data")
+    (root / "prompts.txt").write_text("a photo of sks teapot --n blurry --w 64 --h 64 --s 2 --d 7\n", encoding="utf-8")
+    (root / "preservation.txt").write_text("a photo of a dog\na red car\n", encoding="utf-8")
+    return family, root
+
+
+def _argv(root: Path, family: Family, out: Path, *extra: str) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", str(root / "tiny.safetensors"), "--model_config", str(family.config_dir),
+        "--train_data_dir", str(root / "data" / "train"), "--caption_extension", ".txt", "--resolution", "64",
+        "--output_dir", str(out), "--output_name", "cat", "--network_dim", "4", "--network_alpha", "2",
+        "--learning_rate", "1e-3", "--max_train_steps", "3", "--train_batch_size", "2", "--seed", "3",
+        "--cat_trigger", "sks", "--max_data_loader_n_workers", "0", *extra,
+    ]
+
+
+def test_files_names_and_metadata(case, tmp_path):
+    family, root = case
+    assert family.main(_argv(root, family, tmp_path / "out", "--cat_weight", "0.5")) == 0
+    tensors, metadata = read_lora_file(tmp_path / "out" / "cat.safetensors")
+    assert metadata["ss_base_model_version"] == family.model_version
+    assert metadata["modelspec.architecture"] == family.architecture
+    assert metadata["ss_cat_weight"] == "0.5" and metadata["ss_steps"] == "3"
+    for prefix in family.prefixes:
+        assert any(name.startswith(prefix) for name in tensors), prefix
+    assert any(v.abs().sum() > 0 for k, v in tensors.items() if "lora_up" in k), "training moved the adapters"
+
+
+def test_diffusers_reproduces_the_trained_lora(case, tmp_path):
+    family, root = case
+    assert family.main(_argv(root, family, tmp_path / "out")) == 0
+    path = tmp_path / "out" / "cat.safetensors"
+    ours, theirs = family.load(root / "tiny.safetensors"), family.load(root / "tiny.safetensors")
+    network, _ = lora_cat.create_network_from_weights(1.0, path, ours.vae, ours.network_text_encoder, ours.unet)
+    network.apply_to(ours.network_text_encoder, ours.unet)
+    network.load_weights(path)
+    theirs.pipeline().load_lora_weights(str(path))
+    ids = ours.tokenize(["a photo of sks teapot"])
+    latents = torch.randn(ours.latent_shape(1, 64, 64), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([300])
+
+    def predict(models):
+        denoiser = models.denoiser()
+        return denoiser.predict(latents, t, denoiser.encode(ids))
+
+    with torch.no_grad():
+        adapted, loaded = predict(ours), predict(theirs)
+        with network.adapters_off():
+            base = predict(ours)
+    assert (adapted - base).abs().max() > 1e-5, "the LoRA changes the prediction, or the test proves nothing"
+    assert (adapted - loaded).abs().max() < 1e-4
+
+
+def test_resume_equals_uninterrupted(case, tmp_path):
+    family, root = case
+    straight, first = tmp_path / "straight", tmp_path / "first"
+    assert family.main(_argv(root, family, straight, "--max_train_steps", "4")) == 0
+    assert family.main(_argv(root, family, first, "--max_train_steps", "4", "--save_state", "--save_every_n_steps", "2",
+                             "--output_name", "part")) == 0
+    resumed = tmp_path / "resumed"
+    assert family.main(_argv(root, family, resumed, "--max_train_steps", "4",
+                             "--resume", str(first / "part-step00000002-state"))) == 0
+    expected, _ = read_lora_file(straight / "cat.safetensors")
+    got, _ = read_lora_file(resumed / "cat.safetensors")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_samples_and_drift_signal_run(case, tmp_path):
+    family, root = case
+    out = tmp_path / "out"
+    argv = _argv(root, family, out, "--sample_prompts", str(root / "prompts.txt"), "--sample_every_n_steps", "3",
+                 "--sample_cat_compare", "--preservation_prompts", str(root / "preservation.txt"),
+                 "--preservation_every_n_steps", "3")
+    assert family.main(argv) == 0
+    (strip,) = sorted((out / "sample").iterdir())
+    assert strip.name.startswith("cat_000003_00_") and strip.name.endswith("_7.png")
+    image = Image.open(strip)  # --sample_cat_compare: base, LoRA without the trigger, LoRA with it
+    assert image.size == (3 * 64, 64) and "trigger-free prompt: a photo of teapot" in image.text["cat_compare"]
+
+
+def test_gui_style_config_file(case, tmp_path):
+    family, root = case
+    out = tmp_path / "out"
+    toml = tmp_path / "gui.toml"
+    toml.write_text(
+        "[model]\n"
+        f"pretrained_model_name_or_path = '{root / 'tiny.safetensors'}'\nmodel_config = '{family.config_dir}'\n"
+        "[dataset]\n"
+        f"train_data_dir = '{root / 'data' / 'train'}'\ncaption_extension = '.txt'\nresolution = '64,64'\n"
+        "enable_bucket = true\nbucket_reso_steps = 64\nmin_bucket_reso = 32\nmax_bucket_reso = 128\n"
+        "train_batch_size = 2\nmax_data_loader_n_workers = 0\nmax_token_length = 75\n"
+        "[network]\nnetwork_module = 'networks.lora'\nnetwork_dim = 4\nnetwork_alpha = 2\n"
+        "[optimizer]\noptimizer_type = 'AdamW'\nlearning_rate = 0.001\nunet_lr = 0.001\n"
+        "text_encoder_lr = [0.0005, 0.0005]\nlr_scheduler = 'constant'\n"
+        "[training]\nmax_train_steps = 2\nseed = 1\nmixed_precision = 'no'\nsave_precision = 'fp16'\n"
+        f"[output]\noutput_dir = '{out}'\noutput_name = 'gui'\n[cat]\ncat_trigger = ['sks']\n",
+        encoding="utf-8",
+    )
+    assert family.main(["--config_file", str(toml)]) == 0
+    tensors, metadata = read_lora_file(out / "gui.safetensors")
+    assert metadata["ss_base_model_version"] == family.model_version
+    assert all(t.dtype == torch.float16 for t in tensors.values())
