@@ -186,19 +186,30 @@ class LoRANetwork(nn.Module):
     def prepare_optimizer_params(
         self, text_encoder_lr: float | list[float] | None, unet_lr: float | None, default_lr: float | None
     ) -> tuple[list[dict], list[str]]:
-        """Parameter groups: text encoder, U-Net (per block with block lr weights), LoRA+ `up` groups.
+        """Parameter groups: each text encoder, U-Net (per block with block lr weights), LoRA+ `up` groups.
 
-        A group whose learning rate is 0 is left out, so its adapters stay at their initial value.
+        `text_encoder_lr` is one rate for every text encoder or one per text encoder (SDXL: TE1, TE2;
+        a list shorter than the encoders gives the rest its first rate). A group whose learning rate
+        is 0 is left out, so its adapters stay at their initial value.
         """
         self.requires_grad_(True)
         groups: list[dict] = []
         descriptions: list[str] = []
-        te_lr = text_encoder_lr[0] if isinstance(text_encoder_lr, (list, tuple)) else text_encoder_lr
-        if self.text_encoder_loras:
-            self._add_groups(groups, descriptions, self.text_encoder_loras, _lr_or(te_lr, default_lr), "textencoder", True)
+        for index, (label, loras) in enumerate(self._text_encoder_groups()):
+            te_lr = _per_text_encoder(text_encoder_lr, index)
+            self._add_groups(groups, descriptions, loras, _lr_or(te_lr, default_lr), label, True)
         for label, loras, weight in self._unet_lr_blocks():
             self._add_groups(groups, descriptions, loras, _scaled(_lr_or(unet_lr, default_lr), weight), label, False)
         return groups, descriptions
+
+    def _text_encoder_groups(self) -> list[tuple[str, list[LoRAModule]]]:
+        """(label, adapters) per text encoder, in file order: "textencoder", or "textencoder1", "textencoder2"."""
+        by_prefix: dict[str, list[LoRAModule]] = {}
+        for lora in self.text_encoder_loras:
+            by_prefix.setdefault(lora.lora_name.split("_")[1], []).append(lora)  # "te", "te1", "te2"
+        if len(by_prefix) <= 1 and all(prefix == "te" for prefix in by_prefix):
+            return [("textencoder", loras) for loras in by_prefix.values()]
+        return [(f"textencoder{prefix.removeprefix('te')}", by_prefix[prefix]) for prefix in sorted(by_prefix)]
 
     def _unet_lr_blocks(self) -> list[tuple[str, list[LoRAModule], float]]:
         if not self.unet_loras:
@@ -350,6 +361,15 @@ def _check_file_fits(network: LoRANetwork, entries: Mapping[str, LoRAFileEntry],
             f"{source}: none of its {len(entries)} layers exist in this network (e.g. {next(iter(entries))}); "
             "the LoRA was trained for another architecture, or for a part this run does not train."
         )
+
+
+def _per_text_encoder(rates: float | Sequence[float] | None, index: int) -> float | None:
+    """The rate of text encoder `index` (0-based) from one rate or one per encoder."""
+    if not isinstance(rates, (list, tuple)):
+        return rates
+    if not rates:
+        return None
+    return rates[index] if index < len(rates) else rates[0]
 
 
 def _as_list(text_encoder: nn.Module | Sequence[nn.Module] | None) -> list[nn.Module]:

@@ -76,13 +76,13 @@ def load_sdxl(
         raise UserInputError(
             f"The model path {path} does not exist; give an SDXL diffusers folder or a .safetensors/.ckpt file."
         )
-    config_dir = architecture_dir(model_config)
     own_vae = vae is None
     if path.is_dir():
         components = _load_folder(path, dtype, own_vae)
+        config_dir = architecture_dir(model_config)
         vae_config_dir = path
-    else:
-        components = _load_single_file(path, config_dir, dtype, own_vae, disable_mmap)
+    else:  # the file's family is checked before the architecture folder: a wrong model is the root cause
+        components, config_dir = _load_single_file(path, model_config, dtype, own_vae, disable_mmap)
         vae_config_dir = config_dir
     if vae is not None:
         components = components._replace(vae=load_vae(vae, vae_config_dir, dtype))
@@ -111,14 +111,16 @@ def _load_folder(path: Path, dtype: torch.dtype, own_vae: bool) -> Components:
 
 
 def _load_single_file(
-    path: Path, config_dir: Path, dtype: torch.dtype, own_vae: bool, disable_mmap: bool
-) -> Components:
-    """The parts of an SGM-layout checkpoint file; its VAE only when `own_vae` (else its VAE keys stay unread)."""
+    path: Path, model_config: str | os.PathLike | None, dtype: torch.dtype, own_vae: bool, disable_mmap: bool
+) -> tuple[Components, Path]:
+    """The parts of an SGM-layout checkpoint file (its VAE only when `own_vae`, else its VAE keys stay
+    unread), and the architecture folder they were converted against."""
     skipped = () if own_vae else (sdxl_single_file.VAE_PREFIX,)
     state_dict = read_state_dict(path, skip_prefixes=skipped, disable_mmap=disable_mmap)
     sdxl_single_file.check_sdxl_checkpoint(state_dict, path)
     if own_vae:
         sd_single_file.check_has_vae(state_dict, path)
+    config_dir = architecture_dir(model_config)
     return Components(
         unet=sd_single_file.load_unet(state_dict, config_dir, path, dtype),
         text_encoder_1=sdxl_single_file.load_text_encoder(CLIPTextModel, state_dict, config_dir, path, dtype),
@@ -128,7 +130,7 @@ def _load_single_file(
         tokenizer_1=build_clip_tokenizer(pad_token=EOS_TOKEN),
         tokenizer_2=build_clip_tokenizer(pad_token=SD2_PAD_TOKEN),
         vae=sd_single_file.load_vae(state_dict, config_dir, path, dtype) if own_vae else None,
-    )
+    ), config_dir
 
 
 def load(model: ModelArgs) -> SDXLModels:

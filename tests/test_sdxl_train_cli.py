@@ -1,0 +1,159 @@
+"""`sdxl_train_network_cat.py` on the tiny SDXL model: what only SDXL has (size/crop conditioning,
+text-encoder output caching, two text-encoder learning rates) and SDXL's refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+import sdxl_train_network_cat
+import train_network_cat
+from library.families.sdxl.denoiser import SDXLDenoiser
+from library.testing.demo_data import write_demo_dataset
+from library.testing.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
+from library.testing.tiny_sdxl import TINY_SDXL_CONFIG, build_tiny_sdxl, save_sdxl_single_file
+from library.training import text_cache
+from networks.lora_cat.file_format import read_lora_file
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sdxl")
+    save_sdxl_single_file(build_tiny_sdxl(seed=0), root / "tiny_sdxl.safetensors")
+    save_single_file(build_tiny_sd(seed=0), root / "tiny_sd.safetensors")
+    write_demo_dataset(root / "data")
+    return root
+
+
+def _argv(workspace, out, *extra):
+    return [
+        "--pretrained_model_name_or_path", str(workspace / "tiny_sdxl.safetensors"), "--model_config", str(TINY_SDXL_CONFIG),
+        "--train_data_dir", str(workspace / "data" / "train"), "--caption_extension", ".txt", "--resolution", "64",
+        "--output_dir", str(out), "--output_name", "cat", "--network_dim", "4", "--learning_rate", "1e-3",
+        "--max_train_steps", "2", "--train_batch_size", "2", "--seed", "3", "--cat_trigger", "sks",
+        "--max_data_loader_n_workers", "0", *extra,
+    ]
+
+
+def _recording_time_ids(monkeypatch) -> list:
+    seen = []
+    predict = SDXLDenoiser.predict
+
+    def recording(self, noisy_latents, timesteps, text_states, time_ids=None):
+        seen.append(None if time_ids is None else time_ids.tolist())
+        return predict(self, noisy_latents, timesteps, text_states, time_ids)
+
+    monkeypatch.setattr(SDXLDenoiser, "predict", recording)
+    return seen
+
+
+def test_every_prediction_is_told_the_image_s_size_and_crop(workspace, tmp_path, monkeypatch):
+    # One 96x64 image in the 64x64 bucket: sd-scripts tells SDXL original (h, w) = (64, 96), crop
+    # (top, left) = (10, 0) (its centred fit of 64 x 42.67 in the bucket), target (64, 64).
+    folder = tmp_path / "data" / "1_sks teapot"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (96, 64), (200, 30, 30)).save(folder / "wide.png")
+    (folder / "wide.txt").write_text("a photo of sks teapot", encoding="utf-8")
+    seen = _recording_time_ids(monkeypatch)
+    argv = _argv(workspace, tmp_path / "out", "--train_data_dir", str(tmp_path / "data"), "--train_batch_size", "1",
+                 "--enable_bucket", "--min_bucket_reso", "32", "--max_bucket_reso", "128", "--bucket_reso_steps", "32")
+    assert sdxl_train_network_cat.main(argv) == 0
+    told = [ids for ids in seen if ids is not None]
+    # Per step: the reference and both adapted passes share the numbers.
+    assert told == [[[64.0, 96.0, 10.0, 0.0, 64.0, 64.0]]] * 6, told
+
+
+@pytest.mark.parametrize("mode", ["sequential", "batched"])
+def test_cached_text_encoder_outputs_train_the_same_lora_without_the_encoders(workspace, tmp_path, monkeypatch, mode):
+    # SGD: an update linear in the gradient, so rounding differences stay rounding-sized (Adam's
+    # normalised step can turn a 1e-7 difference in a near-zero gradient into one of the step size).
+    base = ("--network_train_unet_only", "--cat_mode", mode, "--optimizer_type", "SGDNesterov", "--learning_rate", "1.0")
+    assert sdxl_train_network_cat.main(_argv(workspace, tmp_path / "plain", *base)) == 0
+    calls = []
+    encode = SDXLDenoiser.encode
+    monkeypatch.setattr(SDXLDenoiser, "encode", lambda self, ids: calls.append(ids.shape[0]) or encode(self, ids))
+    assert sdxl_train_network_cat.main(_argv(workspace, tmp_path / "cached", *base, "--cache_text_encoder_outputs")) == 0
+    # The network guard's two probe passes, then one caption at a time while caching: never a training batch.
+    assert calls and all(batch in (1, 2) for batch in calls) and len(calls) == 2 + 1 + 8
+    expected, _ = read_lora_file(tmp_path / "plain" / "cat.safetensors")
+    got, _ = read_lora_file(tmp_path / "cached" / "cat.safetensors")
+    assert expected.keys() == got.keys()
+    # Caching encodes one caption at a time, training a batch: CPU matmuls round differently by batch
+    # size (3.6e-7 measured on the pooled embedding).
+    assert any(expected[name].abs().max() > 1e-4 for name in expected if "lora_up" in name), "training moved the LoRA"
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5)
+
+
+def test_the_disk_cache_is_reused_only_for_the_same_captions(workspace, tmp_path):
+    data = tmp_path / "data"
+    write_demo_dataset(data)
+    argv = _argv(workspace, tmp_path / "out", "--train_data_dir", str(data / "train"), "--network_train_unet_only",
+                 "--cache_text_encoder_outputs_to_disk")
+    assert sdxl_train_network_cat.main(argv) == 0
+    files = sorted((data / "train" / "2_sks teapot").glob("*" + text_cache.DISK_SUFFIX))
+    assert len(files) == 4
+    stamps = [f.stat().st_mtime_ns for f in files]
+    (data / "train" / "2_sks teapot" / "000.txt").write_text("a drawing of sks teapot\n", encoding="utf-8")
+    assert sdxl_train_network_cat.main(argv) == 0
+    assert [f.stat().st_mtime_ns for f in files][1:] == stamps[1:], "unchanged captions: files reused"
+    assert files[0].stat().st_mtime_ns != stamps[0], "a changed caption: its file is written anew"
+
+
+def test_two_text_encoder_learning_rates(workspace, tmp_path, monkeypatch):
+    import library.training.trainer as trainer
+
+    groups = []
+    build = trainer.build_optimizer
+    monkeypatch.setattr(trainer, "build_optimizer", lambda g, *a: groups.extend(g) or build(g, *a))
+    argv = _argv(workspace, tmp_path / "out", "--text_encoder_lr", "1e-5", "2e-5", "--unet_lr", "1e-3",
+                 "--max_train_steps", "1")
+    assert sdxl_train_network_cat.main(argv) == 0
+    rates = sorted({group["lr"] for group in groups})
+    assert rates == [1e-5, 2e-5, 1e-3]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--v2",), "SDXL has no 2.x variant"),
+    (("--enable_bucket", "--bucket_reso_steps", "48"), "multiple of 32"),
+    (("--cache_text_encoder_outputs",), "needs --network_train_unet_only"),
+    (("--cache_text_encoder_outputs", "--network_train_unet_only", "--shuffle_caption"), "--shuffle_caption"),
+    (("--text_encoder_lr", "1e-5", "1e-5", "1e-5"), "has 2 text encoders"),
+])
+def test_sdxl_rules_are_refused_with_a_sentence_and_keep_files(workspace, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "earlier.safetensors").write_bytes(b"keep me")
+    assert sdxl_train_network_cat.main(_argv(workspace, out, *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert (out / "earlier.safetensors").read_bytes() == b"keep me"
+
+
+def test_a_checkpoint_of_the_other_family_names_the_other_script(workspace, tmp_path, capsys):
+    sd_argv = _argv(workspace, tmp_path / "a", "--pretrained_model_name_or_path", str(workspace / "tiny_sd.safetensors"),
+                    "--model_config", str(tiny_config_dir(False)))
+    assert sdxl_train_network_cat.main(sd_argv) == 2
+    assert "train_network_cat.py" in capsys.readouterr().err
+    xl_argv = _argv(workspace, tmp_path / "b", "--model_config", str(tiny_config_dir(False)))
+    assert train_network_cat.main(xl_argv) == 2
+    assert "sdxl_train_network_cat.py" in capsys.readouterr().err
+
+
+def test_an_sd1_lora_as_network_weights_is_refused(workspace, tmp_path, capsys):
+    sd1 = tmp_path / "sd1"
+    sd_argv = ["--pretrained_model_name_or_path", str(workspace / "tiny_sd.safetensors"), "--model_config",
+               str(tiny_config_dir(False)), "--train_data_dir", str(workspace / "data" / "train"), "--caption_extension",
+               ".txt", "--resolution", "64", "--output_dir", str(sd1), "--output_name", "sd1", "--network_dim", "4",
+               "--max_train_steps", "1", "--max_data_loader_n_workers", "0", "--cat_weight", "0"]
+    assert train_network_cat.main(sd_argv) == 0
+    argv = _argv(workspace, tmp_path / "out", "--network_weights", str(sd1 / "sd1.safetensors"))
+    assert sdxl_train_network_cat.main(argv) == 2
+    assert "sd1.safetensors" in capsys.readouterr().err
+
+
+def test_sd_refuses_text_encoder_caching_naming_the_sdxl_script(workspace, tmp_path, capsys):
+    argv = _argv(workspace, tmp_path / "out", "--pretrained_model_name_or_path", str(workspace / "tiny_sd.safetensors"),
+                 "--model_config", str(tiny_config_dir(False)), "--cache_text_encoder_outputs", "--network_train_unet_only")
+    assert train_network_cat.main(argv) == 2
+    assert "sdxl_train_network_cat.py" in capsys.readouterr().err
