@@ -1,8 +1,9 @@
-"""The built-in demo (`make demo`): plain LoRA vs CAT on the built-in tiny SD model.
+"""The built-in demo (`make demo`): plain LoRA vs CAT on the built-in tiny SD model (`--model sdxl`:
+the tiny SDXL model and `sdxl_train_network_cat.py`).
 
-1. Build the tiny SD-shaped model (seeded random weights), save it as a single-file checkpoint as
-   users have their models, and write a small dataset in sd-scripts' folder layout.
-2. Train two LoRAs with `train_network_cat.py`, same seed and settings, U-Net and text encoder:
+1. Build the tiny model (seeded random weights), save it as a single-file checkpoint as users have
+   their models, and write a small dataset in sd-scripts' folder layout.
+2. Train two LoRAs with the family's training script, same seed and settings, U-Net and text encoders:
    a plain one (`--cat_weight 0`) and a CAT one (`--cat_weight 1`).
 3. Print, for each, how far it moved the U-Net's predictions on trigger-free prompts away from the
    base model (drift: lower is better) and how much it lowered the loss on the training images
@@ -26,9 +27,18 @@ from library.cat.preservation import FixedNoise, denoising_loss, prediction_drif
 from library.cat.objective import Denoiser
 from library.training.noise import training_target
 from library.families.sd.models import load_stable_diffusion
+from library.families.sdxl.models import load_sdxl
 from library.testing.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
+from library.testing.tiny_sdxl import TINY_SDXL_CONFIG, build_tiny_sdxl, save_sdxl_single_file
 
 ROOT = Path(__file__).resolve().parent
+# model -> (training script, tiny model builder, checkpoint writer, loader, architecture folder, file name)
+MODELS = {
+    "sd1": ("train_network_cat.py", build_tiny_sd, save_single_file, load_stable_diffusion, tiny_config_dir(False),
+            "tiny_sd_v1.safetensors"),
+    "sdxl": ("sdxl_train_network_cat.py", build_tiny_sdxl, save_sdxl_single_file, load_sdxl, TINY_SDXL_CONFIG,
+             "tiny_sdxl.safetensors"),
+}
 TRIGGER_FREE_PROMPTS = [
     "a photo of a teapot", "a teapot on a table", "a red car in the street", "a portrait of a woman",
     "a bowl of fruit", "a mountain landscape at sunset", "a dog running on the beach", "a city at night",
@@ -40,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", default="demo_output")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", choices=sorted(MODELS), default="sd1", help="the tiny model's family (default sd1)")
     return parser.parse_args(argv)
 
 
@@ -47,19 +58,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = out / "tiny_sd_v1.safetensors"
-    save_single_file(build_tiny_sd(seed=args.seed), checkpoint)
+    script, build, save, _, _, file_name = MODELS[args.model]
+    checkpoint = out / file_name
+    save(build(seed=args.seed), checkpoint)
     data = write_demo_dataset(out / "data", seed=args.seed)
-    print(f"built the tiny SD model ({checkpoint}) and a {len(CONCEPT_CAPTIONS)}-image dataset ({data / 'train'})")
+    print(f"built the tiny {args.model} model ({checkpoint}) and a {len(CONCEPT_CAPTIONS)}-image dataset "
+          f"({data / 'train'})")
 
     loras = {name: _train(checkpoint, data, out, name, weight, args) for name, weight in (("plain", 0.0), ("cat", 1.0))}
-    _report(checkpoint, data, loras, args.seed)
+    _report(checkpoint, data, loras, args.seed, args.model)
 
 
 def _train(checkpoint: Path, data: Path, out: Path, name: str, cat_weight: float, args) -> Path:
+    script, config_dir = MODELS[args.model][0], MODELS[args.model][4]
     command = [
-        sys.executable, str(ROOT / "train_network_cat.py"),
-        "--pretrained_model_name_or_path", str(checkpoint), "--model_config", str(tiny_config_dir(False)),
+        sys.executable, str(ROOT / script),
+        "--pretrained_model_name_or_path", str(checkpoint), "--model_config", str(config_dir),
         "--train_data_dir", str(data / "train"), "--caption_extension", ".txt", "--resolution", "64",
         "--output_dir", str(out), "--output_name", f"demo_{name}",
         "--network_module", "networks.lora_cat", "--network_dim", "4", "--network_alpha", "4",
@@ -72,8 +86,13 @@ def _train(checkpoint: Path, data: Path, out: Path, name: str, cat_weight: float
     return out / f"demo_{name}.safetensors"
 
 
-def _report(checkpoint: Path, data: Path, loras: dict[str, Path], seed: int) -> None:
-    sd = load_stable_diffusion(checkpoint, model_config=tiny_config_dir(False))
+def _load(checkpoint: Path, model: str):
+    load, config_dir = MODELS[model][3], MODELS[model][4]
+    return load(checkpoint, model_config=config_dir)
+
+
+def _report(checkpoint: Path, data: Path, loras: dict[str, Path], seed: int, model: str) -> None:
+    sd = _load(checkpoint, model)
     denoiser = sd.denoiser()
     images = sorted((data / "train").glob("*/*.png"))
     latents = sd.latents_from_vae(sd.vae.encode(torch.stack([load_image(p, (64, 64)) for p in images])).latent_dist.mean)
@@ -97,7 +116,7 @@ def _report(checkpoint: Path, data: Path, loras: dict[str, Path], seed: int) -> 
         if name == "cat":
             ours = _predict(denoiser, free_ids, free_latents)
         network.restore()
-    gap = _diffusers_gap(checkpoint, loras["cat"], free_ids, free_latents, ours)
+    gap = _diffusers_gap(_load(checkpoint, model), loras["cat"], free_ids, free_latents, ours)
 
     print("\n                        drift on trigger-free prompts   training-loss drop")
     for name, (drift, learned) in results.items():
@@ -114,9 +133,8 @@ def _predict(denoiser: Denoiser, ids: torch.Tensor, latents: torch.Tensor) -> to
     return denoiser.predict(latents, torch.full((latents.shape[0],), 500), denoiser.encode(ids))
 
 
-def _diffusers_gap(checkpoint: Path, lora: Path, ids: torch.Tensor, latents: torch.Tensor, ours: torch.Tensor) -> float:
-    """Load the LoRA the way users of diffusers do and compare its U-Net output with ours."""
-    sd = load_stable_diffusion(checkpoint, model_config=tiny_config_dir(False))
+def _diffusers_gap(sd, lora: Path, ids: torch.Tensor, latents: torch.Tensor, ours: torch.Tensor) -> float:
+    """Load the LoRA the way users of diffusers do (into freshly loaded models) and compare its U-Net output with ours."""
     pipe = sd.pipeline()
     pipe.load_lora_weights(str(lora))
     theirs = _predict(sd.denoiser(), ids, latents)  # the pipeline shares these models
