@@ -157,3 +157,49 @@ def test_sd_refuses_text_encoder_caching_naming_the_sdxl_script(workspace, tmp_p
                  "--model_config", str(tiny_config_dir(False)), "--cache_text_encoder_outputs", "--network_train_unet_only")
     assert train_network_cat.main(argv) == 2
     assert "sdxl_train_network_cat.py" in capsys.readouterr().err
+
+
+def test_v_prediction_with_zero_terminal_snr(workspace, tmp_path):
+    argv = _argv(workspace, tmp_path / "out", "--v_parameterization", "--zero_terminal_snr")
+    assert sdxl_train_network_cat.main(argv) == 0
+    _, metadata = read_lora_file(tmp_path / "out" / "cat.safetensors")
+    assert metadata["modelspec.prediction_type"] == "v" and metadata["ss_zero_terminal_snr"] == "True"
+
+
+def test_long_prompts_reach_the_u_net_as_one_long_sequence(workspace, tmp_path, monkeypatch):
+    lengths = []
+    predict = SDXLDenoiser.predict
+
+    def recording(self, noisy_latents, timesteps, text_states, time_ids=None):
+        lengths.append((text_states.states.shape[1], text_states.pooled.shape))
+        return predict(self, noisy_latents, timesteps, text_states, time_ids)
+
+    monkeypatch.setattr(SDXLDenoiser, "predict", recording)
+    assert sdxl_train_network_cat.main(_argv(workspace, tmp_path / "out", "--max_token_length", "225")) == 0
+    # 3 windows of 75 tokens + <BOS> + <EOS>; one pooled vector per sample.
+    assert lengths and all(length == 227 for length, _ in lengths)
+    assert all(pooled[-1] == 32 and len(pooled) == 2 for _, pooled in lengths)
+
+
+def test_gradient_checkpointing_trains_the_same_lora(workspace, tmp_path):
+    assert sdxl_train_network_cat.main(_argv(workspace, tmp_path / "plain")) == 0
+    assert sdxl_train_network_cat.main(_argv(workspace, tmp_path / "ckpt", "--gradient_checkpointing")) == 0
+    expected, _ = read_lora_file(tmp_path / "plain" / "cat.safetensors")
+    got, _ = read_lora_file(tmp_path / "ckpt" / "cat.safetensors")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5)
+
+
+def test_a_dataset_subset_that_shuffles_captions_cannot_be_cached(workspace, tmp_path, capsys):
+    config = tmp_path / "dataset.toml"
+    config.write_text(
+        "[[datasets]]\nresolution = 64\nbatch_size = 2\n[[datasets.subsets]]\n"
+        f"image_dir = '{workspace / 'data' / 'train' / '2_sks teapot'}'\ncaption_extension = '.txt'\n"
+        "shuffle_caption = true\n", encoding="utf-8")
+    argv = _argv(workspace, tmp_path / "out", "--dataset_config", str(config), "--network_train_unet_only",
+                 "--cache_text_encoder_outputs")
+    argv.remove("--train_data_dir")
+    argv.remove(str(workspace / "data" / "train"))
+    assert sdxl_train_network_cat.main(argv) == 2
+    error = capsys.readouterr().err
+    assert "2_sks teapot" in error and "shuffle_caption" in error
