@@ -11,6 +11,8 @@ writes results.json, results.md and grid_<adapter>.png to --output_dir. A re-run
 arguments reuses the images already generated. Prompts are encoded as training encoded them, with
 each LoRA's clip skip and token length from its metadata unless --clip_skip / --max_token_length
 say otherwise; the base model takes the first LoRA's (library/evaluation/kps_conditioning.py).
+The base model is Stable Diffusion 1.x/2.x or SDXL, as the checkpoint itself says
+(library/families/detect.py); its LoRAs must be of the same family.
 """
 
 from __future__ import annotations
@@ -38,10 +40,15 @@ from library.evaluation.kps_images import (
 from library.evaluation.kps_report import results_json, results_table, write_grid, write_text
 from library.evaluation.kps_scoring import score_adapters
 from library.evaluation.lora_fit import check_lora_fits
+from library.config.training_script import SDXL_SCRIPT, TrainingScript
 from library.sampling.samplers import SAMPLERS, inference_scheduler
+from library.families.detect import detect_family
 from library.families.family import ModelFamily
 from library.families.sd.models import load_stable_diffusion
+from library.families.sdxl.models import load_sdxl
 from networks.lora_cat.file_format import read_lora_file
+
+logger = logging.getLogger(__name__)
 
 BASE_MODEL = "base model"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -120,9 +127,9 @@ def parse_args(argv: Sequence[str] | None = None) -> KPSConfig:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="PS, IS and KPS of LoRAs (arXiv 2404.07554, Section 3)")
-    model = parser.add_argument_group("base model (as for training)")
+    model = parser.add_argument_group("base model (as for training; SD 1.x/2.x or SDXL, told by the checkpoint)")
     model.add_argument("--pretrained_model_name_or_path", required=True, help="diffusers folder or .safetensors/.ckpt")
-    model.add_argument("--v2", action="store_true", help="Stable Diffusion 2.x model")
+    model.add_argument("--v2", action="store_true", help="Stable Diffusion 2.x model (not for SDXL)")
     model.add_argument("--v_parameterization", action="store_true", help="v-prediction model")
     model.add_argument("--vae", default=None, help="replacement VAE (folder or file)")
     model.add_argument("--model_config", default=None, help="architecture config folder for single files")
@@ -161,22 +168,19 @@ def _parser() -> argparse.ArgumentParser:
 def evaluate(config: KPSConfig) -> dict:
     """Generate (or reuse) the images, score them, write the results; returns results.json's content."""
     # Check every input before the slow parts: a mistake found after an hour of sampling costs the hour.
+    family = _model_family(config)
     training = _training_images(config)
     pairs = _prompt_pairs(config, training)
-    adapters, conditioning = _adapters(config)
+    adapters, conditioning = _adapters(config, family)
     embedder = load_clip(config.clip_model, config.clip_pretrained, config.device)
-    models = load_stable_diffusion(
-        config.pretrained_model_name_or_path, v2=config.v2, v_parameterization=config.v_parameterization,
-        vae=config.vae, model_config=config.model_config, dtype=DTYPES[config.dtype],
-    )
+    models = _load_model(config, family)
     for adapter in adapters[1:]:
         check_lora_fits(adapter.path, models.lora_layers())
 
-    settings = _settings(config, models)
+    pipe = _pipeline(models, config)
+    settings = _settings(config, models, pipe)
     planned = plan_images(adapters, pairs, [caption for _, caption in training], config.seeds)
-    files, generated = generate_images(
-        _pipeline(models, config), models.prompt_kwargs, adapters, planned, settings, config.output_dir / "images"
-    )
+    files, generated = generate_images(pipe, models.prompt_kwargs, adapters, planned, settings, config.output_dir / "images")
     scores = score_adapters(embedder, [a.name for a in adapters], files, pairs, [path for path, _ in training])
 
     settings_json = _jsonable(asdict(config)) | {"width": settings.width, "height": settings.height}
@@ -240,7 +244,35 @@ def _prompt_pairs(config: KPSConfig, training: list[tuple[Path, str]]) -> list[P
     ]
 
 
-def _adapters(config: KPSConfig) -> tuple[list[Adapter], dict[str, dict]]:
+def _model_family(config: KPSConfig) -> TrainingScript:
+    """The base model's family (its flag rules), told by the checkpoint; a flag that has no meaning for it
+    is refused (--v2) or warned about (--clip_skip), as its training script does."""
+    family = detect_family(config.pretrained_model_name_or_path)
+    if config.v2 and not family.has_v2:
+        raise UserInputError(
+            f"--v2 selects Stable Diffusion 2.x, but the model {config.pretrained_model_name_or_path} is "
+            f"{family.model_name}; drop --v2."
+        )
+    if config.clip_skip is not None and not family.uses_clip_skip:
+        logger.warning("--clip_skip %d: %s is conditioned on fixed text-encoder layers, so clip skip is not used.",
+                       config.clip_skip, family.model_name)
+    return family
+
+
+def _load_model(config: KPSConfig, family: TrainingScript) -> ModelFamily:
+    """The base model, loaded by its family's loader as its training script loads it."""
+    if family == SDXL_SCRIPT:
+        return load_sdxl(
+            config.pretrained_model_name_or_path, v_parameterization=config.v_parameterization, vae=config.vae,
+            model_config=config.model_config, dtype=DTYPES[config.dtype],
+        )
+    return load_stable_diffusion(
+        config.pretrained_model_name_or_path, v2=config.v2, v_parameterization=config.v_parameterization,
+        vae=config.vae, model_config=config.model_config, dtype=DTYPES[config.dtype],
+    )
+
+
+def _adapters(config: KPSConfig, family: TrainingScript) -> tuple[list[Adapter], dict[str, dict]]:
     """The base model, then one row per LoRA file, named by its file stem, each with the conditioning its
     prompts are encoded with; and that conditioning with where it came from, by row, for results.json."""
     loras = config.loras
@@ -254,18 +286,20 @@ def _adapters(config: KPSConfig) -> tuple[list[Adapter], dict[str, dict]]:
     if BASE_MODEL in stems:
         raise UserInputError(f"A --lora file is named {BASE_MODEL!r}, the name of the base model's row; rename it.")
     flags = {"clip_skip": config.clip_skip, "max_token_length": config.max_token_length}
-    base, chosen = choose_conditionings(flags, [(path, read_lora_file(path)[1]) for path in loras])
+    unused = {} if family.uses_clip_skip else {"clip_skip": f"not used by {family.model_name}"}
+    base, chosen = choose_conditionings(flags, [(path, read_lora_file(path)[1]) for path in loras], unused)
     adapters = [Adapter(BASE_MODEL, None, None, base.conditioning)] + [
         Adapter(path.stem, path, bytes_fingerprint(path), c.conditioning) for path, c in zip(loras, chosen)
     ]
     return adapters, {adapter.name: c.as_json() for adapter, c in zip(adapters, [base, *chosen])}
 
 
-def _settings(config: KPSConfig, models: ModelFamily) -> GenerationSettings:
+def _settings(config: KPSConfig, models: ModelFamily, pipe) -> GenerationSettings:
     native_width, native_height = models.native_resolution
     return GenerationSettings(
         model=files_fingerprint(config.pretrained_model_name_or_path, config.vae, config.model_config)
         + f"-v2={config.v2}-v={config.v_parameterization}",
+        family=f"{models.model_version} {type(pipe).__name__}",
         sampler=config.sampler, steps=config.sample_steps, guidance_scale=config.guidance_scale,
         width=config.width or native_width, height=config.height or native_height, dtype=config.dtype,
         device_type=torch.device(config.device).type,

@@ -1,6 +1,7 @@
 """`evaluate_kps.py` end to end on the tiny SD model and a tiny open_clip model; bad input stops it early."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -129,13 +130,14 @@ def test_a_rerun_reuses_every_image(run, workspace):
 
 
 def test_the_cache_key_changes_with_what_decides_the_pixels():
-    settings = GenerationSettings("model", "ddim", 4, 7.5, 64, 64, "float32", "cpu")
+    settings = GenerationSettings("model", "sd_v1 StableDiffusionPipeline", "ddim", 4, 7.5, 64, 64, "float32", "cpu")
     image = PlannedImage("a", "with_trigger", "a photo of sks teapot", 0, 0)
     lora = Adapter("a", None, "lora-bytes", Conditioning())
     key = cache_key(image, lora, settings)
     same = Adapter("b", None, "lora-bytes", Conditioning())
     assert key == cache_key(PlannedImage("b", "identity", image.prompt, 0, 5), same, settings)
-    assert key != cache_key(image, lora, GenerationSettings("model", "ddim", 5, 7.5, 64, 64, "float32", "cpu"))
+    assert key != cache_key(image, lora, replace(settings, steps=5))
+    assert key != cache_key(image, lora, replace(settings, family="sdxl_base_v1-0 StableDiffusionXLPipeline"))
     assert key != cache_key(PlannedImage("a", "with_trigger", image.prompt, 1, 0), lora, settings)
     assert key != cache_key(image, Adapter("a", None, "other-bytes", Conditioning()), settings)
     assert key != cache_key(image, Adapter("a", None, "lora-bytes", Conditioning(clip_skip=2)), settings)

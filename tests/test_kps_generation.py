@@ -11,7 +11,7 @@ from library.evaluation.kps_conditioning import Conditioning
 from library.evaluation.kps_images import Adapter, GenerationSettings, PromptPair, generate_images, plan_images
 from library.sampling.samplers import SAMPLERS, inference_scheduler
 
-SETTINGS = GenerationSettings("model", "ddim", 4, 7.5, 8, 8, "float32", "cpu")
+SETTINGS = GenerationSettings("model", "sd_v1 StableDiffusionPipeline", "ddim", 4, 7.5, 8, 8, "float32", "cpu")
 PAIRS = [PromptPair("a photo of sks teapot", "a photo of teapot", "a photo of teapot", "prompts.txt line 1")]
 
 

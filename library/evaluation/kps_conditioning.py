@@ -9,7 +9,9 @@ default), so the choice, setting by setting, is:
   else (the value "None" or no such key) the default: the last layer, one 75-token window;
 - the base model's row, which has no file: the flag if given, else the first LoRA's value, so that
   it is scored as that LoRA is. LoRAs that disagree get a warning: the base row then compares with
-  the first only.
+  the first only;
+- a setting the model family does not use (SDXL is conditioned on fixed layers: no clip skip) is
+  None in every row, whatever the flag or the metadata say, so it neither names nor splits the cache.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ METADATA_KEYS = {"clip_skip": "ss_clip_skip", "max_token_length": "ss_max_token_
 class Conditioning:
     """What decides a prompt's embeddings besides its text (so it is part of an image's cache key)."""
 
-    clip_skip: int = 1  # 1: the text encoder's last layer; n: the n-th from the end, final layer norm applied
+    clip_skip: int | None = 1  # 1: the last layer; n: the n-th from the end, final norm applied; None: not used
     max_token_length: int = 75  # 75: one window; 150 or 225: sd-scripts' long prompts
 
 
@@ -43,22 +45,27 @@ class ChosenConditioning:
     """An adapter's conditioning, with where each value came from (for results.json)."""
 
     conditioning: Conditioning
-    origin: Mapping[str, str]  # setting -> "--clip_skip", "ss_clip_skip", "default" or "as <first LoRA>"
+    origin: Mapping[str, str]  # setting -> "--clip_skip", "ss_clip_skip", "default", "as <first LoRA>" or "not used ..."
 
     def as_json(self) -> dict:
         return {**asdict(self.conditioning), "from": dict(self.origin)}
 
 
 def choose_conditionings(
-    flags: Mapping[str, int | None], loras: Sequence[tuple[Path, Mapping[str, str]]]
+    flags: Mapping[str, int | None], loras: Sequence[tuple[Path, Mapping[str, str]]],
+    unused: Mapping[str, str] | None = None,
 ) -> tuple[ChosenConditioning, list[ChosenConditioning]]:
     """(the base row's, each LoRA's) conditioning; `flags` by setting name (None: not given), `loras` the
-    (file, metadata) of each LoRA in row order; a row is named by its file's stem."""
-    chosen = [_lora_conditioning(flags, path, metadata) for path, metadata in loras]
-    values: dict[str, int] = {}
+    (file, metadata) of each LoRA in row order; a row is named by its file's stem. `unused`: the settings the
+    model family does not use, each with the reason results.json gives (e.g. "not used by SDXL")."""
+    unused = unused or {}
+    chosen = [_lora_conditioning(flags, path, metadata, unused) for path, metadata in loras]
+    values: dict[str, int | None] = {}
     origin: dict[str, str] = {}
     for setting in METADATA_KEYS:
-        if flags.get(setting) is not None:
+        if setting in unused:
+            values[setting], origin[setting] = None, unused[setting]
+        elif flags.get(setting) is not None:
             values[setting], origin[setting] = flags[setting], f"--{setting}"
         elif chosen:
             values[setting], origin[setting] = getattr(chosen[0].conditioning, setting), f"as {loras[0][0].stem}"
@@ -68,10 +75,15 @@ def choose_conditionings(
     return ChosenConditioning(Conditioning(**values), origin), chosen
 
 
-def _lora_conditioning(flags: Mapping[str, int | None], path: Path, metadata: Mapping[str, str]) -> ChosenConditioning:
-    values: dict[str, int] = {}
+def _lora_conditioning(
+    flags: Mapping[str, int | None], path: Path, metadata: Mapping[str, str], unused: Mapping[str, str]
+) -> ChosenConditioning:
+    values: dict[str, int | None] = {}
     origin: dict[str, str] = {}
     for setting, key in METADATA_KEYS.items():
+        if setting in unused:  # its metadata is not read: a value there cannot matter, nor stop the run
+            values[setting], origin[setting] = None, unused[setting]
+            continue
         if flags.get(setting) is not None:
             values[setting], origin[setting] = flags[setting], f"--{setting}"
             continue

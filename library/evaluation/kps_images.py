@@ -9,8 +9,8 @@ For every adapter (and the base model, no adapter) and every seed:
 Prompts are encoded by the model family's own code (`ModelFamily.prompt_kwargs`, the trainer's
 text conditioning), with each adapter's clip skip and token length (`kps_conditioning`).
 
-An image file is named by a hash of everything that decides its pixels (model files, LoRA bytes,
-clip skip and token length, prompt, seed, sampler, steps, guidance, size, dtype, device type,
+An image file is named by a hash of everything that decides its pixels (model files, model family
+and pipeline, LoRA bytes, clip skip and token length, prompt, seed, sampler, steps, guidance, size, dtype, device type,
 diffusers version), so a re-run reuses what exists, and two roles that ask for the same image share
 one file.
 """
@@ -33,8 +33,9 @@ from library.evaluation.kps_conditioning import Conditioning
 
 ROLES = ("with_trigger", "without_trigger", "identity")
 
-PromptKwargs = Callable[[str, str, int, int], dict[str, Tensor]]
-"""`ModelFamily.prompt_kwargs`: (prompt, negative prompt, clip skip, max token length) -> the pipeline's embeddings."""
+PromptKwargs = Callable[[str, str, int | None, int], dict[str, Tensor]]
+"""`ModelFamily.prompt_kwargs`: (prompt, negative prompt, clip skip, max token length) -> the pipeline's embeddings
+(SD's `prompt_embeds`, SDXL's pooled ones too), as the pipeline's keyword arguments."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class GenerationSettings:
     """Everything besides the adapter, prompt and seed that decides an image's pixels."""
 
     model: str  # fingerprint of the base model's files (and --vae, --model_config, flags)
+    family: str  # the model family and variant (`ModelFamily.model_version`) and the pipeline class that samples
     sampler: str
     steps: int
     guidance_scale: float

@@ -4,18 +4,20 @@ diffusers' `load_lora_weights` skips keys that name no layer of the model (with 
 line), so a LoRA trained for another base model can leave the images untouched and still produce
 scores. Every layer of the file must name an adaptable layer of this U-Net or text encoder, with
 that layer's input and output sizes: the adapter's own rule (`networks.lora_cat.fit`), which its
-network applies when it loads a file.
+network applies when it loads a file. A file of the other model family (an SD 1.x/2.x LoRA on SDXL,
+or the reverse) is named as such first, told by layer names alone (`fit.file_family`) on both sides.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from torch import nn
 
 from library.errors import UserInputError
 from networks.lora_cat.file_format import describe_lora_state_dict, read_lora_file
-from networks.lora_cat.fit import fits, lora_shapes
+from networks.lora_cat.fit import file_family, fits, lora_shapes
 
 
 def check_lora_fits(path: Path, layers: dict[str, nn.Module]) -> None:
@@ -25,6 +27,7 @@ def check_lora_fits(path: Path, layers: dict[str, nn.Module]) -> None:
     entries = describe_lora_state_dict(tensors, str(path))
     if not entries:
         raise UserInputError(f"The LoRA file {path} holds no LoRA layer; check that it is a LoRA.")
+    _check_family(path, entries, layers)
     unknown = [name for name in entries if name not in layers]
     if unknown:
         raise UserInputError(
@@ -40,3 +43,15 @@ def check_lora_fits(path: Path, layers: dict[str, nn.Module]) -> None:
                 "model (check the model path and --v2)."
             )
 
+
+
+def _check_family(path: Path, lora_names: Iterable[str], layers: dict[str, nn.Module]) -> None:
+    """Refuse a LoRA whose layer names are of the other model family than the model's own layers."""
+    found, model = file_family(lora_names), file_family(layers)
+    if found is not None and model is not None and found[0] != model[0]:
+        file_is, example = found
+        raise UserInputError(
+            f"The LoRA file {path} is for {file_is} (it has layers such as {example}), but the base model is "
+            f"{model[0]}; give a LoRA trained on {model[0]}, or the {file_is} model it was trained on "
+            "(--pretrained_model_name_or_path)."
+        )
