@@ -20,7 +20,7 @@ from library.testing import ldm_layout
 from library.families.checkpoint_file import PICKLE_SUFFIXES
 from library.families.clip_tokenizer import EOS_TOKEN, SD2_PAD_TOKEN, build_clip_tokenizer
 from library.errors import UserInputError
-from library.families.family import freeze_models
+from library.families.family import ModelFamily, freeze_models
 from library.families.sd.family import StableDiffusionModels
 from library.families.sd.models import MODEL_CONFIGS_DIR, build_noise_scheduler
 
@@ -43,7 +43,7 @@ def build_tiny_sd(seed: int = 0, v2: bool = False, v_parameterization: bool = Fa
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir, subfolder="vae"))
         text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir, subfolder="text_encoder"))
         for model in (unet, vae, text_encoder):
-            _perturb(model)
+            perturb(model)
     models = StableDiffusionModels(
         text_encoder=text_encoder,
         tokenizer=build_clip_tokenizer(pad_token=SD2_PAD_TOKEN if v2 else EOS_TOKEN),
@@ -58,14 +58,15 @@ def build_tiny_sd(seed: int = 0, v2: bool = False, v_parameterization: bool = Fa
 
 
 @torch.no_grad()
-def _perturb(model: torch.nn.Module) -> None:
+def perturb(model: torch.nn.Module) -> None:
     """Add seeded Gaussian noise to every parameter (the caller has seeded the RNG)."""
     for parameter in model.parameters():
         parameter.add_(torch.randn_like(parameter) * PERTURBATION_STD)
 
 
-def save_diffusers_folder(models: StableDiffusionModels, path: str | os.PathLike) -> Path:
-    """Write `models` as a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+def save_diffusers_folder(models: ModelFamily, path: str | os.PathLike) -> Path:
+    """Write `models` as a diffusers folder (model_index.json and a folder per part: unet/, vae/, text_encoder/,
+    tokenizer/, scheduler/, and for SDXL text_encoder_2/, tokenizer_2/)."""
     models.pipeline().save_pretrained(path)
     return Path(path)
 

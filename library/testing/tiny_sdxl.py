@@ -23,7 +23,7 @@ from library.families.family import freeze_models
 from library.families.sd.models import MODEL_CONFIGS_DIR, build_noise_scheduler
 from library.families.sdxl.family import SDXLModels
 from library.testing import ldm_layout
-from library.testing.tiny_sd import PERTURBATION_STD, write_state_dict
+from library.testing.tiny_sd import perturb, save_diffusers_folder, write_state_dict
 
 TINY_SDXL_CONFIG = MODEL_CONFIGS_DIR / "tiny_sdxl"
 
@@ -38,7 +38,7 @@ def build_tiny_sdxl(seed: int = 0, v_parameterization: bool = False) -> SDXLMode
         text_encoder_1 = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir, subfolder="text_encoder"))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(config_dir, subfolder="text_encoder_2"))
         for model in (unet, vae, text_encoder_1, text_encoder_2):
-            _perturb(model)
+            perturb(model)
     models = SDXLModels(
         text_encoder_1=text_encoder_1,
         text_encoder_2=text_encoder_2,
@@ -53,16 +53,9 @@ def build_tiny_sdxl(seed: int = 0, v_parameterization: bool = False) -> SDXLMode
     return models
 
 
-@torch.no_grad()
-def _perturb(model: torch.nn.Module) -> None:
-    for parameter in model.parameters():
-        parameter.add_(torch.randn_like(parameter) * PERTURBATION_STD)
-
-
 def save_sdxl_diffusers_folder(models: SDXLModels, path: str | os.PathLike) -> Path:
-    """Write `models` as a diffusers SDXL folder (model_index.json, unet/, vae/, text_encoder(_2)/, tokenizer(_2)/, scheduler/)."""
-    models.pipeline().save_pretrained(path)
-    return Path(path)
+    """Write `models` as a diffusers SDXL folder (`tiny_sd.save_diffusers_folder`, which every family's pipeline serves)."""
+    return save_diffusers_folder(models, path)
 
 
 def sgm_state_dict(models: SDXLModels) -> dict[str, torch.Tensor]:
