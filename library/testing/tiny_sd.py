@@ -22,7 +22,7 @@ from library.families.clip_tokenizer import EOS_TOKEN, SD2_PAD_TOKEN, build_clip
 from library.errors import UserInputError
 from library.families.family import ModelFamily, freeze_models
 from library.families.sd.family import StableDiffusionModels
-from library.families.sd.models import MODEL_CONFIGS_DIR, build_noise_scheduler
+from library.families.model_parts import MODEL_CONFIGS_DIR, build_noise_scheduler
 
 # Added to every parameter after the default init: norms then no longer sit at exactly 1 and biases
 # at 0, so a conversion that swaps or drops them changes the outputs instead of hiding.

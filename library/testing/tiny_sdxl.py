@@ -20,7 +20,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from library.families.clip_tokenizer import EOS_TOKEN, SD2_PAD_TOKEN, build_clip_tokenizer
 from library.families.family import freeze_models
-from library.families.sd.models import MODEL_CONFIGS_DIR, build_noise_scheduler
+from library.families.model_parts import MODEL_CONFIGS_DIR, build_noise_scheduler
 from library.families.sdxl.family import SDXLModels
 from library.testing import ldm_layout
 from library.testing.tiny_sd import perturb, save_diffusers_folder, write_state_dict

@@ -6,10 +6,7 @@ random weights and only logs it. transformers 5.23 maps both layouts; the loadin
 checked here so that a weight the folder lacks is an error, whatever the layout.
 """
 
-import contextlib
-from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -17,10 +14,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from library.families.clip_tokenizer import EOS_TOKEN, SD2_PAD_TOKEN, build_clip_tokenizer, with_clip_text_cleaning
 from library.errors import UserInputError
+from library.families.diffusers_folder import load_pretrained
 
 REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder")
-
-Model = TypeVar("Model", UNet2DConditionModel, AutoencoderKL, CLIPTextModel)
 
 
 def check_diffusers_folder(path: Path) -> None:
@@ -59,48 +55,9 @@ def load_text_encoder(path: Path, dtype: torch.dtype) -> CLIPTextModel:
     return load_pretrained(CLIPTextModel, path, "text_encoder", "text encoder", dtype)
 
 
-def load_pretrained(
-    model_class: type[Model], path: Path, subfolder: str | None, component: str, dtype: torch.dtype
-) -> Model:
-    """A diffusers or transformers model from `path/subfolder`, refusing any weight the files lack.
-
-    Both libraries only log the weights they had to initialise at random; their loading report
-    names them, and it is checked here.
-    """
-    folder = path / subfolder if subfolder else path
-    with _folder_errors(component, folder):
-        model, report = model_class.from_pretrained(
-            path, subfolder=subfolder, local_files_only=True, torch_dtype=dtype, output_loading_info=True
-        )
-    refuse_missing_weights(report["missing_keys"], component, folder)
-    return model
-
-
-def refuse_missing_weights(missing_keys: Iterable[str], component: str, folder: Path) -> None:
-    """Raise when the loader reports weights it had to leave at their random init."""
-    missing = sorted(missing_keys)
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise UserInputError(
-            f"The {component} in {folder} lacks {len(missing)} weight(s) ({shown}), which would be left at "
-            "random values; the folder is incomplete or does not match its config.json: re-save or re-download it."
-        )
-
-
 def load_tokenizer(path: Path, v2: bool) -> CLIPTokenizer:
     """The folder's tokenizer/ when it has one (with CLIP's text cleaning, as SD was trained), else SD's
     tokenizer built offline (SD2 pads with "!")."""
     if (path / "tokenizer").is_dir():
         return with_clip_text_cleaning(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True))
     return build_clip_tokenizer(pad_token=SD2_PAD_TOKEN if v2 else EOS_TOKEN)
-
-
-@contextlib.contextmanager
-def _folder_errors(component: str, folder: Path) -> Iterator[None]:
-    """Reword the loader's error for a broken component folder into a UserInputError naming it."""
-    try:
-        yield
-    except (OSError, ValueError, RuntimeError) as error:
-        raise UserInputError(
-            f"The {component} in {folder} could not be loaded ({error}); re-save or re-download the folder."
-        ) from error

@@ -12,11 +12,13 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from library.families.sd import folder as sd_folder, single_file as sd_single_file
+from library.families import ldm_single_file
 from library.families.checkpoint_file import read_state_dict
+from library.families.model_parts import MODEL_CONFIGS_DIR, build_noise_scheduler, load_replacement_vae
 from library.families.clip_tokenizer import EOS_TOKEN, SD2_PAD_TOKEN, build_clip_tokenizer
 from library.config.train_config import ModelArgs
 from library.errors import UserInputError
@@ -25,7 +27,6 @@ from library.families.sd.family import StableDiffusionModels
 
 logger = logging.getLogger(__name__)
 
-MODEL_CONFIGS_DIR = Path(__file__).resolve().parents[3] / "configs" / "models"
 SDXL_TEXT_ENCODERS_PREFIX = "conditioner.embedders."  # SDXL's SGM layout; SD 1.x/2.x use cond_stage_model.
 
 
@@ -41,17 +42,6 @@ def architecture_dir(v2: bool, model_config: str | os.PathLike | None = None) ->
             f"give a folder laid out like {MODEL_CONFIGS_DIR / 'sd_v1'}."
         )
     return folder
-
-
-def build_noise_scheduler(config_dir: Path, v_parameterization: bool) -> DDPMScheduler:
-    """The DDPM training schedule of the architecture, predicting noise or v as the flag says."""
-    return DDPMScheduler.from_pretrained(
-        config_dir,
-        subfolder="scheduler",
-        prediction_type="v_prediction" if v_parameterization else "epsilon",
-        clip_sample=False,
-        local_files_only=True,
-    )
 
 
 def load_stable_diffusion(
@@ -88,7 +78,7 @@ def load_stable_diffusion(
         vae_config_dir = config_dir
     unet, text_encoder, tokenizer, model_vae = models
     if vae is not None:
-        model_vae = load_vae(vae, vae_config_dir, dtype)
+        model_vae = load_replacement_vae(vae, vae_config_dir, dtype)
     result = StableDiffusionModels(
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -126,39 +116,20 @@ def _load_single_file(path: Path, v2: bool, config_dir: Path, dtype: torch.dtype
 
     Without it the file's VAE keys are left unread, so a checkpoint without them loads.
     """
-    skipped = () if own_vae else (sd_single_file.VAE_PREFIX,)
+    skipped = () if own_vae else (ldm_single_file.VAE_PREFIX,)
     state_dict = read_state_dict(path, skip_prefixes=skipped)
     if any(key.startswith(SDXL_TEXT_ENCODERS_PREFIX) for key in state_dict):
         raise _sdxl_refused(f"The checkpoint {path} is SDXL (text encoders under {SDXL_TEXT_ENCODERS_PREFIX!r})")
     _check_v2_flag(sd_single_file.is_open_clip_checkpoint(state_dict, path), v2, path)
     if own_vae:
-        sd_single_file.check_has_vae(state_dict, path)
+        ldm_single_file.check_has_vae(state_dict, path)
     state_dict = sd_single_file.with_text_model_level(state_dict)
     return (
-        sd_single_file.load_unet(state_dict, config_dir, path, dtype),
+        ldm_single_file.load_unet(state_dict, config_dir, path, dtype),
         sd_single_file.load_text_encoder(state_dict, config_dir, path, dtype),
         build_clip_tokenizer(pad_token=SD2_PAD_TOKEN if v2 else EOS_TOKEN),
-        sd_single_file.load_vae(state_dict, config_dir, path, dtype) if own_vae else None,
+        ldm_single_file.load_vae(state_dict, config_dir, path, dtype) if own_vae else None,
     )
-
-
-def load_vae(path: str | os.PathLike, config_dir: Path, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
-    """A replacement VAE (`--vae`): a diffusers VAE folder, or a file in LDM or diffusers layout.
-
-    LDM-layout files may carry the `first_stage_model.` prefix of a full checkpoint or none, as the
-    VAE files A1111 users download do; `config_dir/vae` gives the architecture for single files.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise UserInputError(f"The --vae path {path} does not exist; give a VAE folder or a .safetensors/.ckpt file.")
-    if not path.is_dir():
-        return sd_single_file.load_vae(read_state_dict(path, "--vae file"), config_dir, path, dtype)
-    subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
-    if subfolder is None and not (path / "config.json").is_file():
-        raise UserInputError(
-            f"The --vae folder {path} has neither config.json nor vae/config.json; give a diffusers VAE folder."
-        )
-    return sd_folder.load_pretrained(AutoencoderKL, path, subfolder, "--vae VAE", dtype)
 
 
 def _sdxl_refused(what_it_is: str) -> UserInputError:

@@ -1,6 +1,6 @@
 """Build SDXL's U-Net, VAE, text encoders and tokenizers from a diffusers folder (`model_index.json` layout).
 
-Each part goes through the checked loader SD's folders use (`library.families.sd.folder.load_pretrained`):
+Each part goes through the checked loader SD's folders use (`library.families.diffusers_folder.load_pretrained`):
 a weight the folder lacks is an error, not a random init that the libraries only log.
 """
 
@@ -12,7 +12,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from library.errors import UserInputError
 from library.families.clip_tokenizer import EOS_TOKEN, SD2_PAD_TOKEN, build_clip_tokenizer, with_clip_text_cleaning
-from library.families.sd.folder import load_pretrained
+from library.families.diffusers_folder import load_pretrained
 
 REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2")
 

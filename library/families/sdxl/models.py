@@ -22,8 +22,8 @@ from library.errors import UserInputError
 from library.families.checkpoint_file import read_state_dict
 from library.families.clip_tokenizer import EOS_TOKEN, SD2_PAD_TOKEN, build_clip_tokenizer
 from library.families.family import freeze_models
-from library.families.sd import single_file as sd_single_file
-from library.families.sd.models import MODEL_CONFIGS_DIR, build_noise_scheduler, load_vae
+from library.families import ldm_single_file
+from library.families.model_parts import MODEL_CONFIGS_DIR, build_noise_scheduler, load_replacement_vae
 from library.families.sdxl import folder as sdxl_folder, single_file as sdxl_single_file
 from library.families.sdxl.family import SDXLModels
 
@@ -85,7 +85,7 @@ def load_sdxl(
         components, config_dir = _load_single_file(path, model_config, dtype, own_vae, disable_mmap)
         vae_config_dir = config_dir
     if vae is not None:
-        components = components._replace(vae=load_vae(vae, vae_config_dir, dtype))
+        components = components._replace(vae=load_replacement_vae(vae, vae_config_dir, dtype))
     models = SDXLModels(
         **components._asdict(),
         noise_scheduler=build_noise_scheduler(config_dir, v_parameterization),
@@ -119,17 +119,17 @@ def _load_single_file(
     state_dict = read_state_dict(path, skip_prefixes=skipped, disable_mmap=disable_mmap)
     sdxl_single_file.check_sdxl_checkpoint(state_dict, path)
     if own_vae:
-        sd_single_file.check_has_vae(state_dict, path)
+        ldm_single_file.check_has_vae(state_dict, path)
     config_dir = architecture_dir(model_config)
     return Components(
-        unet=sd_single_file.load_unet(state_dict, config_dir, path, dtype),
+        unet=ldm_single_file.load_unet(state_dict, config_dir, path, dtype),
         text_encoder_1=sdxl_single_file.load_text_encoder(CLIPTextModel, state_dict, config_dir, path, dtype),
         text_encoder_2=sdxl_single_file.load_text_encoder(
             CLIPTextModelWithProjection, state_dict, config_dir, path, dtype
         ),
         tokenizer_1=build_clip_tokenizer(pad_token=EOS_TOKEN),
         tokenizer_2=build_clip_tokenizer(pad_token=SD2_PAD_TOKEN),
-        vae=sd_single_file.load_vae(state_dict, config_dir, path, dtype) if own_vae else None,
+        vae=ldm_single_file.load_vae(state_dict, config_dir, path, dtype) if own_vae else None,
     ), config_dir
 
 

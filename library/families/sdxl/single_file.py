@@ -6,7 +6,7 @@ the models built on it are published: the U-Net under `model.diffusion_model.` (
 `conditioner.embedders.0.transformer.` and OpenCLIP ViT-bigG, with its `text_projection`, under
 `conditioner.embedders.1.model.`. The conversion is diffusers' own, run offline against an
 architecture config folder; U-Net and VAE go through the same checked path as SD's
-(`library.families.sd.single_file`).
+(`library.families.ldm_single_file`).
 
 Each text encoder is given only the keys under its own prefix: diffusers picks the conversion from
 the keys it finds, and with the whole file it would read TE1's keys for TE2 whenever both towers
