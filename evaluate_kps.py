@@ -47,6 +47,7 @@ from library.families.family import ModelFamily
 from library.families.sd.models import load_stable_diffusion
 from library.families.sdxl.models import load_sdxl
 from networks.lora_cat.file_format import read_lora_file
+from networks.lora_cat.targets import diffusers_layout_unet_names
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ def evaluate(config: KPSConfig) -> dict:
     embedder = load_clip(config.clip_model, config.clip_pretrained, config.device)
     models = _load_model(config, family)
     for adapter in adapters[1:]:
-        check_lora_fits(adapter.path, models.lora_layers())
+        check_lora_fits(adapter.path, models.lora_layers(), diffusers_layout_unet_names(models.unet))
 
     pipe = _pipeline(models, config)
     settings = _settings(config, models, pipe)

@@ -71,3 +71,23 @@ def test_a_rank_the_network_was_not_built_with_is_still_named_as_such(sd, tmp_pa
     with pytest.raises(UserInputError, match="has rank 4 but this network has rank 2; pass --network_dim"):
         network.load_weights(path)
     check_lora_fits(path, sd.lora_layers())  # evaluation takes a LoRA at the file's own rank
+
+
+def test_an_sdxl_file_with_diffusers_layout_u_net_names_fits_under_its_aliases(tmp_path):
+    from library.testing.tiny_sdxl import build_tiny_sdxl
+    from networks.lora_cat.targets import diffusers_layout_unet_names
+
+    models = build_tiny_sdxl(seed=0)
+    network = lora_cat.create_network(1.0, 4, 4, models.vae, models.network_text_encoder, models.unet)
+    aliases = diffusers_layout_unet_names(models.unet)
+    to_diffusers = {sgm: old for old, sgm in aliases.items()}
+    tensors = {}
+    for key, tensor in network.state_dict().items():
+        name, dot, rest = key.partition(".")
+        tensors[to_diffusers.get(name, name) + dot + rest] = tensor
+    assert any(key.startswith("lora_unet_down_blocks_") for key in tensors)
+    path = tmp_path / "diffusers_layout.safetensors"
+    save_lora_file(path, tensors, None)
+    with pytest.raises(UserInputError, match="does not have"):
+        check_lora_fits(path, models.lora_layers())
+    check_lora_fits(path, models.lora_layers(), aliases)

@@ -10,7 +10,7 @@ or the reverse) is named as such first, told by layer names alone (`fit.file_fam
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from torch import nn
@@ -20,11 +20,13 @@ from networks.lora_cat.file_format import describe_lora_state_dict, read_lora_fi
 from networks.lora_cat.fit import file_family, fits, lora_shapes
 
 
-def check_lora_fits(path: Path, layers: dict[str, nn.Module]) -> None:
+def check_lora_fits(path: Path, layers: dict[str, nn.Module], aliases: Mapping[str, str] | None = None) -> None:
     """Raise a `UserInputError` naming the first layer of the file at `path` that the model lacks or cannot
-    take; `layers` are the model's adaptable layers by kohya name (`ModelFamily.lora_layers`)."""
+    take; `layers` are the model's adaptable layers by kohya name (`ModelFamily.lora_layers`), `aliases`
+    other names a file may give them (SDXL: diffusers-layout U-Net names, which diffusers loads too)."""
     tensors, _ = read_lora_file(path)
-    entries = describe_lora_state_dict(tensors, str(path))
+    aliases = aliases or {}
+    entries = {aliases.get(name, name): entry for name, entry in describe_lora_state_dict(tensors, str(path)).items()}
     if not entries:
         raise UserInputError(f"The LoRA file {path} holds no LoRA layer; check that it is a LoRA.")
     _check_family(path, entries, layers)
