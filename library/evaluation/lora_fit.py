@@ -25,11 +25,12 @@ def check_lora_fits(path: Path, layers: dict[str, nn.Module], aliases: Mapping[s
     take; `layers` are the model's adaptable layers by kohya name (`ModelFamily.lora_layers`), `aliases`
     other names a file may give them (SDXL: diffusers-layout U-Net names, which diffusers loads too)."""
     tensors, _ = read_lora_file(path)
-    aliases = aliases or {}
-    entries = {aliases.get(name, name): entry for name, entry in describe_lora_state_dict(tensors, str(path)).items()}
-    if not entries:
+    as_written = describe_lora_state_dict(tensors, str(path))
+    if not as_written:
         raise UserInputError(f"The LoRA file {path} holds no LoRA layer; check that it is a LoRA.")
-    _check_family(path, entries, layers)
+    _check_family(path, as_written, layers)  # by the names as written: aliases would blur the family
+    aliases = aliases or {}
+    entries = {aliases.get(name, name): entry for name, entry in as_written.items()}
     unknown = [name for name in entries if name not in layers]
     if unknown:
         raise UserInputError(
