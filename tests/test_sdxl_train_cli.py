@@ -203,3 +203,12 @@ def test_a_dataset_subset_that_shuffles_captions_cannot_be_cached(workspace, tmp
     assert sdxl_train_network_cat.main(argv) == 2
     error = capsys.readouterr().err
     assert "2_sks teapot" in error and "shuffle_caption" in error
+
+
+def test_clip_skip_is_warned_about_and_not_used(workspace, tmp_path, caplog):
+    from library.cli.train_args import parse_args
+    from library.config.training_script import SDXL_SCRIPT
+
+    with caplog.at_level("WARNING"):
+        parse_args(_argv(workspace, tmp_path / "out", "--clip_skip", "2"), SDXL_SCRIPT)
+    assert "clip skip is not used" in caplog.text and "sdxl_train_network.py" in caplog.text
