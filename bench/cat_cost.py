@@ -1,15 +1,23 @@
 """What CAT costs per training step against plain LoRA: seconds and peak memory.
 
-    .venv/bin/python -m bench.cat_cost [--models tiny sd_v1] [--steps 3]
+    .venv/bin/python -m bench.cat_cost [--models tiny sd_v1 tiny_sdxl sdxl] [--steps 3]
 
 For each model and each way to train (plain LoRA = `--cat_weight 0`, CAT batched, CAT sequential)
-a fresh process builds the model (seeded random weights), attaches `networks.lora_cat` (rank 16,
-U-Net and text encoder), and runs warm-up + `--steps` optimizer steps of the real objective
-(`library.cat.objective.cat_step`) on random latents. It prints the median seconds per step and the
-peak resident memory during the steps above what the process held before them (Linux
-`clear_refs`/`VmHWM`; on a GPU, `torch.cuda.max_memory_allocated`), with ratios to plain LoRA.
+a fresh process builds the model (seeded random weights), attaches `networks.lora_cat` (rank 16),
+and runs warm-up + `--steps` optimizer steps of the real objective (`library.cat.objective.cat_step`)
+on random latents. It prints the median seconds per step and the peak resident memory during the
+steps above what the process held before them (Linux `clear_refs`/`VmHWM`; on a GPU,
+`torch.cuda.max_memory_allocated`), with ratios to plain LoRA.
+
+- SD 1.x (`tiny`, `sd_v1`): LoRA on the U-Net and the text encoder, captions encoded every step.
+- SDXL (`tiny_sdxl`, `sdxl`): LoRA on the U-Net only, with fixed random text states as
+  `--cache_text_encoder_outputs` gives them (77 x 2048 states and a 1280 pooled vector at full size;
+  the trigger and trigger-free captions are two different fixed tensors) and the resolution's
+  uncropped size/crop `time_ids`; no text encoder is built. `sdxl` is SDXL base 1.0's U-Net shape
+  (`configs/models/sdxl_base/unet`, 2.6B parameters): its fp32 weights alone take about 10 GB.
+
 Targets (CAT.md, issue 4): step time <= 2.7x plain (2.5x is the floor for exact CAT); sequential
-peak memory <= 1.1x plain.
+peak memory <= 1.1x plain. For SDXL (issue 12): sequential <= 2.6x plain time, <= 1.1x plain memory.
 """
 
 from __future__ import annotations
@@ -21,18 +29,33 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str  # "sd" or "sdxl"
+    config: str | None  # folder under configs/models; None for the built-in tiny SD model
+    resolution: int
+    batch: int
+
+
 MODELS = {
-    "tiny": {"resolution": 64, "batch": 2},
-    "sd_v1": {"resolution": 256, "batch": 1},
+    "tiny": ModelSpec("sd", None, 64, 2),
+    "sd_v1": ModelSpec("sd", "sd_v1", 256, 1),
+    "tiny_sdxl": ModelSpec("sdxl", "tiny_sdxl", 64, 2),
+    "sdxl": ModelSpec("sdxl", "sdxl_base", 256, 1),
 }
+DEFAULT_MODELS = ("tiny", "sd_v1")  # `sdxl` needs ~11 GB of memory and minutes per mode: asked for by name
 MODES = (("plain LoRA", 0.0, "batched"), ("CAT batched", 1.0, "batched"), ("CAT sequential", 1.0, "sequential"))
+RANK, ALPHA = 16, 8
+TOKENS = 77  # one 77-token window per caption, as SD and SDXL encode prompts without --max_token_length
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="CAT step cost vs plain LoRA")
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(DEFAULT_MODELS))
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--child", nargs=3, metavar=("MODEL", "ALPHA", "MODE"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -44,7 +67,12 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(measure(args.child[0], float(args.child[1]), args.child[2], args.steps)))
         return
     for model in args.models:
-        rows = [(name, _run_child(model, alpha, mode, args.steps)) for name, alpha, mode in MODES]
+        rows = []
+        for name, alpha, mode in MODES:
+            rows.append((name, _run_child(model, alpha, mode, args.steps)))
+            # A full-size run takes minutes per mode: each figure is on stderr as soon as it is measured.
+            print(f"{model} {name}: {rows[-1][1]['seconds']:.3f} s/step, {rows[-1][1]['peak_mib']:.1f} MiB",
+                  file=sys.stderr, flush=True)
         _print_table(model, rows)
 
 
@@ -53,15 +81,18 @@ def _run_child(model: str, alpha: float, mode: str, steps: int) -> dict:
     # A fixed mmap threshold makes glibc hand every large tensor back to the OS when freed, so the
     # peak resident memory follows the peak of live tensors instead of the allocator's cache.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    result = subprocess.run(command, check=True, capture_output=True, text=True, env=env,
+    result = subprocess.run(command, capture_output=True, text=True, env=env,
                             cwd=Path(__file__).resolve().parent.parent)
+    if result.returncode != 0:  # e.g. killed for memory (-9): say which run, and show its last words
+        sys.stderr.write(result.stderr[-4000:])
+        raise SystemExit(f"bench.cat_cost: the {model} run (alpha {alpha}, {mode}) exited with {result.returncode}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _print_table(model: str, rows: list[tuple[str, dict]]) -> None:
     first = rows[0][1]
     print(f"\nmodel {model}: U-Net {first['unet_params'] / 1e6:.1f}M params, {first['resolution']} px, batch {first['batch']}, "
-          f"{first['steps']} steps after warm-up, device {first['device']}")
+          f"{first['steps']} steps after warm-up, device {first['device']}, LoRA on {first['trains']}")
     print(f"{'':<16}{'s/step':>9}{'x plain':>9}{'peak MiB':>10}{'x plain':>9}")
     for name, row in rows:
         print(f"{name:<16}{row['seconds']:>9.3f}{row['seconds'] / first['seconds']:>9.2f}"
@@ -75,16 +106,13 @@ def measure(model: str, alpha: float, mode: str, steps: int) -> dict:
     import torch
 
     import library  # noqa: F401
-    from library.cat.objective import CATBatch, cat_step
-    from library.families.sd.denoiser import SDDenoiser
+    from library.cat.objective import cat_step
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    unet, text_encoder, tokenizer = _build(model, device)
-    network = _network(unet, text_encoder, device)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
-    denoiser = SDDenoiser(unet, text_encoder)
     spec = MODELS[model]
-    batch = _batch(CATBatch, tokenizer, unet, spec, device)
+    setup = _sdxl_setup if spec.family == "sdxl" else _sd_setup
+    unet, network, denoiser, batch, trains = setup(model, spec, device)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
     mse = lambda p, t: (p.float() - t.float()).square().mean(dim=(1, 2, 3))  # noqa: E731
 
     def step() -> None:
@@ -102,54 +130,106 @@ def measure(model: str, alpha: float, mode: str, steps: int) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return {
-        "seconds": statistics.median(times), "peak_mib": _peak_mib(device), "device": device,
-        "unet_params": sum(p.numel() for p in unet.parameters()), "steps": steps, **spec,
+        "seconds": statistics.median(times), "peak_mib": _peak_mib(device), "device": device, "trains": trains,
+        "unet_params": sum(p.numel() for p in unet.parameters()), "steps": steps,
+        "resolution": spec.resolution, "batch": spec.batch,
     }
 
 
-def _build(model: str, device: str):
+def _sd_setup(model: str, spec: ModelSpec, device: str):
+    """SD 1.x: U-Net and text encoder, LoRA on both, real captions tokenized and encoded every step."""
     import torch
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from library.cat.objective import CATBatch
     from library.families.clip_tokenizer import build_clip_tokenizer
+    from library.families.sd.denoiser import SDDenoiser
     from library.families.sd.models import MODEL_CONFIGS_DIR
     from library.testing.tiny_sd import build_tiny_sd
 
-    if model == "tiny":
+    if spec.config is None:
         sd = build_tiny_sd(seed=0)
         unet, text_encoder, tokenizer = sd.unet, sd.text_encoder, sd.tokenizer
     else:
         torch.manual_seed(0)
-        folder = MODEL_CONFIGS_DIR / model
+        folder = MODEL_CONFIGS_DIR / spec.config
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
         text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
         tokenizer = build_clip_tokenizer()
     for part in (unet, text_encoder):
         part.requires_grad_(False)
         part.to(device)
-    return unet, text_encoder, tokenizer
+    network = _network(text_encoder, unet, device)
+    latents, noise = _latents(unet, spec, device)
+    ids = tokenizer(["a photo of sks teapot"] * spec.batch, padding="max_length", return_tensors="pt").input_ids
+    free = tokenizer(["a photo of teapot"] * spec.batch, padding="max_length", return_tensors="pt").input_ids
+    batch = CATBatch(latents, _timesteps(spec, device), noise, ids.to(device), free.to(device),
+                     torch.ones(spec.batch, device=device))
+    return unet, network, SDDenoiser(unet, text_encoder), batch, "U-Net and text encoder"
 
 
-def _network(unet, text_encoder, device):
+def _sdxl_setup(model: str, spec: ModelSpec, device: str):
+    """SDXL with cached text-encoder outputs: the U-Net alone (weights built in place, no copy), LoRA
+    on it, and the trainer's own cache lookup in front of `SDXLDenoiser.predict`."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from library.cat.objective import CATBatch
+    from library.families.sd.models import MODEL_CONFIGS_DIR
+    from library.families.sdxl.denoiser import SDXLDenoiser, SDXLTextStates, uncropped_time_ids
+    from library.training.text_cache import CachedTextDenoiser, TextEncoderCache, _key
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(MODEL_CONFIGS_DIR / spec.config / "unet"))
+    unet.requires_grad_(False)
+    unet.to(device)
+    network = _network(None, unet, device)
+    latents, noise = _latents(unet, spec, device)
+
+    # Two "captions" stand for the trigger and trigger-free ones; each has its own fixed states, as
+    # the cache holds one entry per caption. SDXL's pooled width is what the text-time embedding
+    # takes beside the six size/crop numbers (2816 - 6 * 256 = 1280 for SDXL base).
+    config = unet.config
+    pooled_width = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    gen = torch.Generator().manual_seed(1)
+    caption_ids = [torch.full((1,), index, dtype=torch.int64) for index in range(2)]
+    cache = TextEncoderCache({
+        _key(ids): SDXLTextStates(torch.randn(1, TOKENS, config.cross_attention_dim, generator=gen),
+                                  torch.randn(1, pooled_width, generator=gen))
+        for ids in caption_ids
+    })
+    trigger, free = (ids.expand(spec.batch, 1).to(device) for ids in caption_ids)
+    denoiser = CachedTextDenoiser(SDXLDenoiser(unet, None, None), cache, torch.device(device))
+    batch = CATBatch(latents, _timesteps(spec, device), noise, trigger, free, torch.ones(spec.batch, device=device),
+                     conditioning={"time_ids": uncropped_time_ids(latents, 8)})
+    return unet, network, denoiser, batch, "U-Net only, cached text-encoder outputs"
+
+
+def _network(text_encoder, unet, device):
+    """`networks.lora_cat` as the trainer builds it; `text_encoder=None` gives a U-Net-only network."""
     import networks.lora_cat as lora_cat
 
-    network = lora_cat.create_network(1.0, 16, 8, None, text_encoder, unet)
-    network.apply_to(text_encoder, unet)
+    network = lora_cat.create_network(1.0, RANK, ALPHA, None, text_encoder, unet)
+    network.apply_to(text_encoder, unet, apply_text_encoder=text_encoder is not None)
     network.prepare_grad_etc(text_encoder, unet)
     return network.to(device)
 
 
-def _batch(batch_class, tokenizer, unet, spec: dict, device: str):
+def _latents(unet, spec: ModelSpec, device: str):
+    """Seeded (noisy latents, target noise) at the spec's resolution (8 pixels per latent)."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    size, batch = spec["resolution"] // 8, spec["batch"]
-    latents = torch.randn(batch, unet.config.in_channels, size, size, generator=gen).to(device)
-    ids = tokenizer(["a photo of sks teapot"] * batch, padding="max_length", return_tensors="pt").input_ids
-    free = tokenizer(["a photo of teapot"] * batch, padding="max_length", return_tensors="pt").input_ids
-    return batch_class(latents, torch.full((batch,), 500, device=device), torch.randn_like(latents),
-                       ids.to(device), free.to(device), torch.ones(batch, device=device))
+    size = spec.resolution // 8
+    latents = torch.randn(spec.batch, unet.config.in_channels, size, size, generator=gen).to(device)
+    return latents, torch.randn_like(latents)
+
+
+def _timesteps(spec: ModelSpec, device: str):
+    import torch
+
+    return torch.full((spec.batch,), 500, device=device)
 
 
 def _reset_peak(device: str) -> None:
