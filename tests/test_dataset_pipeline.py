@@ -212,7 +212,7 @@ def test_regularisation_samples_are_weighted_by_prior_loss_weight(model, dataset
     captions, weights = [], []
     tokenize, build = StableDiffusionModels.tokenize, trainer.build_cat_batch
     monkeypatch.setattr(StableDiffusionModels, "tokenize", _recording(tokenize, captions))
-    monkeypatch.setattr(trainer, "build_cat_batch", lambda *a: weights.append(a[3].tolist()) or build(*a))
+    monkeypatch.setattr(trainer, "build_cat_batch", lambda *a, **k: weights.append(a[3].tolist()) or build(*a, **k))
     argv = _argv(model, dataset, tmp_path / "out", "--prior_loss_weight", "0.25", "--max_train_steps", "8", "--cat_weight", "0")
     assert train_network_cat.main(argv) == 0
     pairs = [(c, w) for batch, ws in zip(captions[0::2], weights) for c, w in zip(batch, ws)]

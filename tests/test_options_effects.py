@@ -130,8 +130,10 @@ def _install_spies(monkeypatch, rec: Recorded) -> None:
         rec.micro.append(note)
         return losses
 
-    def build_cat_batch(latents, trigger_ids, free_ids, loss_weights, schedule, noise_args, loss_args, generator=None):
-        batch, loss_fn = real_build(latents, trigger_ids, free_ids, loss_weights, schedule, noise_args, loss_args, generator)
+    def build_cat_batch(latents, trigger_ids, free_ids, loss_weights, schedule, noise_args, loss_args, generator=None,
+                        conditioning=None):
+        batch, loss_fn = real_build(latents, trigger_ids, free_ids, loss_weights, schedule, noise_args, loss_args, generator,
+                                    conditioning=conditioning)
         rec.batches.append({"latents": latents, "trigger_ids": trigger_ids, "free_ids": free_ids, "schedule": schedule,
                             "batch": batch, "loss_fn": loss_fn})
         return batch, loss_fn
