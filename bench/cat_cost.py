@@ -178,7 +178,7 @@ def _sdxl_setup(model: str, spec: ModelSpec, device: str):
     from library.cat.objective import CATBatch
     from library.families.sd.models import MODEL_CONFIGS_DIR
     from library.families.sdxl.denoiser import SDXLDenoiser, SDXLTextStates, uncropped_time_ids
-    from library.training.text_cache import CachedTextDenoiser, TextEncoderCache, _key
+    from library.training.text_cache import CachedTextDenoiser, TextEncoderCache
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(MODEL_CONFIGS_DIR / spec.config / "unet"))
@@ -194,11 +194,11 @@ def _sdxl_setup(model: str, spec: ModelSpec, device: str):
     pooled_width = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
     gen = torch.Generator().manual_seed(1)
     caption_ids = [torch.full((1,), index, dtype=torch.int64) for index in range(2)]
-    cache = TextEncoderCache({
-        _key(ids): SDXLTextStates(torch.randn(1, TOKENS, config.cross_attention_dim, generator=gen),
-                                  torch.randn(1, pooled_width, generator=gen))
+    cache = TextEncoderCache.of(
+        (ids, SDXLTextStates(torch.randn(1, TOKENS, config.cross_attention_dim, generator=gen),
+                             torch.randn(1, pooled_width, generator=gen)))
         for ids in caption_ids
-    })
+    )
     trigger, free = (ids.expand(spec.batch, 1).to(device) for ids in caption_ids)
     denoiser = CachedTextDenoiser(SDXLDenoiser(unet, None, None), cache, torch.device(device))
     batch = CATBatch(latents, _timesteps(spec, device), noise, trigger, free, torch.ones(spec.batch, device=device),

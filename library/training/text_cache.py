@@ -45,6 +45,11 @@ class TextEncoderCache:
 
     states: dict[bytes, Any]
 
+    @classmethod
+    def of(cls, entries: Iterable[tuple[Tensor, Any]]) -> TextEncoderCache:
+        """A cache of (token ids of one caption, its states with batch dimension 1) pairs."""
+        return cls({_key(ids): states for ids, states in entries})
+
     def encode(self, input_ids: Tensor, device: torch.device) -> Any:
         """The cached states of a batch of token ids, stacked in batch order, on `device`."""
         rows = []
