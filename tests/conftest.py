@@ -13,6 +13,11 @@ import pytest  # noqa: E402
 from library.testing.tiny_sd import build_tiny_sd, save_diffusers_folder, save_single_file  # noqa: E402
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # tests/test_gpu.py: `pytest -m gpu` selects them (bench/gpu_check.sh); without CUDA they skip.
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one (run by bench/gpu_check.sh)")
+
+
 @dataclass(frozen=True)
 class TinySDFiles:
     """One tiny model (rebuild it with `build_tiny_sd(seed, v2)`) saved as a user would have it."""
