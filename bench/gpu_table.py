@@ -319,17 +319,17 @@ def _sdxl_parts(unet, shape: ModelShape, device) -> ModelParts:
 
     from library.cat.objective import CATBatch
     from library.families.sdxl.denoiser import SDXLDenoiser, SDXLTextStates, uncropped_time_ids
-    from library.training.text_cache import CachedTextDenoiser, TextEncoderCache, _key
+    from library.training.text_cache import CachedTextDenoiser, TextEncoderCache
 
     config = unet.config
     pooled_width = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
     generator = torch.Generator().manual_seed(1)
     captions = [torch.full((1,), index, dtype=torch.int64) for index in range(2)]
-    cache = TextEncoderCache({
-        _key(ids): SDXLTextStates(torch.randn(1, TOKENS, config.cross_attention_dim, generator=generator),
-                                  torch.randn(1, pooled_width, generator=generator))
+    cache = TextEncoderCache.of(
+        (ids, SDXLTextStates(torch.randn(1, TOKENS, config.cross_attention_dim, generator=generator),
+                             torch.randn(1, pooled_width, generator=generator)))
         for ids in captions
-    })
+    )
     denoiser = CachedTextDenoiser(SDXLDenoiser(unet, None, None), cache, torch.device(device))
 
     def make_batch(batch: int):
