@@ -279,3 +279,23 @@ def test_the_reference_is_the_bare_model_on_cuda(family, dtype):
     assert torch.equal(reference, expected), f"max difference {(reference - expected).abs().max().item():.3g}"
     assert not torch.allclose(adapted, expected), "adapters on must differ, or the test proves nothing"
     assert network.multiplier == 0.7
+
+
+def test_cached_text_encoder_outputs_leave_the_encoders_on_the_cpu(workspace, tmp_path, monkeypatch):
+    """With --cache_text_encoder_outputs the encoders leave the GPU after caching (SDXL's 8-10 GB recipe);
+    sample images bring them back for the prompts and put them back on the CPU."""
+    devices = []
+    step = trainer.cat_step
+
+    def recording(denoiser, network, batch, *args):
+        devices.append(next(denoiser.denoiser.text_encoder_1.parameters()).device.type)
+        return step(denoiser, network, batch, *args)
+
+    monkeypatch.setattr(trainer, "cat_step", recording)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of sks teapot --w 64 --h 64 --s 2\n", encoding="utf-8")
+    argv = _argv(workspace, tmp_path / "out", "--network_train_unet_only", "--cache_text_encoder_outputs",
+                 "--sample_prompts", str(prompts), "--sample_every_n_steps", "2", sdxl=True)
+    assert sdxl_train_network_cat.main(argv) == 0
+    assert devices == ["cpu"] * 3
+    assert len(list((tmp_path / "out" / "sample").glob("*.png"))) == 1

@@ -212,3 +212,13 @@ def test_clip_skip_is_warned_about_and_not_used(workspace, tmp_path, caplog):
     with caplog.at_level("WARNING"):
         parse_args(_argv(workspace, tmp_path / "out", "--clip_skip", "2"), SDXL_SCRIPT)
     assert "clip skip is not used" in caplog.text and "sdxl_train_network.py" in caplog.text
+
+
+def test_samples_with_cached_text_encoder_outputs(workspace, tmp_path):
+    # The encoders leave the training device after caching; a sample brings them back for its prompt.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of sks teapot --w 64 --h 64 --s 2\n", encoding="utf-8")
+    argv = _argv(workspace, tmp_path / "out", "--network_train_unet_only", "--cache_text_encoder_outputs",
+                 "--sample_prompts", str(prompts), "--sample_every_n_steps", "2")
+    assert sdxl_train_network_cat.main(argv) == 0
+    assert len(list((tmp_path / "out" / "sample").glob("*.png"))) == 1

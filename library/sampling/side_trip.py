@@ -27,8 +27,23 @@ class SideTrip:
 
     @contextlib.contextmanager
     def outside_training(self, with_vae: bool = False) -> Iterator[None]:
-        """No gradients, eval mode; afterwards training goes on exactly as if nothing had run
-        (`library.sampling.state_guard`)."""
+        """No gradients, eval mode, the text encoders beside the U-Net (cached text-encoder outputs
+        leave them on the CPU during training); afterwards training goes on exactly as if nothing had
+        run (`library.sampling.state_guard`)."""
         models = (self.models.unet, *self.models.text_encoders, *((self.models.vae,) if with_vae else ()))
-        with outside_training(*models, network=self.network, generator=self.generator):
+        with outside_training(*models, network=self.network, generator=self.generator), \
+                _text_encoders_on(self.models.text_encoders, self.models.unet.device):
             yield
+
+
+@contextlib.contextmanager
+def _text_encoders_on(text_encoders: list[torch.nn.Module], device: torch.device) -> Iterator[None]:
+    """Each text encoder on `device` for the block, then back where it was."""
+    places = [encoder.device for encoder in text_encoders]
+    for encoder in text_encoders:
+        encoder.to(device)
+    try:
+        yield
+    finally:
+        for encoder, place in zip(text_encoders, places):
+            encoder.to(place)

@@ -459,9 +459,13 @@ def _cache_text(config: TrainConfig, data: TrainingData, models: ModelFamily,
     if not config.data.cache_text_encoder_outputs:
         return None
     length = config.model.max_token_length
-    return build_text_cache(config, data, models.denoiser(config.model.clip_skip),
-                            lambda texts: models.tokenize(texts, length), models.text_encoders, accelerator.device,
-                            accelerator.autocast)
+    cache = build_text_cache(config, data, models.denoiser(config.model.clip_skip),
+                             lambda texts: models.tokenize(texts, length), models.text_encoders, accelerator.device,
+                             accelerator.autocast)
+    # Training no longer needs them on the device: sample images and the drift probe bring them back (SideTrip).
+    for text_encoder in models.text_encoders:
+        text_encoder.to("cpu")
+    return cache
 
 
 def _clip_gradients(run: Run, network) -> None:
