@@ -99,6 +99,12 @@ def test_the_disk_cache_is_reused_only_for_the_same_captions(workspace, tmp_path
     assert sdxl_train_network_cat.main(argv) == 0
     assert [f.stat().st_mtime_ns for f in files][1:] == stamps[1:], "unchanged captions: files reused"
     assert files[0].stat().st_mtime_ns != stamps[0], "a changed caption: its file is written anew"
+    # Another model (other text-encoder weights): every file is written anew.
+    other = tmp_path / "other.safetensors"
+    save_sdxl_single_file(build_tiny_sdxl(seed=1), other)
+    stamps = [f.stat().st_mtime_ns for f in files]
+    assert sdxl_train_network_cat.main(argv + ["--pretrained_model_name_or_path", str(other)]) == 0
+    assert all(f.stat().st_mtime_ns != stamp for f, stamp in zip(files, stamps))
 
 
 def test_two_text_encoder_learning_rates(workspace, tmp_path, monkeypatch):
