@@ -51,7 +51,6 @@ MODELS = {
 DEFAULT_MODELS = ("tiny", "sd_v1")  # `sdxl` needs ~11 GB of memory and minutes per mode: asked for by name
 MODES = (("plain LoRA", 0.0, "batched"), ("CAT batched", 1.0, "batched"), ("CAT sequential", 1.0, "sequential"))
 RANK, ALPHA = 16, 8
-TOKENS = 77  # one 77-token window per caption, as SD and SDXL encode prompts without --max_token_length
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -176,10 +175,10 @@ def _sdxl_setup(model: str, spec: ModelSpec, device: str):
     import torch
     from diffusers import UNet2DConditionModel
 
+    from bench.sdxl_text import cached_sdxl_denoiser
     from library.cat.objective import CATBatch
-    from library.families.sd.models import MODEL_CONFIGS_DIR
-    from library.families.sdxl.denoiser import SDXLDenoiser, SDXLTextStates, uncropped_time_ids
-    from library.training.text_cache import CachedTextDenoiser, TextEncoderCache
+    from library.families.model_parts import MODEL_CONFIGS_DIR
+    from library.families.sdxl.denoiser import uncropped_time_ids
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(MODEL_CONFIGS_DIR / spec.config / "unet"))
@@ -188,20 +187,8 @@ def _sdxl_setup(model: str, spec: ModelSpec, device: str):
     network = _network(None, unet, device)
     latents, noise = _latents(unet, spec, device)
 
-    # Two "captions" stand for the trigger and trigger-free ones; each has its own fixed states, as
-    # the cache holds one entry per caption. SDXL's pooled width is what the text-time embedding
-    # takes beside the six size/crop numbers (2816 - 6 * 256 = 1280 for SDXL base).
-    config = unet.config
-    pooled_width = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-    gen = torch.Generator().manual_seed(1)
-    caption_ids = [torch.full((1,), index, dtype=torch.int64) for index in range(2)]
-    cache = TextEncoderCache.of(
-        (ids, SDXLTextStates(torch.randn(1, TOKENS, config.cross_attention_dim, generator=gen),
-                             torch.randn(1, pooled_width, generator=gen)))
-        for ids in caption_ids
-    )
-    trigger, free = (ids.expand(spec.batch, 1).to(device) for ids in caption_ids)
-    denoiser = CachedTextDenoiser(SDXLDenoiser(unet, None, None), cache, torch.device(device))
+    denoiser, trigger_ids, free_ids = cached_sdxl_denoiser(unet, device)
+    trigger, free = (ids.expand(spec.batch, 1).to(device) for ids in (trigger_ids, free_ids))
     batch = CATBatch(latents, _timesteps(spec, device), noise, trigger, free, torch.ones(spec.batch, device=device),
                      conditioning={"time_ids": uncropped_time_ids(latents, 8)})
     return unet, network, denoiser, batch, "U-Net only, cached text-encoder outputs"

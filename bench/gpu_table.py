@@ -57,7 +57,6 @@ MODELS = {
 # name -> (CAT weight, mode); weight 0 is plain LoRA (no reference pass, no second adapted pass).
 METHODS = {"plain LoRA": (0.0, "sequential"), "CAT sequential": (1.0, "sequential"), "CAT batched": (1.0, "batched")}
 RANK, ALPHA = 16, 8
-TOKENS = 77
 GB = 1e9
 
 
@@ -313,24 +312,15 @@ def _sd_parts(unet, text_encoder, shape: ModelShape, device) -> ModelParts:
 
 def _sdxl_parts(unet, shape: ModelShape, device) -> ModelParts:
     """Fixed text states for two captions (trigger and trigger-free), looked up as the trainer's
-    text-encoder cache does; the pooled width is what the text-time embedding takes beside the six
-    size/crop numbers (2816 - 6 * 256 = 1280 for SDXL base)."""
+    text-encoder cache does (`bench.sdxl_text`)."""
     import torch
 
+    from bench.sdxl_text import cached_sdxl_denoiser
     from library.cat.objective import CATBatch
-    from library.families.sdxl.denoiser import SDXLDenoiser, SDXLTextStates, uncropped_time_ids
-    from library.training.text_cache import CachedTextDenoiser, TextEncoderCache
+    from library.families.sdxl.denoiser import uncropped_time_ids
 
-    config = unet.config
-    pooled_width = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-    generator = torch.Generator().manual_seed(1)
-    captions = [torch.full((1,), index, dtype=torch.int64) for index in range(2)]
-    cache = TextEncoderCache.of(
-        (ids, SDXLTextStates(torch.randn(1, TOKENS, config.cross_attention_dim, generator=generator),
-                             torch.randn(1, pooled_width, generator=generator)))
-        for ids in captions
-    )
-    denoiser = CachedTextDenoiser(SDXLDenoiser(unet, None, None), cache, torch.device(device))
+    denoiser, trigger_ids, free_ids = cached_sdxl_denoiser(unet, device)
+    captions = [trigger_ids, free_ids]
 
     def make_batch(batch: int):
         latents, noise = _latents(unet, shape, batch, device)
