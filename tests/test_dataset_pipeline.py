@@ -10,8 +10,7 @@ import torch
 from PIL import Image
 
 import library.training.trainer as trainer
-from library.families.sd.family import StableDiffusionModels
-from library.training.network_guard import PROBE_CAPTIONS
+from library.training.caption_tokens import CaptionTokens
 import train_network_cat
 from networks.lora_cat.file_format import read_lora_file
 from library.testing.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
@@ -98,25 +97,21 @@ def test_sd_scripts_dataset_trains_unchanged_with_samples(model, dataset, tmp_pa
     assert len(samples) == 2 and all(name.startswith("lora_") and name.endswith("_5.png") for name in samples)
 
 
-def _recording(tokenize, seen: list):
-    """`tokenize` that also appends the captions of each training step to `seen`."""
-    def recording(models, captions, max_length=None):
-        if tuple(captions) != PROBE_CAPTIONS:  # the start-up check of the network module is no training step
-            seen.append(list(captions))
-        return tokenize(models, captions, max_length)
+_TOKENS_CALL = CaptionTokens.__call__
+
+
+def _recording(seen: list):
+    """The trainer's caption tokenizer (`CaptionTokens`), also appending the captions of each call to `seen`:
+    each training step's captions, then (with CAT on) their trigger-free ones."""
+    def recording(tokens, captions):
+        seen.append(list(captions))
+        return _TOKENS_CALL(tokens, captions)
     return recording
 
 
 def test_captions_that_reach_the_step(model, dataset, tmp_path, monkeypatch):
     seen = []
-    tokenize = StableDiffusionModels.tokenize
-
-    def recording(models, captions, max_length=None):
-        if tuple(captions) != PROBE_CAPTIONS:  # the start-up check of the network module is no training step
-            seen.append(list(captions))
-        return tokenize(models, captions, max_length)
-
-    monkeypatch.setattr(StableDiffusionModels, "tokenize", recording)
+    monkeypatch.setattr(CaptionTokens, "__call__", _recording(seen))
     assert train_network_cat.main(_argv(model, dataset, tmp_path / "out", "--max_train_steps", "6")) == 0
     trained, free = seen[0::2], seen[1::2]  # each step tokenizes the training captions, then the trigger-free ones
     captions = [c for batch in trained for c in batch]
@@ -131,7 +126,7 @@ def test_captions_that_reach_the_step(model, dataset, tmp_path, monkeypatch):
         assert stripped == caption.replace("sks ", "", 1), "the trigger-free caption is the shuffled one, stripped"
     assert any(c not in CAPTIONS for c in captions if c != "teapot"), "tags were shuffled"
     again = []
-    monkeypatch.setattr(StableDiffusionModels, "tokenize", _recording(tokenize, again))
+    monkeypatch.setattr(CaptionTokens, "__call__", _recording(again))
     assert train_network_cat.main(_argv(model, dataset, tmp_path / "out2", "--max_train_steps", "6")) == 0
     assert again == seen, "the same seed gives the same captions"
 
@@ -210,10 +205,10 @@ def test_data_loader_workers_do_not_change_the_lora(model, dataset, tmp_path):
 
 def test_regularisation_samples_are_weighted_by_prior_loss_weight(model, dataset, tmp_path, monkeypatch):
     captions, weights = [], []
-    tokenize, build = StableDiffusionModels.tokenize, trainer.build_cat_batch
-    monkeypatch.setattr(StableDiffusionModels, "tokenize", _recording(tokenize, captions))
+    build = trainer.build_cat_batch
+    monkeypatch.setattr(CaptionTokens, "__call__", _recording(captions))
     monkeypatch.setattr(trainer, "build_cat_batch", lambda *a, **k: weights.append(a[3].tolist()) or build(*a, **k))
     argv = _argv(model, dataset, tmp_path / "out", "--prior_loss_weight", "0.25", "--max_train_steps", "8", "--cat_weight", "0")
     assert train_network_cat.main(argv) == 0
-    pairs = [(c, w) for batch, ws in zip(captions[0::2], weights) for c, w in zip(batch, ws)]
+    pairs = [(c, w) for batch, ws in zip(captions, weights) for c, w in zip(batch, ws)]
     assert {w for c, w in pairs if c == "teapot"} == {0.25} and {w for c, w in pairs if c != "teapot"} == {1.0}

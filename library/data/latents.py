@@ -73,11 +73,13 @@ def sample_latents(keys: list[LatentKey], dists: list[Distribution], seed: int) 
 
 
 @torch.no_grad()
-def encode(vae, pixels: Tensor, vae_batch_size: int) -> list[Distribution]:
-    """The VAE distributions of (B, 3, H, W) pixels in [-1, 1], encoded `vae_batch_size` at a time."""
+def encode(vae, pixels: Tensor, vae_batch_size: int, dtype: torch.dtype | None = None) -> list[Distribution]:
+    """The VAE distributions of (B, 3, H, W) pixels in [-1, 1], encoded `vae_batch_size` at a time;
+    `dtype` is the VAE's, looked up when not given (diffusers walks every parameter for it)."""
+    device, dtype = vae.device, dtype or vae.dtype
     dists = []
     for start in range(0, len(pixels), vae_batch_size):
-        chunk = pixels[start : start + vae_batch_size].to(vae.device, vae.dtype)
+        chunk = pixels[start : start + vae_batch_size].to(device, dtype)
         posterior = vae.encode(chunk).latent_dist
         dists += [Distribution(m, s) for m, s in zip(posterior.mean, posterior.std)]
     return dists

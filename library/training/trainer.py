@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.utils import get_total_norm
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from library.errors import UserInputError
+from library.training.caption_tokens import CaptionTokens
 from library.training.grad_sync import average_gradients
 from library.data.image_loading import Augmentation, load_image
 from library.data.latents import LatentCache, LatentKey, encode, key_for, sample_latents
@@ -66,6 +68,7 @@ class Run:
     accelerator: Accelerator
     models: ModelFamily
     network: torch.nn.Module
+    trainable: list[torch.nn.Parameter]  # network.get_trainable_params(), the same list all run long
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     lr_descriptions: list[str]
@@ -81,6 +84,9 @@ class Run:
     loader: DataLoader  # reads them (images decoded and augmented in its workers)
     sampler: EpochSampler  # points the loader at an epoch
     generator: torch.Generator
+    tokens: CaptionTokens  # the family's tokenizer, each distinct caption tokenized once
+    latent_dtype: torch.dtype  # the U-Net's, which the latents are cast to
+    vae_dtype: torch.dtype  # (diffusers finds a model's dtype by walking its parameters: looked up once)
     sample_prompts: tuple[SamplePrompt, ...] = ()  # --sample_prompts, read at start
     text_cache: TextEncoderCache | None = None  # --cache_text_encoder_outputs; None: encoded each step
 
@@ -145,13 +151,16 @@ def setup(config: TrainConfig, load_models: ModelLoader) -> Run:
     loader, sampler = batch_loader(batches, config.data.max_data_loader_n_workers,
                                    config.data.persistent_data_loader_workers)
     return Run(
-        config=config, accelerator=accelerator, models=models, network=network, optimizer=optimizer,
+        config=config, accelerator=accelerator, models=models, network=network,
+        trainable=network.get_trainable_params(), optimizer=optimizer,
         lr_scheduler=lr_scheduler, lr_descriptions=descriptions,
         schedule=NoiseSchedule(train=train_scheduler, weights=models.noise_scheduler), data=data, facts=facts,
         metadata=training_metadata(config, facts, output_name or "last"), output_dir=output_dir,
         output_name=output_name, save_dtype=SAVE_DTYPES.get(config.save.save_precision) if config.save.save_precision else None,
         latent_cache=_cache_latents(config, data, models, accelerator), batches=batches, loader=loader,
         sampler=sampler, generator=torch.Generator().manual_seed(process_seed(seed, accelerator.process_index)),
+        tokens=CaptionTokens(lambda texts: models.tokenize(texts, config.model.max_token_length)),
+        latent_dtype=models.unet.dtype, vae_dtype=models.vae.dtype,
         sample_prompts=sample_prompts, text_cache=_cache_text(config, data, models, accelerator),
     )
 
@@ -299,10 +308,10 @@ def training_loop(run: Run) -> list[Path]:
                 if (index + 1) % accumulation and index + 1 < count:
                     continue
                 # One optimizer step: average across processes, check, clip, step.
-                average_gradients(network.get_trainable_params(), accelerator.num_processes)
-                _stop_if_diverged(finite, network, losses, run.accelerator.scaler)
+                average_gradients(run.trainable, accelerator.num_processes)
+                _stop_if_diverged(finite, run.trainable, losses, run.accelerator.scaler)
                 finite = True
-                _clip_gradients(run, network)
+                _clip_gradients(run)
                 run.optimizer.step()  # with fp16's loss scaler: skipped if the scaled gradients overflowed
                 run.optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -343,13 +352,11 @@ def training_loop(run: Run) -> list[Path]:
     return written
 
 
-def _stop_if_diverged(finite_loss: bool, network, losses, scaler) -> None:
+def _stop_if_diverged(finite_loss: bool, trainable: list[torch.nn.Parameter], losses, scaler) -> None:
     """Stop on a NaN/inf loss, or, without a loss scaler, on NaN/inf gradients. With fp16's scaler,
     overflowing gradients are its normal signal to skip the step and lower the scale: left to it.
     Gradients are already averaged, so every process decides the same."""
-    grads_finite = scaler is not None or all(
-        bool(torch.isfinite(p.grad).all()) for p in network.get_trainable_params() if p.grad is not None
-    )
+    grads_finite = scaler is not None or _all_finite([p.grad for p in trainable if p.grad is not None])
     if finite_loss and grads_finite:
         return
     raise TrainingDiverged(
@@ -359,6 +366,13 @@ def _stop_if_diverged(finite_loss: bool, network, losses, scaler) -> None:
         f"the gradients became NaN or infinite at a finite loss {losses.total.item()}; training stopped and the "
         "files already written were kept. Lower the learning rate or use --mixed_precision bf16."
     )
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether no tensor holds a NaN or an infinity, with one sync: the largest |value| of finite
+    values is finite (no overflow, unlike a sum), and a NaN or an infinity makes it NaN or infinite."""
+    tensors = [t for t in tensors if t.numel()]  # the infinity norm of an empty tensor is undefined
+    return not tensors or bool(torch.isfinite(get_total_norm(tensors, float("inf"))))
 
 
 def _start_progress(run: Run, network) -> Progress:
@@ -387,11 +401,13 @@ def _train_on(run: Run, denoiser: Denoiser, batch: LoadedBatch, epoch: int, loss
     items = [sample.item for sample in samples]
     latents = _latents(run, batch)
     captions = [training_caption(run.facts.seed, sample, epoch) for sample in samples]
-    free = [free_caption(config, item, caption) for item, caption in zip(items, captions)]
+    trigger_ids = run.tokens(captions)
+    # Plain LoRA (--cat_weight 0) never reads the trigger-free captions: not built, not tokenized.
+    free_ids = run.tokens([free_caption(config, item, caption) for item, caption in zip(items, captions)]
+                          ) if config.cat.enabled else trigger_ids
     weights = torch.tensor([config.loss.prior_loss_weight if item.is_reg else 1.0 for item in items])
     cat_batch, loss_fn = build_cat_batch(
-        latents, run.models.tokenize(captions, config.model.max_token_length),
-        run.models.tokenize(free, config.model.max_token_length), weights,
+        latents, trigger_ids, free_ids, weights,
         run.schedule, config.noise, config.loss, run.generator,
         conditioning=run.models.image_conditioning([_geometry(s, a) for s, a in zip(samples, batch.augmentations)]),
     )
@@ -420,9 +436,9 @@ def _latents(run: Run, batch: LoadedBatch) -> torch.Tensor:
     if run.latent_cache is not None:
         dists = [run.latent_cache.get(key) for key in keys]
     else:
-        dists = encode(run.models.vae, batch.pixels, run.config.data.vae_batch_size)
+        dists = encode(run.models.vae, batch.pixels, run.config.data.vae_batch_size, run.vae_dtype)
     latents = run.models.latents_from_vae(sample_latents(keys, dists, run.facts.seed))
-    return latents.to(run.accelerator.device, run.models.unet.dtype)
+    return latents.to(run.accelerator.device, run.latent_dtype)
 
 
 def _cache_latents(config: TrainConfig, data: TrainingData, models: ModelFamily,
@@ -468,9 +484,9 @@ def _cache_text(config: TrainConfig, data: TrainingData, models: ModelFamily,
     return cache
 
 
-def _clip_gradients(run: Run, network) -> None:
+def _clip_gradients(run: Run) -> None:
     if run.config.optimizer.max_grad_norm:
-        run.accelerator.clip_grad_norm_(network.get_trainable_params(), run.config.optimizer.max_grad_norm)
+        run.accelerator.clip_grad_norm_(run.trainable, run.config.optimizer.max_grad_norm)
 
 
 def _scale_weight_norms(run: Run, network) -> None:
@@ -479,7 +495,9 @@ def _scale_weight_norms(run: Run, network) -> None:
 
 
 def _log(run: Run, losses, step: int, progress) -> None:
-    values = {"loss/main": losses.main.item(), "loss/cat": losses.cat.item(), "loss/total": losses.total.item()}
+    # One transfer for the three numbers (each .item() is a CPU-GPU sync point).
+    main, cat, total = torch.stack([losses.main, losses.cat, losses.total]).tolist()
+    values = {"loss/main": main, "loss/cat": cat, "loss/total": total}
     values.update(current_learning_rates(run.lr_scheduler, run.lr_descriptions))
     progress.update(1)
     progress.set_postfix(loss=f"{values['loss/total']:.4f}", cat=f"{values['loss/cat']:.4f}")
