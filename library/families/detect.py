@@ -1,6 +1,6 @@
 """Which model family a checkpoint holds, told by the checkpoint itself, for tools that take either.
 
-The rule is the one the Stable Diffusion loader refuses SDXL by (`library.families.sd.models`): a
+The rule, written here once, is also the one the Stable Diffusion loader refuses SDXL by: a
 diffusers folder with `text_encoder_2/`, or a single file with keys under `conditioner.embedders.`
 (SGM's text encoders; SD 1.x/2.x has `cond_stage_model.`), is SDXL; anything else goes to the SD
 loader, whose own checks name what is wrong with it. Only key names are read: a safetensors
@@ -24,7 +24,17 @@ from library.families.checkpoint_file import (
     TRAINING_STATE_GLOBALS,
     read_state_dict,
 )
-from library.families.sd.models import SDXL_TEXT_ENCODERS_PREFIX
+SDXL_TEXT_ENCODERS_PREFIX = "conditioner.embedders."  # SDXL's SGM layout; SD 1.x/2.x use cond_stage_model.
+
+
+def is_sdxl_folder(path: Path) -> bool:
+    """A diffusers folder with a second text encoder is SDXL."""
+    return (path / "text_encoder_2" / "config.json").is_file()
+
+
+def has_sdxl_keys(keys: Iterable[str]) -> bool:
+    """A single file whose keys hold SGM's text encoders is SDXL."""
+    return any(key.startswith(SDXL_TEXT_ENCODERS_PREFIX) for key in keys)
 
 
 def detect_family(path: str | os.PathLike) -> TrainingScript:
@@ -34,10 +44,7 @@ def detect_family(path: str | os.PathLike) -> TrainingScript:
         raise UserInputError(
             f"The model path {path} does not exist; give a diffusers folder or a .safetensors/.ckpt file."
         )
-    if path.is_dir():
-        is_sdxl = (path / "text_encoder_2" / "config.json").is_file()
-    else:
-        is_sdxl = any(key.startswith(SDXL_TEXT_ENCODERS_PREFIX) for key in _key_names(path))
+    is_sdxl = is_sdxl_folder(path) if path.is_dir() else has_sdxl_keys(_key_names(path))
     return SDXL_SCRIPT if is_sdxl else SD_SCRIPT
 
 

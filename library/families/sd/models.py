@@ -18,6 +18,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from library.families.sd import folder as sd_folder, single_file as sd_single_file
 from library.families import ldm_single_file
 from library.families.checkpoint_file import read_state_dict
+from library.families.detect import SDXL_TEXT_ENCODERS_PREFIX, has_sdxl_keys, is_sdxl_folder
 from library.families.model_parts import MODEL_CONFIGS_DIR, build_noise_scheduler, load_replacement_vae
 from library.families.clip_tokenizer import EOS_TOKEN, SD2_PAD_TOKEN, build_clip_tokenizer
 from library.config.train_config import ModelArgs
@@ -27,7 +28,6 @@ from library.families.sd.family import StableDiffusionModels
 
 logger = logging.getLogger(__name__)
 
-SDXL_TEXT_ENCODERS_PREFIX = "conditioner.embedders."  # SDXL's SGM layout; SD 1.x/2.x use cond_stage_model.
 
 
 def architecture_dir(v2: bool, model_config: str | os.PathLike | None = None) -> Path:
@@ -98,7 +98,7 @@ Components = tuple[UNet2DConditionModel, CLIPTextModel, CLIPTokenizer, Autoencod
 
 def _load_folder(path: Path, v2: bool, v_parameterization: bool, dtype: torch.dtype, own_vae: bool) -> Components:
     """(unet, text_encoder, tokenizer, vae) of a diffusers folder; its vae/ weights only when `own_vae`."""
-    if (path / "text_encoder_2" / "config.json").is_file():
+    if is_sdxl_folder(path):
         raise _sdxl_refused(f"The model folder {path} is SDXL (it has text_encoder_2/)")
     sd_folder.check_diffusers_folder(path)
     _check_v2_flag(sd_folder.is_open_clip_folder(path), v2, path)
@@ -118,7 +118,7 @@ def _load_single_file(path: Path, v2: bool, config_dir: Path, dtype: torch.dtype
     """
     skipped = () if own_vae else (ldm_single_file.VAE_PREFIX,)
     state_dict = read_state_dict(path, skip_prefixes=skipped)
-    if any(key.startswith(SDXL_TEXT_ENCODERS_PREFIX) for key in state_dict):
+    if has_sdxl_keys(state_dict):
         raise _sdxl_refused(f"The checkpoint {path} is SDXL (text encoders under {SDXL_TEXT_ENCODERS_PREFIX!r})")
     _check_v2_flag(sd_single_file.is_open_clip_checkpoint(state_dict, path), v2, path)
     if own_vae:
