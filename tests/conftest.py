@@ -1,10 +1,12 @@
-"""Shared test setup: no hub access, and the tiny SD models written once per session in every user format."""
+"""Shared test setup: no hub access, the tiny SD models written once per session in every user format,
+and LyCORIS' class-level preset put back after each test that asks for it."""
 
 import os
 
 # Set before anything imports huggingface_hub, which reads it once: no test may reach the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import copy  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -51,3 +53,20 @@ def tiny_sd_v1_files(tmp_path_factory: pytest.TempPathFactory) -> TinySDFiles:
 def tiny_sd_v2_files(tmp_path_factory: pytest.TempPathFactory) -> TinySDFiles:
     """The tiny SD2-shaped model (seed 1) in every format; read-only for tests."""
     return _write_tiny_sd(tmp_path_factory.mktemp("tiny_sd_v2"), seed=1, v2=True)
+
+
+# LyCORIS keeps the preset of its last create_network in class attributes of LycorisNetworkKohya.
+_LYCORIS_PRESET_STATE = ["ENABLE_CONV", "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME",
+                         "TEXT_ENCODER_TARGET_REPLACE_MODULE", "TEXT_ENCODER_TARGET_REPLACE_NAME", "MODULE_ALGO_MAP",
+                         "NAME_ALGO_MAP", "USE_FNMATCH", "TARGET_EXCLUDE_NAME"]
+
+
+@pytest.fixture
+def lycoris_preset_state():
+    """Put LyCORIS' class-level preset back after the test, so no test sees another's preset."""
+    from lycoris.kohya import LycorisNetworkKohya
+
+    saved = {name: copy.deepcopy(getattr(LycorisNetworkKohya, name)) for name in _LYCORIS_PRESET_STATE}
+    yield
+    for name, value in saved.items():
+        setattr(LycorisNetworkKohya, name, value)

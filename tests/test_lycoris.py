@@ -6,7 +6,6 @@ import copy
 import lycoris.kohya
 import pytest
 import torch
-from lycoris.kohya import LycorisNetworkKohya
 
 import train_network_cat
 from library.cat.objective import CATBatch, base_prediction
@@ -21,19 +20,7 @@ from networks.lora_cat.file_format import read_lora_file
 
 CPU = torch.device("cpu")
 ALGOS = ["locon", "loha", "lokr"]
-# LyCORIS keeps the preset of its last create_network in class attributes.
-_PRESET_STATE = ["ENABLE_CONV", "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME",
-                 "TEXT_ENCODER_TARGET_REPLACE_MODULE", "TEXT_ENCODER_TARGET_REPLACE_NAME", "MODULE_ALGO_MAP",
-                 "NAME_ALGO_MAP", "USE_FNMATCH", "TARGET_EXCLUDE_NAME"]
-
-
-@pytest.fixture(autouse=True)
-def lycoris_preset_state():
-    """Put LyCORIS' class-level preset back after each test, so no test sees another's preset."""
-    saved = {name: copy.deepcopy(getattr(LycorisNetworkKohya, name)) for name in _PRESET_STATE}
-    yield
-    for name, value in saved.items():
-        setattr(LycorisNetworkKohya, name, value)
+pytestmark = pytest.mark.usefixtures("lycoris_preset_state")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,10 @@
 """LyCORIS presets and arguments that do not fit diffusers' U-Net are refused with a sentence naming the
 value and a preset that works, never a bare traceback; the preset lists match the installed LyCORIS."""
 
-import copy
 
 import pytest
 import torch
 from lycoris.config import PRESET
-from lycoris.kohya import LycorisNetworkKohya
 
 import train_network_cat
 from library.cli.train_args import parse_args
@@ -21,18 +19,7 @@ from library.training.network_errors import (
 from library.training.network_setup import build_network
 
 CPU = torch.device("cpu")
-_PRESET_STATE = ["ENABLE_CONV", "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME",
-                 "TEXT_ENCODER_TARGET_REPLACE_MODULE", "TEXT_ENCODER_TARGET_REPLACE_NAME", "MODULE_ALGO_MAP",
-                 "NAME_ALGO_MAP", "USE_FNMATCH", "TARGET_EXCLUDE_NAME"]
-
-
-@pytest.fixture(autouse=True)
-def lycoris_preset_state():
-    """LyCORIS keeps the preset of its last create_network in class attributes: put them back."""
-    saved = {name: copy.deepcopy(getattr(LycorisNetworkKohya, name)) for name in _PRESET_STATE}
-    yield
-    for name, value in saved.items():
-        setattr(LycorisNetworkKohya, name, value)
+pytestmark = pytest.mark.usefixtures("lycoris_preset_state")  # conftest.py
 
 
 @pytest.fixture(scope="module")
