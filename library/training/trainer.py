@@ -150,6 +150,7 @@ def setup(config: TrainConfig, load_models: ModelLoader) -> Run:
     train_scheduler = zero_terminal_snr_scheduler(models.noise_scheduler) if config.noise.zero_terminal_snr else models.noise_scheduler
     loader, sampler = batch_loader(batches, config.data.max_data_loader_n_workers,
                                    config.data.persistent_data_loader_workers)
+    tokens = CaptionTokens(lambda texts: models.tokenize(texts, config.model.max_token_length))
     return Run(
         config=config, accelerator=accelerator, models=models, network=network,
         trainable=network.get_trainable_params(), optimizer=optimizer,
@@ -159,9 +160,8 @@ def setup(config: TrainConfig, load_models: ModelLoader) -> Run:
         output_name=output_name, save_dtype=SAVE_DTYPES.get(config.save.save_precision) if config.save.save_precision else None,
         latent_cache=_cache_latents(config, data, models, accelerator), batches=batches, loader=loader,
         sampler=sampler, generator=torch.Generator().manual_seed(process_seed(seed, accelerator.process_index)),
-        tokens=CaptionTokens(lambda texts: models.tokenize(texts, config.model.max_token_length)),
-        latent_dtype=models.unet.dtype, vae_dtype=models.vae.dtype,
-        sample_prompts=sample_prompts, text_cache=_cache_text(config, data, models, accelerator),
+        tokens=tokens, latent_dtype=models.unet.dtype, vae_dtype=models.vae.dtype,
+        sample_prompts=sample_prompts, text_cache=_cache_text(config, data, models, tokens, accelerator),
     )
 
 
@@ -469,15 +469,14 @@ def _cache_latents(config: TrainConfig, data: TrainingData, models: ModelFamily,
     return cache
 
 
-def _cache_text(config: TrainConfig, data: TrainingData, models: ModelFamily,
+def _cache_text(config: TrainConfig, data: TrainingData, models: ModelFamily, tokens: CaptionTokens,
                 accelerator: Accelerator) -> TextEncoderCache | None:
-    """--cache_text_encoder_outputs: every caption encoded once, under training's autocast; None without it."""
+    """--cache_text_encoder_outputs: every caption encoded once, under training's autocast; None without it.
+    It tokenizes with the run's `tokens`, so training finds those captions' ids already made."""
     if not config.data.cache_text_encoder_outputs:
         return None
-    length = config.model.max_token_length
-    cache = build_text_cache(config, data, models.denoiser(config.model.clip_skip),
-                             lambda texts: models.tokenize(texts, length), models.text_encoders, accelerator.device,
-                             accelerator.autocast)
+    cache = build_text_cache(config, data, models.denoiser(config.model.clip_skip), tokens, models.text_encoders,
+                             accelerator.device, accelerator.autocast)
     # Training no longer needs them on the device: sample images and the drift probe bring them back (SideTrip).
     for text_encoder in models.text_encoders:
         text_encoder.to("cpu")
