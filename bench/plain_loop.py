@@ -5,8 +5,9 @@
 The same work as `train_network_cat.py --cat_weight 0` on a folder of images with `.txt` captions,
 done as directly as possible: the checkpoint loaded with our loader, `networks.lora_cat` attached
 (rank 4, alpha 4, U-Net and text encoder), and each step: read and decode the batch's images (PIL ->
-tensor in [-1, 1]), VAE encode, tokenize and encode the captions, noise, U-Net, MSE, backward, AdamW
-step; the LoRA saved at the end. Prints `STEP <unix time>` after each optimizer step.
+tensor in [-1, 1]), VAE encode (the batch in one call), tokenize and encode the captions, noise,
+U-Net, MSE, backward, gradient clipping at norm 1.0 (sd-scripts' `--max_grad_norm` default, and ours),
+AdamW step; the LoRA saved at the end. Prints `STEP <unix time>` after each optimizer step.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def main(checkpoint: str, model_config: str, images: str, output: str, steps: in
         prediction = sd.unet(scheduler.add_noise(latents, noise, timesteps), timesteps, states).sample
         loss = torch.nn.functional.mse_loss(prediction, noise)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         print(f"STEP {time.time():.6f}", flush=True)

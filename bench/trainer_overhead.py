@@ -1,9 +1,10 @@
 """What our trainer adds to a plain training loop: `train_network_cat.py --cat_weight 0` against
 `bench/plain_loop.py` on the same model, data and work, whole processes alternated in one run.
 
-    .venv/bin/python -m bench.trainer_overhead [--steps 40] [--rounds 3]
+    .venv/bin/python -m bench.trainer_overhead [--model tiny|small] [--steps 40] [--rounds 3]
 
-Both train plain LoRA (rank 4, AdamW, U-Net and text encoder) on the tiny SD model saved as a single
+Both train plain LoRA (rank 4, AdamW, U-Net and text encoder) on the tiny SD model (U-Net 1M
+parameters, configs/models/tiny_sd_v1) or the small one (17.6M, configs/models/small_sd_v1) saved as a single
 file and the demo dataset (64 px, batch 2, images decoded every step, no latent cache, no loader
 workers, SDPA). For each process it prints, as the median over `--rounds` (after one uncounted warm-up round): the wall time from
 process start to exit, the time from process start to the end of the first optimizer step, and the
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+MODELS = {"tiny": "tiny_sd_v1", "small": "small_sd_v1"}  # configs/models/<name>
 
 # Runs train_network_cat.py as `python train_network_cat.py ...` would, with one hook that prints a
 # timestamp after every optimizer step (torch.optim is imported by the trainer anyway).
@@ -37,19 +39,22 @@ TRAINER_LAUNCHER = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="trainer overhead against a plain loop")
+    parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3, help="alternating pairs of processes")
     return parser.parse_args(argv)
 
 
-def prepare(folder: Path) -> tuple[Path, Path, Path]:
-    """(checkpoint, model config folder, image folder) of the tiny model and the demo dataset."""
+def prepare(folder: Path, model: str) -> tuple[Path, Path, Path]:
+    """(checkpoint, model config folder, image folder) of the model and the demo dataset."""
+    from library.families.model_parts import MODEL_CONFIGS_DIR
     from library.testing.demo_data import write_demo_dataset
-    from library.testing.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
+    from library.testing.tiny_sd import build_tiny_sd, save_single_file
 
-    checkpoint = save_single_file(build_tiny_sd(seed=0), folder / "tiny.safetensors")
+    config = MODEL_CONFIGS_DIR / MODELS[model]
+    checkpoint = save_single_file(build_tiny_sd(seed=0, config_dir=config), folder / f"{model}.safetensors")
     data = write_demo_dataset(folder / "data", seed=0)
-    return checkpoint, tiny_config_dir(False), data / "train"
+    return checkpoint, config, data / "train"
 
 
 def trainer_command(checkpoint: Path, config: Path, images: Path, out: Path, steps: int) -> list[str]:
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        checkpoint, config, images = prepare(folder)
+        checkpoint, config, images = prepare(folder, args.model)
         runs: dict[str, list[dict[str, float]]] = {"ours": [], "plain": []}
         # Round 0 is a warm-up, not counted: the first process reads every module from a cold disk cache.
         for round_index in range(args.rounds + 1):
@@ -93,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
                 result = timed(build(checkpoint, config, images, folder / f"out_{name}", args.steps))
                 if round_index:
                     runs[name].append(result)
-    print(f"tiny SD model, 64 px, batch 2, rank 4, U-Net + text encoder, {args.steps} steps, "
+    print(f"{args.model} SD model ({MODELS[args.model]}), 64 px, batch 2, rank 4, U-Net + text encoder, {args.steps} steps, "
           f"median of {args.rounds} alternating rounds after a warm-up round")
     print(f"{'':28}{'ours':>9}{'plain':>9}{'ours/plain':>12}")
     for key, label in (("wall", "wall s (start to exit)"), ("first", "s to first step"), ("step", "s/step (steady)")):

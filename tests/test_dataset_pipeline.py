@@ -132,12 +132,16 @@ def test_captions_that_reach_the_step(model, dataset, tmp_path, monkeypatch):
 
 
 def test_latent_cache_on_disk_gives_the_same_lora_and_is_reused(model, dataset, tmp_path):
+    # The same latents up to the VAE's rounding: uncached, each batch of 2 is one VAE call; the cache
+    # encodes one image per call (--vae_batch_size 1). Bitwise equality of the latents themselves is
+    # tests/test_latents.py's.
     assert train_network_cat.main(_argv(model, dataset, tmp_path / "plain", "--cat_weight", "0")) == 0
     cached_run = _argv(model, dataset, tmp_path / "cached", "--cat_weight", "0", "--cache_latents_to_disk")
     assert train_network_cat.main(cached_run) == 0
     plain, _ = read_lora_file(tmp_path / "plain" / "lora.safetensors")
     cached, _ = read_lora_file(tmp_path / "cached" / "lora.safetensors")
-    assert plain.keys() == cached.keys() and all(torch.equal(plain[k], cached[k]) for k in plain)
+    assert plain.keys() == cached.keys()
+    assert all(torch.allclose(plain[k], cached[k], rtol=0, atol=1e-5) for k in plain)
     files = sorted((dataset / "train" / "3_sks teapot").glob("*.npz"))
     assert len(files) == 4
     stamps = {f: f.stat().st_mtime_ns for f in files}

@@ -4,8 +4,10 @@ What is encoded is the VAE's distribution (mean and standard deviation) of one i
 flipped or not. The latent trained on is `(mean + std * noise) * scaling_factor`, with the noise
 drawn from a stream seeded by the run's seed and the image's folder, name, bucket and flip. So
 caching never changes what is trained: the same run with and without the cache, in memory or on
-disk, gives the same latents (and the same LoRA with `--vae_batch_size 1`, the default: a VAE may
-round differently on batches of other sizes).
+disk, gives the same latents up to float rounding. Without a cache the VAE encodes each training
+batch in one call (as sd-scripts does); the cache encodes `--vae_batch_size` images of one bucket
+per call, and a VAE may round differently on batches of other sizes, so the LoRA is bitwise the
+same only when both calls hold the same images (e.g. batch size 1 and `--vae_batch_size 1`).
 
 The disk cache is sd-scripts' layout, `<image stem>.npz` beside the image, with its keys (`latents`,
 `original_size`, `crop_ltrb`, `latents_flipped`) plus the standard deviations. A file is reused only

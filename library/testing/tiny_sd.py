@@ -34,9 +34,11 @@ def tiny_config_dir(v2: bool = False) -> Path:
     return MODEL_CONFIGS_DIR / ("tiny_sd_v2" if v2 else "tiny_sd_v1")
 
 
-def build_tiny_sd(seed: int = 0, v2: bool = False, v_parameterization: bool = False) -> StableDiffusionModels:
-    """A tiny SD1- or SD2-shaped model whose weights depend only on `seed` (the global RNG is left as it was)."""
-    config_dir = tiny_config_dir(v2)
+def build_tiny_sd(seed: int = 0, v2: bool = False, v_parameterization: bool = False,
+                  config_dir: Path | None = None) -> StableDiffusionModels:
+    """A tiny SD1- or SD2-shaped model whose weights depend only on `seed` (the global RNG is left as it was),
+    built from `config_dir` (default: `tiny_config_dir(v2)`; e.g. `configs/models/small_sd_v1`, a 17.6M-parameter U-Net)."""
+    config_dir = config_dir or tiny_config_dir(v2)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir, subfolder="unet"))

@@ -436,7 +436,8 @@ def _latents(run: Run, batch: LoadedBatch) -> torch.Tensor:
     if run.latent_cache is not None:
         dists = [run.latent_cache.get(key) for key in keys]
     else:
-        dists = encode(run.models.vae, batch.pixels, run.config.data.vae_batch_size, run.vae_dtype)
+        # The whole batch in one VAE call, as sd-scripts' training loop does (--vae_batch_size is for caching).
+        dists = encode(run.models.vae, batch.pixels, len(batch.pixels), run.vae_dtype)
     latents = run.models.latents_from_vae(sample_latents(keys, dists, run.facts.seed))
     return latents.to(run.accelerator.device, run.latent_dtype)
 
