@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-import library.training.trainer as trainer
+from library.training.train_batch import DiffusionNoising
 from library.training.caption_tokens import CaptionTokens
 import train_network_cat
 from networks.lora_cat.file_format import read_lora_file
@@ -209,9 +209,9 @@ def test_data_loader_workers_do_not_change_the_lora(model, dataset, tmp_path):
 
 def test_regularisation_samples_are_weighted_by_prior_loss_weight(model, dataset, tmp_path, monkeypatch):
     captions, weights = [], []
-    build = trainer.build_cat_batch
+    build = DiffusionNoising.batch
     monkeypatch.setattr(CaptionTokens, "__call__", _recording(captions))
-    monkeypatch.setattr(trainer, "build_cat_batch", lambda *a, **k: weights.append(a[3].tolist()) or build(*a, **k))
+    monkeypatch.setattr(DiffusionNoising, "batch", lambda *a, **k: weights.append(a[4].tolist()) or build(*a, **k))
     argv = _argv(model, dataset, tmp_path / "out", "--prior_loss_weight", "0.25", "--max_train_steps", "8", "--cat_weight", "0")
     assert train_network_cat.main(argv) == 0
     pairs = [(c, w) for batch, ws in zip(captions, weights) for c, w in zip(batch, ws)]

@@ -70,7 +70,7 @@ class Recorded:
     denoiser: Any = None  # the denoiser the loop handed to the CAT step
     micro: list = field(default_factory=list)  # per CAT step call: U-Net batch sizes, dtypes, text lengths, grad norm
     steps: list = field(default_factory=list)  # per optimizer step: learning rates, grad norm before and after clipping
-    batches: list = field(default_factory=list)  # per build_cat_batch call: its inputs and the CATBatch
+    batches: list = field(default_factory=list)  # per DiffusionNoising.batch call: its inputs and the CATBatch
     noise: list = field(default_factory=list)  # per sample_noise call: the noise, and the same draw without each option
     vae_encodes: int = 0  # VAE encodes during the loop (not the latent cache's)
     block_calls: dict = field(default_factory=lambda: {"unet": 0, "text_encoder": 0})  # calls of one adapted attention, U-Net and text encoder
@@ -106,7 +106,7 @@ class _RecordingDenoiser:
 
 
 def _install_spies(monkeypatch, rec: Recorded) -> None:
-    real_loop, real_cat_step, real_build = trainer.training_loop, trainer.cat_step, trainer.build_cat_batch
+    real_loop, real_cat_step, real_build = trainer.training_loop, trainer.cat_step, train_batch.DiffusionNoising.batch
     real_noise, real_encode = train_batch.sample_noise, trainer.encode
 
     def training_loop(run):
@@ -130,12 +130,12 @@ def _install_spies(monkeypatch, rec: Recorded) -> None:
         rec.micro.append(note)
         return losses
 
-    def build_cat_batch(latents, trigger_ids, free_ids, loss_weights, schedule, noise_args, loss_args, generator=None,
+    def build_cat_batch(noising, latents, trigger_ids, free_ids, loss_weights, noise_args, loss_args, generator=None,
                         conditioning=None):
-        batch, loss_fn = real_build(latents, trigger_ids, free_ids, loss_weights, schedule, noise_args, loss_args, generator,
+        batch, loss_fn = real_build(noising, latents, trigger_ids, free_ids, loss_weights, noise_args, loss_args, generator,
                                     conditioning=conditioning)
-        rec.batches.append({"latents": latents, "trigger_ids": trigger_ids, "free_ids": free_ids, "schedule": schedule,
-                            "batch": batch, "loss_fn": loss_fn})
+        rec.batches.append({"latents": latents, "trigger_ids": trigger_ids, "free_ids": free_ids,
+                            "schedule": noising.schedule, "batch": batch, "loss_fn": loss_fn})
         return batch, loss_fn
 
     def sample_noise(latents, **kwargs):
@@ -158,7 +158,7 @@ def _install_spies(monkeypatch, rec: Recorded) -> None:
 
     monkeypatch.setattr(trainer, "training_loop", training_loop)
     monkeypatch.setattr(trainer, "cat_step", cat_step)
-    monkeypatch.setattr(trainer, "build_cat_batch", build_cat_batch)
+    monkeypatch.setattr(train_batch.DiffusionNoising, "batch", build_cat_batch)
     monkeypatch.setattr(train_batch, "sample_noise", sample_noise)
     monkeypatch.setattr(trainer, "encode", encode)
 

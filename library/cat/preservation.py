@@ -35,7 +35,9 @@ class FixedNoise:
 
 @torch.no_grad()
 def prediction_drift(denoiser: Denoiser, network, input_ids: Tensor, latents: Tensor, fixed: FixedNoise, scheduler) -> float:
-    """Mean of (eps_adapted - eps_base)^2 on these captions (adapters on vs. every adapter off)."""
+    """Mean of (eps_adapted - eps_base)^2 on these captions (adapters on vs. every adapter off);
+    `scheduler` noises the latents (`add_noise(latents, noise, timesteps)`: a diffusers DDPM
+    scheduler, or a run's `Noising`)."""
     z_t = scheduler.add_noise(latents, fixed.noise, fixed.timesteps)
     adapted = denoiser.predict(z_t, fixed.timesteps, denoiser.encode(input_ids))
     with multiplier_set_to(network, 0.0):

@@ -118,6 +118,25 @@ class NoiseArgs:
         return low, high
 
 
+TIMESTEP_SAMPLINGS = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")
+MODEL_PREDICTION_TYPES = ("raw", "additive", "sigma_scaled")
+WEIGHTING_SCHEMES = ("uniform", "none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
+
+
+@dataclass(frozen=True)
+class FlowMatchArgs:
+    """How flow-matching families (FLUX.1) draw sigmas and weigh the loss; sd-scripts' flags and defaults."""
+
+    timestep_sampling: str = "sigma"  # one of TIMESTEP_SAMPLINGS
+    sigmoid_scale: float = 1.0
+    discrete_flow_shift: float = 3.0
+    model_prediction_type: str = "sigma_scaled"  # one of MODEL_PREDICTION_TYPES
+    weighting_scheme: str = "uniform"  # one of WEIGHTING_SCHEMES
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+
+
 @dataclass(frozen=True)
 class LossArgs:
     """The main loss and its per-sample weights."""
@@ -291,3 +310,4 @@ class TrainConfig:
     sample: SampleArgs
     preservation: PreservationArgs
     config_file: Path | None  # the --config_file that was read, if any
+    flow: FlowMatchArgs = field(default_factory=FlowMatchArgs)  # flow-matching families only

@@ -31,14 +31,14 @@ def read_preservation_prompts(path: str | Path, shown: str = "--preservation_pro
 class PreservationDrift:
     """The training loop's probe: `measure` at the start, `after_step` after every optimizer step.
 
-    `resolution` is the latents' size in pixels (the first dataset's), `train_scheduler` the noise
-    schedule training uses; `log` sends the value to the run's trackers.
+    `resolution` is the latents' size in pixels (the first dataset's), `noising` noises as training
+    does (`add_noise`, `num_train_timesteps`); `log` sends the value to the run's trackers.
     """
 
     def __init__(self, side: SideTrip, args: PreservationArgs, *, resolution: tuple[int, int], run_seed: int,
-                 train_scheduler, log: bool) -> None:
+                 noising, log: bool) -> None:
         self.side, self.every, self.log = side, args.every_n_steps, log
-        self.train_scheduler = train_scheduler
+        self.noising = noising
         self.prompts = read_preservation_prompts(args.prompts) if args.prompts else ()
         self.last: float | None = None
         if self.prompts and side.accelerator.is_main_process:
@@ -55,7 +55,7 @@ class PreservationDrift:
             parts = [
                 (prediction_drift(denoiser, side.network, ids[i : i + CHUNK], latents[i : i + CHUNK],
                                   FixedNoise(fixed.noise[i : i + CHUNK], fixed.timesteps[i : i + CHUNK]),
-                                  self.train_scheduler), len(ids[i : i + CHUNK]))
+                                  self.noising), len(ids[i : i + CHUNK]))
                 for i in range(0, len(ids), CHUNK)
             ]
         self.last = sum(drift * count for drift, count in parts) / len(ids)
@@ -81,6 +81,6 @@ class PreservationDrift:
         width, height = resolution
         shape = models.latent_shape(len(self.prompts), width, height)
         latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-        fixed = FixedNoise.draw(shape, seed + 1, models.noise_scheduler.config.num_train_timesteps)
+        fixed = FixedNoise.draw(shape, seed + 1, self.noising.num_train_timesteps)
         ids = models.tokenize(list(self.prompts), self.side.max_token_length).to(device)
         return ids, latents.to(device, dtype), FixedNoise(fixed.noise.to(device, dtype), fixed.timesteps.to(device))

@@ -1,5 +1,10 @@
-"""From images and captions to a noised `CATBatch` and its loss function, as SD training does it.
+"""From latents and captions to a noised `CATBatch` and its loss function: the `Noising` of a run.
 
+A family's noise schedule decides how it is trained: a DDPM schedule (SD 1.x/2.x, SDXL) is noised
+here, by `DiffusionNoising`; a flow-matching one (FLUX.1) by `library.training.flow_matching`.
+`noising_for` picks by the schedule's type, so a new family on either objective needs nothing here.
+
+For DDPM schedules:
 Noise, timesteps and targets follow sd-scripts (`library.training.noise`); the per-sample weight is the
 prior-loss weight of regularisation images times the SNR weights (min-SNR and friends). SNR
 weights use the schedule as loaded, also under `--zero_terminal_snr` (whose rescaled schedule only
@@ -10,16 +15,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Mapping
+from typing import Mapping, Protocol
 
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from torch import Tensor
 
 from library.cat.objective import CATBatch, LossFn
+from library.training.flow_matching import FlowMatchNoising
 from library.training.losses import per_sample_loss
-from library.training.noise import noisy_latents, sample_noise, sample_timesteps, snr, snr_loss_weight, training_target
-from library.config.train_config import LossArgs, NoiseArgs
+from library.training.noise import (
+    noisy_latents, sample_noise, sample_timesteps, snr, snr_loss_weight, training_target, zero_terminal_snr_scheduler,
+)
+from library.config.train_config import FlowMatchArgs, LossArgs, NoiseArgs
+
+
+class Noising(Protocol):
+    """How a run noises its batches: z_t, t, the target, per-sample weights and the main loss."""
+
+    num_train_timesteps: int
+
+    def batch(self, latents: Tensor, trigger_ids: Tensor, free_ids: Tensor, loss_weights: Tensor,
+              noise_args: NoiseArgs, loss_args: LossArgs, generator: torch.Generator | None = None,
+              conditioning: Mapping[str, Tensor] | None = None) -> tuple[CATBatch, LossFn]:
+        """Noise `latents` once: the batch all three CAT predictions share, and the main term's loss."""
+
+    def add_noise(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """z_t of fixed noise at fixed timesteps (the drift probe's, evaluation's)."""
 
 
 @dataclass
@@ -32,6 +54,34 @@ class NoiseSchedule:
     @property
     def v_prediction(self) -> bool:
         return self.train.config.prediction_type == "v_prediction"
+
+
+@dataclass(frozen=True)
+class DiffusionNoising:
+    """The `Noising` of DDPM-schedule families: `build_cat_batch` on the run's schedule."""
+
+    schedule: NoiseSchedule
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.schedule.train.config.num_train_timesteps
+
+    def batch(self, latents: Tensor, trigger_ids: Tensor, free_ids: Tensor, loss_weights: Tensor,
+              noise_args: NoiseArgs, loss_args: LossArgs, generator: torch.Generator | None = None,
+              conditioning: Mapping[str, Tensor] | None = None) -> tuple[CATBatch, LossFn]:
+        return build_cat_batch(latents, trigger_ids, free_ids, loss_weights, self.schedule, noise_args, loss_args,
+                               generator, conditioning=conditioning)
+
+    def add_noise(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        return self.schedule.train.add_noise(latents, noise, timesteps)
+
+
+def noising_for(scheduler, noise_args: NoiseArgs, flow_args: FlowMatchArgs) -> Noising:
+    """The run's `Noising` for a family's training schedule (`ModelFamily.noise_scheduler`)."""
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return FlowMatchNoising(flow_args, scheduler.config.num_train_timesteps)
+    train = zero_terminal_snr_scheduler(scheduler) if noise_args.zero_terminal_snr else scheduler
+    return DiffusionNoising(NoiseSchedule(train=train, weights=scheduler))
 
 
 def build_cat_batch(

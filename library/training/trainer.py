@@ -28,7 +28,7 @@ from library.training.grad_sync import average_gradients
 from library.data.image_loading import Augmentation, load_image
 from library.data.latents import LatentCache, LatentKey, encode, key_for, sample_latents
 from library.training.lr_schedulers import build_lr_scheduler, current_learning_rates
-from library.training.noise import check_snr_weighting_flags, zero_terminal_snr_scheduler
+from library.training.noise import check_snr_weighting_flags
 from library.training.network_setup import DTYPES, build_network, optimizer_groups
 from library.training.optimizers import build_optimizer
 from library.training.output_files import (
@@ -41,7 +41,7 @@ from library.sampling.drift_probe import PreservationDrift
 from library.sampling.sample_images import SampleImages, scheduled_sample_prompts
 from library.sampling.side_trip import SideTrip
 from library.sampling.sample_prompts import SamplePrompt
-from library.training.train_batch import NoiseSchedule, build_cat_batch
+from library.training.train_batch import Noising, noising_for
 from library.data.batch_loader import EpochBatches, EpochSampler, LoadedBatch, batch_loader
 from library.data.run_data import free_caption, load_training_data, training_caption, trigger_free_prompt
 from library.data.buckets import size_conditioning_crop
@@ -72,7 +72,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     lr_descriptions: list[str]
-    schedule: NoiseSchedule
+    noising: Noising
     data: TrainingData
     facts: RunFacts
     metadata: dict[str, str]
@@ -147,7 +147,6 @@ def setup(config: TrainConfig, load_models: ModelLoader) -> Run:
         num_batches_per_epoch=steps_per_epoch, max_train_steps=max_steps,
         num_epochs=math.ceil(max_steps / steps_per_epoch), optimizer_name=optimizer_name, data=data,
     )
-    train_scheduler = zero_terminal_snr_scheduler(models.noise_scheduler) if config.noise.zero_terminal_snr else models.noise_scheduler
     loader, sampler = batch_loader(batches, config.data.max_data_loader_n_workers,
                                    config.data.persistent_data_loader_workers)
     tokens = CaptionTokens(lambda texts: models.tokenize(texts, config.model.max_token_length))
@@ -155,7 +154,7 @@ def setup(config: TrainConfig, load_models: ModelLoader) -> Run:
         config=config, accelerator=accelerator, models=models, network=network,
         trainable=network.get_trainable_params(), optimizer=optimizer,
         lr_scheduler=lr_scheduler, lr_descriptions=descriptions,
-        schedule=NoiseSchedule(train=train_scheduler, weights=models.noise_scheduler), data=data, facts=facts,
+        noising=noising_for(models.noise_scheduler, config.noise, config.flow), data=data, facts=facts,
         metadata=training_metadata(config, facts, output_name or "last"), output_dir=output_dir,
         output_name=output_name, save_dtype=SAVE_DTYPES.get(config.save.save_precision) if config.save.save_precision else None,
         latent_cache=_cache_latents(config, data, models, accelerator), batches=batches, loader=loader,
@@ -288,7 +287,7 @@ def training_loop(run: Run) -> list[Path]:
     )
     drift = PreservationDrift(
         side, config.preservation, resolution=run.resolution, run_seed=run.facts.seed,
-        train_scheduler=run.schedule.train, log=bool(config.log.log_with),
+        noising=run.noising, log=bool(config.log.log_with),
     )
     sample_images.at_first(step)
     drift.measure(step, bar)  # before training: exactly 0 for a fresh LoRA (its up-projections start at zero)
@@ -406,9 +405,8 @@ def _train_on(run: Run, denoiser: Denoiser, batch: LoadedBatch, epoch: int, loss
     free_ids = run.tokens([free_caption(config, item, caption) for item, caption in zip(items, captions)]
                           ) if config.cat.enabled else trigger_ids
     weights = torch.tensor([config.loss.prior_loss_weight if item.is_reg else 1.0 for item in items])
-    cat_batch, loss_fn = build_cat_batch(
-        latents, trigger_ids, free_ids, weights,
-        run.schedule, config.noise, config.loss, run.generator,
+    cat_batch, loss_fn = run.noising.batch(
+        latents, trigger_ids, free_ids, weights, config.noise, config.loss, run.generator,
         conditioning=run.models.image_conditioning([_geometry(s, a) for s, a in zip(samples, batch.augmentations)]),
     )
 
