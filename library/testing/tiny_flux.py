@@ -1,6 +1,6 @@
 """A tiny FLUX.1-shaped model with seeded random weights, and writers for the files FLUX users have.
 
-Built from `configs/models/tiny_flux`: a transformer of about 0.1M parameters with FLUX.1's layout
+Built from `configs/models/tiny_flux`: a transformer of 0.14M parameters with FLUX.1's layout
 (two double-stream and two single-stream blocks, guidance embedding as in dev, 64 input channels:
 16 latent channels packed 2x2), a 16-channel 8x VAE with FLUX's scaling and shift, a 3-layer CLIP
 text encoder (CLIP-L's role: only its pooled output is used) and a 2-layer T5 encoder with T5 v1.1's
@@ -99,7 +99,9 @@ def build_tiny_flux(seed: int = 0, guidance: bool = True) -> TinyFluxParts:
         t5 = T5EncoderModel(T5Config.from_pretrained(config_dir, subfolder="text_encoder_2"))
         for model in (transformer, vae, clip_l, t5):
             perturb(model)
-            model.to(dtype=torch.float32).eval().requires_grad_(False)
+            if model.dtype != torch.float32:  # diffusers warns about a cast that changes nothing
+                model.to(dtype=torch.float32)
+            model.eval().requires_grad_(False)
     return TinyFluxParts(
         transformer=transformer,
         vae=vae,
