@@ -18,7 +18,9 @@ from torch import nn
 
 from .errors import UserInputError
 from .file_format import LoRAFileEntry, describe_lora_state_dict, read_lora_file, save_lora_file
-from .fit import SD, SDXL, file_family, fits
+from .fit import FLUX, SD, SDXL, file_family, fits
+from .flux_names import is_flux_transformer
+from .fused_layer import FusedLoRAModule, LinearGroup
 from .layer import LoRAModule
 from .metadata import with_model_hashes
 from .sgm_names import is_sdxl_unet
@@ -26,8 +28,7 @@ from .targets import (
     UNET_PREFIX,
     LoRATarget,
     diffusers_layout_unet_names,
-    text_encoder_prefixes,
-    text_encoder_targets,
+    model_text_encoder_targets,
     unet_targets,
 )
 from .network_args import LoRANetworkConfig, parse_network_config
@@ -68,7 +69,7 @@ def create_network_from_weights(
     if weights_sd is None:
         weights_sd, _ = read_lora_file(file)
     source = str(file) if file is not None else "weights_sd"
-    family = SDXL if is_sdxl_unet(unet) else SD
+    family = model_family(unet)
     weights_sd = _in_network_layout(weights_sd, family, diffusers_layout_unet_names(unet), source)
     entries = describe_lora_state_dict(weights_sd, source)
     config = parse_network_config(None, None, kwargs.pop("dropout", None), kwargs)
@@ -92,19 +93,17 @@ class LoRANetwork(nn.Module):
         self.config = config
         self.multiplier = float(multiplier)
         self.gradient_checkpointing = False
-        self.family = SDXL if is_sdxl_unet(unet) else SD
+        self.family = model_family(unet)
         # Some tools write SDXL U-Net layers under diffusers-layout names; files are read under SGM names.
         self._sgm_names = diffusers_layout_unet_names(unet)
-        if self.family == SDXL and config.block_lr is not None:
+        if self.family != SD and config.block_lr is not None:
             raise UserInputError(
                 "network_args down_lr_weight/mid_lr_weight/up_lr_weight: block-wise learning rates are defined "
-                "here for the SD 1.x/2.x U-Net only, not yet for SDXL's; remove them for this model."
+                f"here for the SD 1.x/2.x U-Net only, not yet for {self.family}'s; remove them for this model."
             )
         with_conv = config.conv_rank is not None or file_entries is not None
-        te_targets = [
-            t for te, prefix in zip(text_encoders, text_encoder_prefixes(len(text_encoders)))
-            for t in text_encoder_targets(te, prefix)
-        ]
+        # A file's own layers decide what exists (T5's `lora_te3_` included); else train_t5xxl does.
+        te_targets = model_text_encoder_targets(unet, text_encoders, config.train_t5xxl or file_entries is not None)
         self.text_encoder_loras = self._create_modules(te_targets, file_entries)
         self.unet_loras = self._create_modules(unet_targets(unet, with_conv), file_entries)
         for lora in self.text_encoder_loras + self.unet_loras:
@@ -119,8 +118,9 @@ class LoRANetwork(nn.Module):
             rank_alpha = self._rank_alpha(target, file_entries)
             if rank_alpha is None:
                 continue
+            kind = FusedLoRAModule if isinstance(target.module, LinearGroup) else LoRAModule
             modules.append(
-                LoRAModule(
+                kind(
                     target.lora_name, target.module, rank_alpha[0], rank_alpha[1], self.multiplier,
                     self.config.dropout, self.config.rank_dropout, self.config.module_dropout,
                 )
@@ -310,6 +310,13 @@ class LoRANetwork(nn.Module):
             return 0, 0.0, 0.0
         norms = [norm for _, norm in results]
         return sum(scaled for scaled, _ in results), sum(norms) / len(norms), max(norms)
+
+
+def model_family(unet: nn.Module) -> str:
+    """`FLUX`, `SDXL` or `SD`: which family's names the network and its files use."""
+    if is_flux_transformer(unet):
+        return FLUX
+    return SDXL if is_sdxl_unet(unet) else SD
 
 
 def _in_network_layout(

@@ -33,7 +33,8 @@ UNSUPPORTED_KEYS = {
 BLOCK_LR_KEYS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold")
 FLOAT_KEYS = ("rank_dropout", "module_dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
               "loraplus_text_encoder_lr_ratio", "conv_alpha", "dropout")
-KNOWN_KEYS = {"conv_dim", "conv_lora_dim", *FLOAT_KEYS, *BLOCK_LR_KEYS}
+BOOL_KEYS = ("train_t5xxl",)
+KNOWN_KEYS = {"conv_dim", "conv_lora_dim", *FLOAT_KEYS, *BLOCK_LR_KEYS, *BOOL_KEYS}
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class LoRANetworkConfig:
     loraplus_unet_lr_ratio: float | None = None
     loraplus_text_encoder_lr_ratio: float | None = None
     block_lr: BlockLrWeights | None = None
+    train_t5xxl: bool = False  # FLUX.1: adapt T5-XXL too (sd-scripts' network_args train_t5xxl=True)
 
     def loraplus_ratio(self, text_encoder: bool) -> float | None:
         """The LoRA+ ratio for `lora_up` weights: the specific one, else the general one."""
@@ -80,6 +82,7 @@ def parse_network_config(
             "loraplus_text_encoder_lr_ratio", kwargs.get("loraplus_text_encoder_lr_ratio")
         ),
         block_lr=BlockLrWeights.from_network_args(kwargs),
+        train_t5xxl=_bool("train_t5xxl", kwargs.get("train_t5xxl")),
     )
 
 
@@ -144,6 +147,18 @@ def _given(key: str, value: Any, where: str) -> str:
 def _example(key: str, value: Any, where: str) -> str:
     """A correct value written the way the user writes that option: "--network_dim 4", "conv_dim=4"."""
     return f"{where} {value}" if where.startswith("--") else f"{key}={value}"
+
+
+def _bool(key: str, value: Any) -> bool:
+    """A yes/no pair as GUIs write it (True/False, true/false, 1/0); unset is False."""
+    if not _is_set(value) or isinstance(value, bool):
+        return bool(value) if isinstance(value, bool) else False
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise UserInputError(f"network_args {key}={value!r}: expected True or False, e.g. {key}=True.")
 
 
 def _probability(key: str, value: Any) -> float | None:

@@ -10,6 +10,9 @@ SD 1.x/2.x U-Net paths are diffusers' own. An SDXL U-Net's are renamed to the or
 layout (`sgm_names`), because sd-scripts' SDXL LoRAs carry those:
 `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`; its text encoders are `lora_te1`
 (CLIPTextModel) and `lora_te2` (CLIPTextModelWithProjection, which keeps `text_model.`).
+
+FLUX.1's transformer layers are named in Black Forest Labs' layout, as sd-scripts names them
+(`flux_names`): `lora_unet_double_blocks_0_img_attn_qkv`, `lora_unet_single_blocks_0_linear1`.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from typing import Callable
 
 from torch import nn
 
+from .flux_names import CLIP_L_PREFIX, T5_BLOCKS, T5_PREFIX, flux_transformer_layers, is_flux_transformer
 from .sgm_names import is_sdxl_unet, is_sgm_layout, renamed_module_path, sdxl_sgm_to_diffusers_map, unet_module_map
 
 UNET_PREFIX = "lora_unet"
 TEXT_ENCODER_PREFIX = "lora_te"
-LORA_PREFIXES = (UNET_PREFIX, TEXT_ENCODER_PREFIX, "lora_te1", "lora_te2")
+LORA_PREFIXES = (UNET_PREFIX, TEXT_ENCODER_PREFIX, "lora_te1", "lora_te2", "lora_te3")
 
 # The blocks whose Linear / Conv2d children are adapted (class names, as kohya matches them).
 UNET_ATTENTION_BLOCKS = ("Transformer2DModel",)
@@ -52,6 +56,8 @@ def unet_targets(unet: nn.Module, with_conv_blocks: bool) -> list[LoRATarget]:
     Named in diffusers' layout for SD 1.x/2.x, in Stability's (SGM) layout for SDXL: a diffusers
     SDXL U-Net's paths are renamed, sd-scripts' own SDXL U-Net has SGM paths already.
     """
+    if is_flux_transformer(unet):
+        return [LoRATarget(lora_name(UNET_PREFIX, path), layer, False) for path, layer in flux_transformer_layers(unet).items()]
     blocks = UNET_ATTENTION_BLOCKS + (UNET_CONV_BLOCKS if with_conv_blocks else ())
     return _targets_in(unet, blocks, UNET_PREFIX, _unet_renamers(unet)[0])
 
@@ -79,6 +85,22 @@ def text_encoder_targets(text_encoder: nn.Module, prefix: str = TEXT_ENCODER_PRE
     if hasattr(text_encoder, "text_model"):
         return _targets_in(text_encoder, TEXT_ENCODER_BLOCKS, prefix, _keep_path)
     return _targets_in(text_encoder, TEXT_ENCODER_BLOCKS, prefix, _under_text_model)
+
+
+def model_text_encoder_targets(unet: nn.Module, text_encoders: list[nn.Module], with_t5: bool) -> list[LoRATarget]:
+    """Targets in every text encoder of the model `unet` belongs to, under that family's prefixes.
+
+    SD: `lora_te`; SDXL: `lora_te1`, `lora_te2`; FLUX.1: CLIP-L `lora_te1` and, when `with_t5`,
+    T5-XXL `lora_te3` (its attention q/k/v/o and gated MLP wi_0/wi_1/wo, as sd-scripts names them).
+    """
+    if is_flux_transformer(unet):
+        clip_l, t5 = (list(text_encoders) + [None, None])[:2]
+        targets = text_encoder_targets(clip_l, CLIP_L_PREFIX) if clip_l is not None else []
+        if t5 is not None and with_t5:
+            targets += _targets_in(t5, T5_BLOCKS, T5_PREFIX, _keep_path)
+        return targets
+    prefixes = text_encoder_prefixes(len(text_encoders))
+    return [t for te, prefix in zip(text_encoders, prefixes) for t in text_encoder_targets(te, prefix)]
 
 
 def text_encoder_prefixes(count: int) -> list[str]:
