@@ -11,10 +11,14 @@ import torch
 import networks.lora_cat as lora_cat
 from library.cat.objective import CATBatch, base_prediction, cat_step
 from library.families.family import ImageGeometry
+from library.testing.tiny_flux import build_tiny_flux
 from library.testing.tiny_sd import build_tiny_sd
 from library.testing.tiny_sdxl import build_tiny_sdxl
 
-FAMILIES = {"sd1": lambda: build_tiny_sd(seed=0), "sdxl": lambda: build_tiny_sdxl(seed=0)}
+FAMILIES = {"sd1": lambda: build_tiny_sd(seed=0), "sdxl": lambda: build_tiny_sdxl(seed=0),
+            "flux": lambda: build_tiny_flux(seed=0)}
+# FLUX.1's T5 is adapted only when asked (sd-scripts' train_t5xxl); here every text encoder is.
+NETWORK_ARGS = {"flux": {"train_t5xxl": "True"}}
 # Two training images of different sizes and crops: SDXL is told each one's numbers.
 GEOMETRY = [ImageGeometry((96, 64), (16, 0), (64, 64)), ImageGeometry((64, 80), (0, 8), (64, 64))]
 
@@ -23,7 +27,8 @@ GEOMETRY = [ImageGeometry((96, 64), (16, 0), (64, 64)), ImageGeometry((64, 80), 
 def family(request):
     models = FAMILIES[request.param]()
     pristine = copy.deepcopy(models)
-    network = lora_cat.create_network(1.0, 4, 4.0, models.vae, models.network_text_encoder, models.unet)
+    network = lora_cat.create_network(1.0, 4, 4.0, models.vae, models.network_text_encoder, models.unet,
+                                      **NETWORK_ARGS.get(request.param, {}))
     network.apply_to(models.network_text_encoder, models.unet)
     network.prepare_grad_etc(models.network_text_encoder, models.unet)
     generator = torch.Generator().manual_seed(5)
@@ -73,13 +78,14 @@ def test_the_image_conditioning_reaches_the_prediction(family):
     models, pristine, _ = family
     batch = _batch(models)
     base = pristine.denoiser()
+    other = {name: value * 2 for name, value in batch.conditioning.items()}
     with torch.no_grad():
         told = base.predict(batch.noisy_latents, batch.timesteps, base.encode(batch.free_ids), **batch.conditioning)
-        untold = base.predict(batch.noisy_latents, batch.timesteps, base.encode(batch.free_ids))
-    if batch.conditioning:  # SDXL: the size/crop numbers change the prediction
-        assert not torch.allclose(told, untold)
+        told_other = base.predict(batch.noisy_latents, batch.timesteps, base.encode(batch.free_ids), **other)
+    if batch.conditioning:  # SDXL's size/crop numbers, FLUX.1-dev's guidance: they change the prediction
+        assert not torch.allclose(told, told_other)
     else:
-        assert torch.equal(told, untold)
+        assert torch.equal(told, base.predict(batch.noisy_latents, batch.timesteps, base.encode(batch.free_ids)))
 
 
 def test_batched_and_sequential_give_the_same_gradients_and_none_reach_the_base(family):
@@ -99,8 +105,9 @@ def test_batched_and_sequential_give_the_same_gradients_and_none_reach_the_base(
 
 
 def _unused_text_encoder_layer(models) -> str | None:
-    """The name prefix of TE1's last layer for SDXL (its output is not used), None for SD."""
-    if len(models.text_encoders) == 1:
+    """The name prefix of TE1's last layer for SDXL (its output is not used), None for SD and FLUX.1
+    (whose CLIP-L gives its pooled output, after the last layer)."""
+    if not hasattr(models, "text_encoder_2"):
         return None
     last = models.text_encoders[0].config.num_hidden_layers - 1
     return f"lora_te1_text_model_encoder_layers_{last}_"

@@ -23,7 +23,6 @@ from library.testing.tiny_flux import (
     TINY_T5_TOKENIZER,
     build_tiny_flux,
     build_tiny_t5_tokenizer,
-    flux_pipeline,
     save_bfl_files,
     save_flux_diffusers_folder,
 )
@@ -275,7 +274,7 @@ def test_flux_pipeline_runs_on_the_tiny_parts_and_from_the_folder(parts, tmp_pat
             max_sequence_length=16, generator=torch.Generator().manual_seed(0), output_type="np",
         ).images
 
-    images = sample(flux_pipeline(parts))
+    images = sample(parts.pipeline())
     assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
     assert images.std() > 0
     folder = save_flux_diffusers_folder(parts, tmp_path / "tiny_flux")

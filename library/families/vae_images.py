@@ -13,7 +13,12 @@ def vae_scale_factor(vae: nn.Module) -> int:
 
 
 def decode_first_image(vae: nn.Module, latents: Tensor) -> Image.Image:
-    """The first image of a batch of denoised, scaled latents, decoded in the VAE's own dtype (outside
-    autocast, so --no_half_vae keeps float32)."""
-    pixels = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+    """The first image of a batch of denoised, scaled latents (SD's scaling, no shift)."""
+    return decode_pixels(vae, latents / vae.config.scaling_factor)
+
+
+def decode_pixels(vae: nn.Module, latents: Tensor) -> Image.Image:
+    """The first image of a batch of latents in the VAE's own space (unscaled), decoded in the VAE's
+    own dtype (outside autocast, so --no_half_vae keeps float32)."""
+    pixels = vae.decode(latents.to(vae.device, vae.dtype)).sample
     return VaeImageProcessor(vae_scale_factor=vae_scale_factor(vae)).postprocess(pixels.float(), output_type="pil")[0]

@@ -18,21 +18,18 @@ from __future__ import annotations
 import json
 import os
 import string
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import (
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
-    FluxPipeline,
     FluxTransformer2DModel,
 )
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
-    CLIPTokenizer,
     T5Config,
     T5EncoderModel,
     T5TokenizerFast,
@@ -40,6 +37,7 @@ from transformers import (
 
 from library.families.clip_tokenizer import EOS_TOKEN, build_clip_tokenizer
 from library.families.flux.bfl_layout import diffusers_to_bfl
+from library.families.flux.family import FluxModels
 from library.families.flux.tokenizers import load_t5_tokenizer
 from library.families.model_parts import MODEL_CONFIGS_DIR
 from library.testing import ldm_layout
@@ -71,19 +69,7 @@ sks ohwx token subject concept background foreground center left right top botto
 """.split()
 
 
-@dataclass(frozen=True)
-class TinyFluxParts:
-    """The six parts of a FLUX.1 model, as a FluxPipeline takes them (less the sampling schedule)."""
-
-    transformer: FluxTransformer2DModel
-    vae: AutoencoderKL
-    clip_l: CLIPTextModel
-    t5: T5EncoderModel
-    clip_tokenizer: CLIPTokenizer
-    t5_tokenizer: T5TokenizerFast
-
-
-def build_tiny_flux(seed: int = 0, guidance: bool = True) -> TinyFluxParts:
+def build_tiny_flux(seed: int = 0, guidance: bool = True) -> FluxModels:
     """A tiny FLUX.1-dev-shaped model (schnell-shaped without `guidance`) whose weights depend only on `seed`.
 
     Every parameter is perturbed after the default init (`tiny_sd.perturb`): RMSNorm scales off 1 and
@@ -102,13 +88,14 @@ def build_tiny_flux(seed: int = 0, guidance: bool = True) -> TinyFluxParts:
             if model.dtype != torch.float32:  # diffusers warns about a cast that changes nothing
                 model.to(dtype=torch.float32)
             model.eval().requires_grad_(False)
-    return TinyFluxParts(
+    return FluxModels(
         transformer=transformer,
         vae=vae,
         clip_l=clip_l,
         t5=t5,
         clip_tokenizer=build_clip_tokenizer(pad_token=EOS_TOKEN),  # FLUX's CLIP-L pads as SD1's does
         t5_tokenizer=load_t5_tokenizer(TINY_T5_TOKENIZER),
+        noise_scheduler=flux_scheduler(),
     )
 
 
@@ -117,23 +104,10 @@ def flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler.from_pretrained(TINY_FLUX_CONFIG, subfolder="scheduler", local_files_only=True)
 
 
-def flux_pipeline(parts: TinyFluxParts) -> FluxPipeline:
-    """A diffusers FluxPipeline over `parts` (shared, not copied)."""
-    return FluxPipeline(
-        scheduler=flux_scheduler(),
-        vae=parts.vae,
-        text_encoder=parts.clip_l,
-        tokenizer=parts.clip_tokenizer,
-        text_encoder_2=parts.t5,
-        tokenizer_2=parts.t5_tokenizer,
-        transformer=parts.transformer,
-    )
-
-
-def save_flux_diffusers_folder(parts: TinyFluxParts, path: str | os.PathLike) -> Path:
+def save_flux_diffusers_folder(parts: FluxModels, path: str | os.PathLike) -> Path:
     """Write `parts` as a diffusers FLUX folder: model_index.json, transformer/, vae/, text_encoder/,
     text_encoder_2/, tokenizer/, tokenizer_2/ and scheduler/, as FluxPipeline.from_pretrained reads it."""
-    flux_pipeline(parts).save_pretrained(path)
+    parts.pipeline().save_pretrained(path)
     return Path(path)
 
 
@@ -179,7 +153,7 @@ def bfl_ae_state_dict(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
     return _own_storage(ldm_layout.vae_to_ldm(vae.state_dict(), vae.config, prefix=""))
 
 
-def save_bfl_files(parts: TinyFluxParts, folder: str | os.PathLike) -> tuple[Path, Path, Path, Path]:
+def save_bfl_files(parts: FluxModels, folder: str | os.PathLike) -> tuple[Path, Path, Path, Path]:
     """Write `parts` as the four files FLUX users have; returns (transformer, clip_l, t5, ae) paths.
 
     The transformer file is named flux1-dev.safetensors, or flux1-schnell.safetensors when it has
