@@ -63,6 +63,9 @@ def test_predict_is_the_transformer_at_sigma_with_guidance():
     assert not torch.allclose(got, other), "the guidance value reaches FLUX.1-dev's guidance embedding"
     with pytest.raises(ValueError, match="guidance"):
         denoiser.predict(latents, torch.tensor([500.0, 250.0]), text)
+    told_default = FluxDenoiser(transformer, clip_l=None, t5=None, guidance_scale=3.5)
+    assert torch.equal(told_default.predict(latents, torch.tensor([500.0, 250.0]), text), got), \
+        "without the batch's guidance, the run's --guidance_scale"
 
 
 @torch.no_grad()

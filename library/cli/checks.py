@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from library.cli.arg_values import ArgValues
+from library.cli.flow_checks import check_family_flags, check_flow_matching
 from library.cli.unsupported import IMPLEMENTED_VALUES, INERT_WITHOUT, NOT_IMPLEMENTED
 from library.config.training_script import SD_SCRIPT, TrainingScript
 from library.errors import UserInputError
@@ -210,6 +211,8 @@ def _check_family(args: ArgValues, script: TrainingScript) -> None:
     if args["v2"] and not script.has_v2:
         raise UserInputError(f"{args.show('v2')}: {script.model_name} has no 2.x variant ({script.replaces} refuses "
                              "the flag too); remove it. For a Stable Diffusion 2.x model use train_network_cat.py.")
+    check_family_flags(args, script)
+    check_flow_matching(args, script)
     _check_text_encoder_caching(args, script)
     rates = args["text_encoder_lr"] or []
     if script.text_encoders > 1 and len(rates) > script.text_encoders:
@@ -229,8 +232,8 @@ def _check_text_encoder_caching(args: ArgValues, script: TrainingScript) -> None
     shown = args.show("cache_text_encoder_outputs_to_disk" if args["cache_text_encoder_outputs_to_disk"]
                       else "cache_text_encoder_outputs")
     if not script.text_encoder_caching:
-        raise UserInputError(f"{shown}: text-encoder outputs are cached for SDXL (sdxl_train_network_cat.py), not for "
-                             f"{script.model_name}; remove the flag.")
+        raise UserInputError(f"{shown}: text-encoder outputs are cached for SDXL and FLUX.1 (sdxl_train_network_cat.py, "
+                             f"flux_train_network_cat.py), not for {script.model_name}; remove the flag.")
     if not args["network_train_unet_only"]:
         raise UserInputError(f"{shown} needs --network_train_unet_only: cached outputs cannot train the text "
                              f"encoders ({script.replaces} requires it too).")

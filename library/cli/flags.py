@@ -15,6 +15,7 @@ from typing import NoReturn
 from library.cat.captions import CAPTION_MODES
 from library.cat.objective import CAT_MODES
 from library.config.training_script import SD_SCRIPT, TrainingScript
+from library.config.train_config import MODEL_PREDICTION_TYPES, TIMESTEP_SAMPLINGS, WEIGHTING_SCHEMES
 from library.errors import UserInputError
 from library.sampling.sample_prompts import SAMPLER_ALIASES, SAMPLERS
 
@@ -44,7 +45,7 @@ def build_parser(script: TrainingScript = SD_SCRIPT) -> argparse.ArgumentParser:
     for every family: the family's rules are checked in checks.py)."""
     parser = _Parser(script.name, description=f"LoRA training for {script.model_name} with Contrastive Adapter Training.")
     for add in (_add_model_arguments, _add_network_arguments, _add_optimizer_arguments, _add_scheduler_arguments,
-                _add_noise_arguments, _add_loss_arguments, _add_cat_arguments, _add_dataset_arguments,
+                _add_flux_arguments, _add_flow_matching_arguments, _add_noise_arguments, _add_loss_arguments, _add_cat_arguments, _add_dataset_arguments,
                 _add_caption_arguments, _add_run_arguments, _add_save_arguments, _add_metadata_arguments,
                 _add_logging_arguments, _add_sample_arguments, _add_unsupported_arguments):
         add(parser)
@@ -81,6 +82,40 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lowram", action="store_true", help="load models to VRAM instead of RAM")
     group.add_argument("--highvram", action="store_true", help="do not free VRAM caches (more VRAM, faster)")
     group.add_argument("--fp8_base", action="store_true", help="keep the base model in fp8")
+
+
+def _add_flux_arguments(parser: argparse.ArgumentParser) -> None:
+    """FLUX.1's model flags (sd-scripts' add_flux_train_arguments); flux_train_network_cat.py only."""
+    group = parser.add_argument_group("FLUX.1 (flux_train_network_cat.py)")
+    group.add_argument("--clip_l", type=str, default=None, help="CLIP-L text encoder file (with a BFL transformer file)")
+    group.add_argument("--t5xxl", type=str, default=None, help="T5-XXL text encoder file (with a BFL transformer file)")
+    group.add_argument("--ae", type=str, default=None, help="FLUX autoencoder file, ae.safetensors (with a BFL transformer file)")
+    group.add_argument("--t5xxl_max_token_length", type=int, default=None,
+                       help="T5 token length (default 512 for dev, 256 for schnell)")
+    group.add_argument("--apply_t5_attn_mask", action="store_true", help="mask T5's padding tokens in attention")
+    group.add_argument("--guidance_scale", type=float, default=3.5,
+                       help="the guidance value FLUX.1-dev is given in training (default 3.5; 1.0 is often used)")
+    group.add_argument("--model_type", type=str, default="flux", choices=["flux", "chroma"],
+                       help="flux (default) or chroma")
+    group.add_argument("--blocks_to_swap", type=int, default=None,
+                       help="transformer blocks swapped to the CPU to save VRAM")
+    group.add_argument("--split_mode", action="store_true", help="deprecated in sd-scripts (= --blocks_to_swap 18)")
+
+
+def _add_flow_matching_arguments(parser: argparse.ArgumentParser) -> None:
+    """How flow-matching models (FLUX.1) draw timesteps and weigh the loss (sd-scripts' flags and defaults)."""
+    group = parser.add_argument_group("flow matching (flux_train_network_cat.py)")
+    group.add_argument("--timestep_sampling", type=str, default="sigma", choices=list(TIMESTEP_SAMPLINGS),
+                       help="how sigmas are drawn (default sigma: the schedule shifted by --discrete_flow_shift)")
+    group.add_argument("--sigmoid_scale", type=float, default=1.0, help="scale of the normal draw for sigmoid/shift samplings")
+    group.add_argument("--discrete_flow_shift", type=float, default=3.0, help="schedule shift (default 3.0)")
+    group.add_argument("--model_prediction_type", type=str, default="sigma_scaled", choices=list(MODEL_PREDICTION_TYPES),
+                       help="how the output is compared with the target (default sigma_scaled; raw is recommended)")
+    group.add_argument("--weighting_scheme", type=str, default="uniform", choices=list(WEIGHTING_SCHEMES),
+                       help="timestep density / loss weighting (default uniform)")
+    group.add_argument("--logit_mean", type=float, default=0.0, help="mean of the logit_normal density")
+    group.add_argument("--logit_std", type=float, default=1.0, help="standard deviation of the logit_normal density")
+    group.add_argument("--mode_scale", type=float, default=1.29, help="scale of the mode density")
 
 
 def _add_network_arguments(parser: argparse.ArgumentParser) -> None:

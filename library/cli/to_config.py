@@ -19,6 +19,7 @@ from library.config.training_script import SD_SCRIPT, TrainingScript
 from library.config.train_config import (
     CATArgs,
     DataArgs,
+    FlowMatchArgs,
     LogArgs,
     LossArgs,
     MetadataArgs,
@@ -58,6 +59,7 @@ def to_train_config(args: ArgValues, script: TrainingScript = SD_SCRIPT) -> Trai
         sample=_pick(SampleArgs, args, prefix="sample_"),
         preservation=_pick(PreservationArgs, args, prefix="preservation_"),
         config_file=args.config_file,
+        flow=_pick(FlowMatchArgs, args) if script.flow_matching else None,
     )
 
 

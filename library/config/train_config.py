@@ -34,6 +34,13 @@ class ModelArgs:
     disable_mmap_load_safetensors: bool  # read a .safetensors checkpoint into memory at once (SDXL's flag)
     lowram: bool
     highvram: bool
+    # FLUX.1 (flux_train_network_cat.py): the text encoders and AE beside a BFL transformer file, and how it is told the text
+    clip_l: str | None = None
+    t5xxl: str | None = None
+    ae: str | None = None
+    t5xxl_max_token_length: int | None = None  # None: 512 for dev, 256 for schnell
+    apply_t5_attn_mask: bool = False
+    guidance_scale: float = 3.5
 
 
 @dataclass(frozen=True)
@@ -310,4 +317,4 @@ class TrainConfig:
     sample: SampleArgs
     preservation: PreservationArgs
     config_file: Path | None  # the --config_file that was read, if any
-    flow: FlowMatchArgs = field(default_factory=FlowMatchArgs)  # flow-matching families only
+    flow: FlowMatchArgs | None = None  # flow-matching families' scripts only (FLUX.1)

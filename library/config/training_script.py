@@ -10,6 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Flags only FLUX.1's script reads (sd-scripts' flux_train_network.py flags); the others refuse them.
+FLUX_FLAGS = ("clip_l", "t5xxl", "ae", "t5xxl_max_token_length", "apply_t5_attn_mask", "guidance_scale", "model_type",
+              "blocks_to_swap", "split_mode", "timestep_sampling", "sigmoid_scale", "discrete_flow_shift",
+              "model_prediction_type", "weighting_scheme", "logit_mean", "logit_std", "mode_scale")
+
 
 @dataclass(frozen=True)
 class TrainingScript:
@@ -23,6 +28,8 @@ class TrainingScript:
     has_v2: bool  # --v2 selects SD 2.x; refused where the family has no such variant
     uses_clip_skip: bool  # --clip_skip changes the conditioning; warned about where it does not
     text_encoder_caching: bool  # --cache_text_encoder_outputs(_to_disk) belong to this family
+    family_flags: tuple[str, ...] = ()  # flags only this family's script reads (e.g. FLUX_FLAGS)
+    flow_matching: bool = False  # trained by flow matching: the DDPM noise and SNR-weight flags do not apply
 
 
 SD_SCRIPT = TrainingScript(
@@ -33,3 +40,10 @@ SDXL_SCRIPT = TrainingScript(
     name="sdxl_train_network_cat.py", replaces="sdxl_train_network.py", model_name="SDXL",
     text_encoders=2, bucket_reso_multiple=32, has_v2=False, uses_clip_skip=False, text_encoder_caching=True,
 )
+FLUX_SCRIPT = TrainingScript(
+    name="flux_train_network_cat.py", replaces="flux_train_network.py", model_name="FLUX.1",
+    text_encoders=2, bucket_reso_multiple=32, has_v2=False, uses_clip_skip=False, text_encoder_caching=True,
+    family_flags=FLUX_FLAGS, flow_matching=True,
+)
+# Which script reads each family-only flag (for the sentence that refuses it elsewhere).
+FAMILY_FLAG_SCRIPTS = {flag: FLUX_SCRIPT for flag in FLUX_FLAGS}

@@ -49,6 +49,11 @@ class ModelFamily(Protocol):
         """sd-scripts' `ss_base_model_version` (the metadata id of the family and its variant)."""
 
     @property
+    def modelspec_architecture(self) -> str | None:
+        """The `modelspec.architecture` of the model when its version alone does not tell it (FLUX.1's
+        "flux-1-dev" / "flux-1-schnell"); None: the one `model_version` implies."""
+
+    @property
     def native_resolution(self) -> tuple[int, int]:
         """(width, height) in pixels the model was trained at."""
 

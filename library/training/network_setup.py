@@ -26,12 +26,14 @@ logger = logging.getLogger(__name__)
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-# sd-scripts' own module names, which GUIs write: ours is the drop-in with the same files and args.
-NETWORK_MODULE_ALIASES = {"networks.lora": "networks.lora_cat"}
+# sd-scripts' own module names, which GUIs write (networks.lora_flux for FLUX.1): ours is the drop-in
+# with the same files and args.
+NETWORK_MODULE_ALIASES = {"networks.lora": "networks.lora_cat", "networks.lora_flux": "networks.lora_cat"}
 
 
 def import_network_module(name: str):
-    """The `--network_module`: sd-scripts' `networks.lora` means ours; anything else is imported as named."""
+    """The `--network_module`: sd-scripts' `networks.lora` and `networks.lora_flux` mean ours; anything else
+    is imported as named."""
     name = NETWORK_MODULE_ALIASES.get(name, name)
     try:
         return importlib.import_module(name)

@@ -76,10 +76,11 @@ class DiffusionNoising:
         return self.schedule.train.add_noise(latents, noise, timesteps)
 
 
-def noising_for(scheduler, noise_args: NoiseArgs, flow_args: FlowMatchArgs) -> Noising:
-    """The run's `Noising` for a family's training schedule (`ModelFamily.noise_scheduler`)."""
+def noising_for(scheduler, noise_args: NoiseArgs, flow_args: FlowMatchArgs | None) -> Noising:
+    """The run's `Noising` for a family's training schedule (`ModelFamily.noise_scheduler`); `flow_args`
+    (sd-scripts' defaults when None) shape a flow-matching one."""
     if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        return FlowMatchNoising(flow_args, scheduler.config.num_train_timesteps)
+        return FlowMatchNoising(flow_args or FlowMatchArgs(), scheduler.config.num_train_timesteps)
     train = zero_terminal_snr_scheduler(scheduler) if noise_args.zero_terminal_snr else scheduler
     return DiffusionNoising(NoiseSchedule(train=train, weights=scheduler))
 

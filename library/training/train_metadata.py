@@ -30,6 +30,7 @@ class RunFacts:
     optimizer_name: str
     data: TrainingData
     training_started_at: float = field(default_factory=time.time)
+    architecture: str | None = None  # the family's modelspec architecture, where its version does not tell it
 
 
 def training_metadata(config: TrainConfig, facts: RunFacts, output_name: str) -> dict[str, str]:
@@ -96,10 +97,31 @@ def training_metadata(config: TrainConfig, facts: RunFacts, output_name: str) ->
         "ss_cat_caption": config.cat.caption,
         "ss_cat_class_word": config.cat.class_word,
         "ss_cat_mode": config.cat.mode,
+        **_flow_matching_metadata(config),
     }
     metadata = stringify_metadata(values)
     metadata.update(_modelspec(config, facts, output_name, resolution))
     return metadata
+
+
+def _flow_matching_metadata(config: TrainConfig) -> dict[str, object]:
+    """The keys sd-scripts' flux_train_network.py adds (nothing for DDPM families)."""
+    flow = config.flow
+    if flow is None:
+        return {}
+    return {
+        "ss_model_type": "flux",
+        "ss_apply_t5_attn_mask": config.model.apply_t5_attn_mask,
+        "ss_weighting_scheme": flow.weighting_scheme,
+        "ss_logit_mean": flow.logit_mean,
+        "ss_logit_std": flow.logit_std,
+        "ss_mode_scale": flow.mode_scale,
+        "ss_guidance_scale": config.model.guidance_scale,
+        "ss_timestep_sampling": flow.timestep_sampling,
+        "ss_sigmoid_scale": flow.sigmoid_scale,
+        "ss_model_prediction_type": flow.model_prediction_type,
+        "ss_discrete_flow_shift": flow.discrete_flow_shift,
+    }
 
 
 def at_save(metadata: Mapping[str, str], epoch: int, step: int) -> dict[str, str]:
@@ -195,6 +217,7 @@ def _modelspec(config: TrainConfig, facts: RunFacts, output_name: str, resolutio
     low, high = config.noise.timestep_range
     return modelspec_metadata(
         model_version=facts.model_version,
+        architecture=facts.architecture,
         title=config.metadata.title or output_name,
         resolution=resolution,
         timestamp=facts.training_started_at,

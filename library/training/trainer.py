@@ -143,7 +143,7 @@ def setup(config: TrainConfig, load_models: ModelLoader) -> Run:
     optimizer = accelerator.prepare(optimizer)
 
     facts = RunFacts(
-        model_version=models.model_version, seed=seed,
+        model_version=models.model_version, architecture=models.modelspec_architecture, seed=seed,
         num_batches_per_epoch=steps_per_epoch, max_train_steps=max_steps,
         num_epochs=math.ceil(max_steps / steps_per_epoch), optimizer_name=optimizer_name, data=data,
     )

@@ -5,7 +5,7 @@ Three groups of string keys end up in the file's header:
 - `ss_*` training keys: any value, turned into text by `str()` (`stringify_metadata`);
 - `sshs_model_hash` / `sshs_legacy_hash`: the hashes sd-webui-additional-networks and A1111 index
   LoRAs by, computed on the tensors plus the `ss_*` keys only (`model_hashes`, `with_model_hashes`);
-- `modelspec.*`: the SAI model spec 1.0.1 keys for an SD1/SD2 or SDXL LoRA (`modelspec_metadata`).
+- `modelspec.*`: the SAI model spec 1.0.1 keys for an SD1/SD2, SDXL or FLUX.1 LoRA (`modelspec_metadata`).
 
 Reference read for compatibility: sd-scripts `library/train_util.py` (`precalculate_safetensors_hashes`,
 `addnet_hash_safetensors`, `addnet_hash_legacy`, `get_sai_model_spec`) and `library/sai_model_spec.py`
@@ -34,6 +34,10 @@ IMPLEMENTATION_DIFFUSERS = "diffusers"
 # sd-scripts' implementation of an SDXL LoRA (its U-Net names are Stability's layout, not diffusers').
 IMPLEMENTATION_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
 SDXL_MODEL_VERSION = "sdxl_base_v1-0"
+FLUX_MODEL_VERSION = "flux1"  # sd-scripts' ss_base_model_version for FLUX.1 dev and schnell
+IMPLEMENTATION_FLUX = "https://github.com/black-forest-labs/flux"
+# FLUX.1's modelspec architectures (the variant is not in ss_base_model_version; the model tells it).
+FLUX_ARCHITECTURES = ("flux-1-dev", "flux-1-schnell")
 PREDICTION_EPSILON = "epsilon"
 PREDICTION_V = "v"
 
@@ -46,6 +50,7 @@ ARCHITECTURES = {
     "sd_v2": "stable-diffusion-v2-512",
     "sd_v2_v": "stable-diffusion-v2-768-v",
     SDXL_MODEL_VERSION: "stable-diffusion-xl-v1-base",
+    FLUX_MODEL_VERSION: "flux-1-dev",
 }
 LORA_ADAPTER_SUFFIX = "/lora"
 
@@ -113,6 +118,7 @@ def modelspec_metadata(
     title: str,
     resolution: tuple[int, int] | int,
     timestamp: float,
+    architecture: str | None = None,
     v_parameterization: bool | None = None,
     trigger_phrase: str | None = None,
     clip_skip: int | None = None,
@@ -123,7 +129,10 @@ def modelspec_metadata(
     license: str | None = None,
     implementation_version: str | None = None,
 ) -> dict[str, str]:
-    """The `modelspec.*` keys sd-scripts writes for an SD1/SD2 or SDXL LoRA.
+    """The `modelspec.*` keys sd-scripts writes for an SD1/SD2, SDXL or FLUX.1 LoRA.
+
+    `architecture` is the model's own (FLUX.1: "flux-1-dev" or "flux-1-schnell"); by default the
+    one `model_version` implies. FLUX.1 LoRAs carry no `prediction_type`, as sd-scripts writes them.
 
     Always written: `sai_model_spec` ("1.0.1"), `architecture` (from `model_version`, the
     `ss_base_model_version` value), `implementation` ("diffusers"; Stability's generative-models URL
@@ -137,13 +146,14 @@ def modelspec_metadata(
     """
     spec = {
         "modelspec.sai_model_spec": SAI_MODEL_SPEC_VERSION,
-        "modelspec.architecture": lora_architecture(model_version),
+        "modelspec.architecture": lora_architecture(model_version, architecture),
         "modelspec.implementation": implementation(model_version),
         "modelspec.title": title,
         "modelspec.resolution": resolution_text(resolution),
         "modelspec.date": iso_date(timestamp),
-        "modelspec.prediction_type": prediction_type(model_version, v_parameterization),
     }
+    if model_version != FLUX_MODEL_VERSION:
+        spec["modelspec.prediction_type"] = prediction_type(model_version, v_parameterization)
     optional = {
         "modelspec.trigger_phrase": trigger_phrase,
         "modelspec.encoder_layer": None if clip_skip is None else str(clip_skip),
@@ -157,21 +167,26 @@ def modelspec_metadata(
     return {**spec, **{key: value for key, value in optional.items() if value is not None}}
 
 
-def lora_architecture(model_version: str) -> str:
-    """`stable-diffusion-v1/lora`, `stable-diffusion-v2-512/lora`, `stable-diffusion-v2-768-v/lora` or
-    `stable-diffusion-xl-v1-base/lora`."""
+def lora_architecture(model_version: str, architecture: str | None = None) -> str:
+    """`stable-diffusion-v1/lora`, `stable-diffusion-v2-512/lora`, `stable-diffusion-v2-768-v/lora`,
+    `stable-diffusion-xl-v1-base/lora`, `flux-1-dev/lora` or `flux-1-schnell/lora`."""
     if model_version not in ARCHITECTURES:
         raise UserInputError(
             f"model version {model_version!r} (ss_base_model_version, set by the model family, --v2 and "
             f"--v_parameterization) is not one this trainer writes; expected one of {', '.join(ARCHITECTURES)}. "
-            "SD3, FLUX and later models are not supported by this trainer."
+            "SD3 and later models are not supported by this trainer."
         )
-    return ARCHITECTURES[model_version] + LORA_ADAPTER_SUFFIX
+    if architecture is not None and model_version == FLUX_MODEL_VERSION and architecture not in FLUX_ARCHITECTURES:
+        raise ValueError(f"FLUX.1 architecture {architecture!r}: expected one of {', '.join(FLUX_ARCHITECTURES)}")
+    return (architecture or ARCHITECTURES[model_version]) + LORA_ADAPTER_SUFFIX
 
 
 def implementation(model_version: str) -> str:
-    """"diffusers" for SD1/SD2 LoRAs; Stability's generative-models URL for SDXL ones, as sd-scripts writes."""
+    """"diffusers" for SD1/SD2 LoRAs; Stability's generative-models URL for SDXL ones, Black Forest Labs'
+    repository for FLUX.1 ones, as sd-scripts writes."""
     lora_architecture(model_version)  # rejects unknown versions with a clear message
+    if model_version == FLUX_MODEL_VERSION:
+        return IMPLEMENTATION_FLUX
     return IMPLEMENTATION_STABILITY_AI if model_version == SDXL_MODEL_VERSION else IMPLEMENTATION_DIFFUSERS
 
 

@@ -62,7 +62,9 @@ def image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype)
 class FluxDenoiser:
     """`encode(ids)` and `predict(z_t, t, text, guidance=...)` for a FLUX.1 model (adapters act inside).
 
-    `ids` are CLIP's 77 token ids followed by T5's (B, 77 + L); `t` is 1000 * sigma.
+    `ids` are CLIP's 77 token ids followed by T5's (B, 77 + L); `t` is 1000 * sigma. `guidance_scale`
+    is what a FLUX.1-dev prediction is told when no `guidance` is passed (the run's --guidance_scale:
+    probes and evaluation predict without the batch's conditioning).
     """
 
     transformer: nn.Module
@@ -70,6 +72,7 @@ class FluxDenoiser:
     t5: nn.Module
     apply_t5_attn_mask: bool = False
     num_train_timesteps: int = 1000
+    guidance_scale: float | None = None
 
     def encode(self, input_ids: Tensor) -> FluxTextStates:
         clip_ids, t5_ids = input_ids[:, :CLIP_TOKENS], input_ids[:, CLIP_TOKENS:]
@@ -88,7 +91,7 @@ class FluxDenoiser:
         if text_states.mask is not None:
             extra["joint_attention_kwargs"] = {"attention_mask": _joint_mask(text_states.mask, height, width)}
         if getattr(self.transformer.config, "guidance_embeds", False):
-            extra["guidance"] = _guidance(guidance, noisy_latents)
+            extra["guidance"] = _guidance(guidance, self.guidance_scale, noisy_latents)
         output = self.transformer(
             hidden_states=pack_latents(noisy_latents), encoder_hidden_states=states,
             pooled_projections=text_states.pooled.to(dtype), timestep=timesteps.to(dtype) / self.num_train_timesteps,
@@ -104,7 +107,9 @@ def _joint_mask(text_mask: Tensor, height: int, width: int) -> Tensor:
     return torch.cat([text_mask.bool(), patches], dim=1)[:, None, None, :]
 
 
-def _guidance(guidance: Tensor | None, latents: Tensor) -> Tensor:
-    if guidance is None:
+def _guidance(guidance: Tensor | None, default: float | None, latents: Tensor) -> Tensor:
+    if guidance is None and default is None:
         raise ValueError("this FLUX model embeds a guidance value (FLUX.1-dev): pass `guidance` (B,) to predict")
+    if guidance is None:
+        guidance = torch.tensor([float(default)])
     return guidance.to(latents.device, torch.float32).expand(latents.shape[0])

@@ -63,6 +63,10 @@ class FluxModels:
         return MODEL_VERSION
 
     @property
+    def modelspec_architecture(self) -> str:
+        return "flux-1-schnell" if self.is_schnell else "flux-1-dev"
+
+    @property
     def native_resolution(self) -> tuple[int, int]:
         return 1024, 1024  # FLUX.1's training resolution (its transformer has no sample size)
 
@@ -84,7 +88,8 @@ class FluxModels:
     def denoiser(self, clip_skip: int | None = None) -> FluxDenoiser:
         """`clip_skip` is not used: FLUX reads CLIP-L's pooled output only."""
         return FluxDenoiser(self.transformer, self.clip_l, self.t5, apply_t5_attn_mask=self.apply_t5_attn_mask,
-                            num_train_timesteps=self.noise_scheduler.config.num_train_timesteps)
+                            num_train_timesteps=self.noise_scheduler.config.num_train_timesteps,
+                            guidance_scale=self.guidance_scale)
 
     def image_conditioning(self, images: Sequence[ImageGeometry]) -> dict[str, Tensor]:
         """FLUX.1-dev's guidance value for each image (the same for all; {} for schnell)."""

@@ -45,6 +45,10 @@ class StableDiffusionModels:
         return base + "_v" if self.v_parameterization else base
 
     @property
+    def modelspec_architecture(self) -> None:
+        return None  # the model version's
+
+    @property
     def native_resolution(self) -> tuple[int, int]:
         size = self.unet.config.sample_size * self._vae_scale_factor
         return size, size

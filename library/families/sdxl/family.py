@@ -50,6 +50,10 @@ class SDXLModels:
         return MODEL_VERSION
 
     @property
+    def modelspec_architecture(self) -> None:
+        return None  # the model version's
+
+    @property
     def native_resolution(self) -> tuple[int, int]:
         size = self.unet.config.sample_size * vae_scale_factor(self.vae)
         return size, size
