@@ -149,3 +149,15 @@ def test_side_by_side():
     strip = side_by_side([Image.new("RGB", (8, 6), c) for c in colours])
     assert strip.size == (24, 6)
     assert [strip.getpixel((x, 3)) for x in (0, 8, 16)] == colours
+
+
+def test_flux_prompts_take_guidance_and_the_flux_script_s_defaults(tmp_path):
+    from library.config.training_script import FLUX_SCRIPT
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("a photo of sks teapot --g 2.5 --w 100 --h 72\na red teapot\n", encoding="utf-8")
+    told, untold = load_sample_prompts(path, FLUX_SCRIPT.sample_defaults)
+    assert told.guidance == 2.5 and (told.width, told.height) == (96, 64), "FLUX sizes are multiples of 16"
+    assert (untold.guidance, untold.steps, untold.scale) == (3.5, 20, 1.0), "sd-scripts' FLUX sampling defaults"
+    sd_told, _ = load_sample_prompts(path)
+    assert (sd_told.width, sd_told.height, sd_told.steps, sd_told.scale) == (96, 72, 30, 7.5)

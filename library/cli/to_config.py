@@ -56,7 +56,7 @@ def to_train_config(args: ArgValues, script: TrainingScript = SD_SCRIPT) -> Trai
         save=_pick(SaveArgs, args),
         metadata=_pick(MetadataArgs, args, prefix="metadata_", training_comment=args["training_comment"]),
         log=_pick(LogArgs, args),
-        sample=_pick(SampleArgs, args, prefix="sample_"),
+        sample=_pick(SampleArgs, args, prefix="sample_", defaults=script.sample_defaults),
         preservation=_pick(PreservationArgs, args, prefix="preservation_"),
         config_file=args.config_file,
         flow=_pick(FlowMatchArgs, args) if script.flow_matching else None,

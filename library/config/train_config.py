@@ -279,6 +279,16 @@ class LogArgs:
 
 
 @dataclass(frozen=True)
+class SampleDefaults:
+    """What a sample prompt gets where it says nothing: sd-scripts' defaults, which differ by family."""
+
+    steps: int = 30
+    scale: float = 7.5  # classifier-free guidance (FLUX.1: its true CFG, off at 1.0)
+    guidance: float | None = None  # FLUX.1-dev's guidance input (`--g`); None where the model has none
+    size_multiple: int = 8  # sizes are rounded down to this (FLUX.1: 16)
+
+
+@dataclass(frozen=True)
 class SampleArgs:
     """Sample images during training (`--sample_*`)."""
 
@@ -288,6 +298,7 @@ class SampleArgs:
     at_first: bool
     sampler: str
     cat_compare: bool  # each sample a strip: base | adapted without trigger | adapted with trigger
+    defaults: SampleDefaults = field(default_factory=SampleDefaults)  # the script's
 
 
 @dataclass(frozen=True)

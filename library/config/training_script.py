@@ -8,7 +8,9 @@ A new family adds one `TrainingScript` here and passes it from its script.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from library.config.train_config import SampleDefaults
 
 # Flags only FLUX.1's script reads (sd-scripts' flux_train_network.py flags); the others refuse them.
 FLUX_FLAGS = ("clip_l", "t5xxl", "ae", "t5xxl_max_token_length", "apply_t5_attn_mask", "guidance_scale", "model_type",
@@ -30,6 +32,7 @@ class TrainingScript:
     text_encoder_caching: bool  # --cache_text_encoder_outputs(_to_disk) belong to this family
     family_flags: tuple[str, ...] = ()  # flags only this family's script reads (e.g. FLUX_FLAGS)
     flow_matching: bool = False  # trained by flow matching: the DDPM noise and SNR-weight flags do not apply
+    sample_defaults: SampleDefaults = field(default_factory=SampleDefaults)  # sd-scripts' sample prompt defaults
 
 
 SD_SCRIPT = TrainingScript(
@@ -44,6 +47,8 @@ FLUX_SCRIPT = TrainingScript(
     name="flux_train_network_cat.py", replaces="flux_train_network.py", model_name="FLUX.1",
     text_encoders=2, bucket_reso_multiple=32, has_v2=False, uses_clip_skip=False, text_encoder_caching=True,
     family_flags=FLUX_FLAGS, flow_matching=True,
+    # sd-scripts' FLUX sampling: 20 steps, no CFG, guidance 3.5, sizes a multiple of 16.
+    sample_defaults=SampleDefaults(steps=20, scale=1.0, guidance=3.5, size_multiple=16),
 )
 # Which script reads each family-only flag (for the sentence that refuses it elsewhere).
 FAMILY_FLAG_SCRIPTS = {flag: FLUX_SCRIPT for flag in FLUX_FLAGS}

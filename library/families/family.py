@@ -83,6 +83,11 @@ class ModelFamily(Protocol):
                       max_token_length: int | None = None) -> dict[str, Tensor]:
         """The pipeline's prompt arguments (embeddings), encoded as training encodes prompts."""
 
+    def sample_latents(self, pipe: Any, embeds: dict[str, Tensor], *, width: int, height: int, steps: int,
+                       scale: float, guidance: float | None, generator: torch.Generator) -> Tensor:
+        """Denoised latents (B, C, h, w) from `pipe` (this family's `pipeline()`) for prompt embeddings
+        `embeds` (`prompt_kwargs`): `scale` is classifier-free guidance, `guidance` FLUX.1-dev's input."""
+
     def decode_image(self, latents: Tensor) -> Image.Image:
         """The first image of a batch of denoised latents."""
 

@@ -77,7 +77,7 @@ def scheduled_sample_prompts(sample: SampleArgs) -> tuple[SamplePrompt, ...]:
                     "no samples are made, as in sd-scripts.")
     elif scheduled and not sample.prompts:
         logger.warning("sampling is scheduled but no --sample_prompts file is given: no samples are made.")
-    return load_sample_prompts(sample.prompts) if sample.prompts and scheduled else ()
+    return load_sample_prompts(sample.prompts, sample.defaults) if sample.prompts and scheduled else ()
 
 
 def side_by_side(images: list[Image.Image]) -> Image.Image:
@@ -136,7 +136,8 @@ class SampleImages:
         generate = self._text_to_image(pipe, prompt, seed)
         info = PngInfo()
         info.add_text("prompt", prompt.prompt)
-        info.add_text("parameters", f"seed {seed}, {prompt.steps} steps, scale {prompt.scale}, "
+        guidance = "" if prompt.guidance is None else f", guidance {prompt.guidance}"
+        info.add_text("parameters", f"seed {seed}, {prompt.steps} steps, scale {prompt.scale}{guidance}, "
                                     f"{prompt.width}x{prompt.height}, sampler {prompt.sampler or self.default_sampler}")
         if self.args.cat_compare:
             free = self.trigger_free(prompt.prompt)
@@ -159,10 +160,10 @@ class SampleImages:
         def generate(text: str) -> Image.Image:
             with side.accelerator.autocast():
                 embeds = models.prompt_kwargs(text, prompt.negative_prompt or "", side.clip_skip, side.max_token_length)
-                latents = pipe(
-                    **embeds, height=prompt.height, width=prompt.width, num_inference_steps=prompt.steps,
-                    guidance_scale=prompt.scale, generator=torch.Generator().manual_seed(seed), output_type="latent",
-                ).images
+                latents = models.sample_latents(
+                    pipe, embeds, width=prompt.width, height=prompt.height, steps=prompt.steps, scale=prompt.scale,
+                    guidance=prompt.guidance, generator=torch.Generator().manual_seed(seed),
+                )
             return models.decode_image(latents)
 
         return generate

@@ -2,13 +2,15 @@
 
 - `.txt`: one prompt per line; blank lines and lines starting with `#` are skipped. Options follow the
   prompt inline, each introduced by " --": `a photo of sks dog --n lowres --w 512 --h 512 --d 42 --s 30
-  --l 7.5 --ss euler_a` (negative prompt, width, height, seed, steps, guidance scale, sampler).
+  --l 7.5 --ss euler_a --g 3.5` (negative prompt, width, height, seed, steps, guidance scale, sampler,
+  FLUX.1-dev's guidance input).
 - `.toml`: a `[prompt]` table of defaults and `[[prompt.subset]]` tables, one per prompt, with the keys
-  `prompt negative_prompt width height seed sample_steps scale sample_sampler`.
+  `prompt negative_prompt width height seed sample_steps scale sample_sampler guidance_scale`.
 - `.json`: a list whose items are prompt lines (as in `.txt`) or objects with those keys.
 
-Defaults are sd-scripts': 512 x 512, 30 steps, scale 7.5, no seed (ours: a seed derived from the run's),
-the `--sample_sampler`. Sizes are rounded down to a multiple of 8, at least 64, as sd-scripts does.
+Defaults are sd-scripts' (`SampleDefaults`, the script's): 512 x 512, 30 steps, scale 7.5 (FLUX.1: 20
+steps, scale 1.0, guidance 3.5), no seed (ours: a seed derived from the run's), the `--sample_sampler`.
+Sizes are rounded down to a multiple of 8 (FLUX.1: 16), at least 64, as sd-scripts does.
 Unlike sd-scripts, which skips what it cannot read, every problem is a `UserInputError` naming the
 file, the line (or item) and the fix, raised before training starts.
 """
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from library.config.train_config import SampleDefaults
 from library.sampling import samplers as sampler_table
 from library.errors import UserInputError
 
@@ -31,13 +34,13 @@ SAMPLER_ALIASES = {"euler a": "euler_a", "dpm2": "dpm_2", "dpm2 a": "dpm_2_a", "
                    "dpmpp_2m": "dpmsolver++", "k_dpmpp_2m": "dpmsolver++"}
 
 DEFAULT_SIZE = 512
-DEFAULT_STEPS = 30
-DEFAULT_SCALE = 7.5
+DEFAULT_STEPS = SampleDefaults.steps
+DEFAULT_SCALE = SampleDefaults.scale
 MAX_STEPS = 1000
 
 # Inline option -> key of the .toml/.json formats.
 INLINE_OPTIONS = {"n": "negative_prompt", "w": "width", "h": "height", "d": "seed", "s": "sample_steps",
-                  "l": "scale", "ss": "sample_sampler"}
+                  "l": "scale", "ss": "sample_sampler", "g": "guidance_scale"}
 KEYS = ("prompt",) + tuple(INLINE_OPTIONS.values())
 
 
@@ -55,10 +58,11 @@ class SamplePrompt:
     seed: int | None = None  # None: derived from the run's seed and `index`; not in the file name
     sampler: str | None = None  # an sd-scripts name (aliases resolved); None: --sample_sampler
     source: str = ""  # "prompts.txt line 3", for messages
+    guidance: float | None = None  # FLUX.1-dev's guidance input (`--g`); models without one ignore it
 
 
-def load_sample_prompts(path: str | Path) -> tuple[SamplePrompt, ...]:
-    """The prompts of a .txt, .toml or .json prompt file, checked."""
+def load_sample_prompts(path: str | Path, defaults: SampleDefaults = SampleDefaults()) -> tuple[SamplePrompt, ...]:
+    """The prompts of a .txt, .toml or .json prompt file, checked; `defaults` fill what a prompt leaves out."""
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"--sample_prompts {path}: the file does not exist; give a .txt, .toml or .json "
@@ -69,7 +73,7 @@ def load_sample_prompts(path: str | Path) -> tuple[SamplePrompt, ...]:
                              "it (a file of one prompt per line is a .txt).")
     text = path.read_text(encoding="utf-8-sig")
     entries = {".txt": _txt_entries, ".toml": _toml_entries, ".json": _json_entries}[suffix](text, path)
-    prompts = tuple(_prompt(index, entry, where) for index, (where, entry) in enumerate(entries))
+    prompts = tuple(_prompt(index, entry, where, defaults) for index, (where, entry) in enumerate(entries))
     if not prompts:
         raise UserInputError(f"--sample_prompts {path} holds no prompt; write one prompt per line (lines starting "
                              "with # are comments).")
@@ -164,7 +168,7 @@ def _check_keys(entry: dict[str, Any], where: str) -> None:
         raise UserInputError(f"{where}: unknown key {', '.join(unknown)}; the keys are {', '.join(KEYS)}.")
 
 
-def _prompt(index: int, entry: dict[str, Any], where: str) -> SamplePrompt:
+def _prompt(index: int, entry: dict[str, Any], where: str, defaults: SampleDefaults) -> SamplePrompt:
     """Check and convert one entry's values; sizes rounded as sd-scripts rounds them."""
     prompt = entry.get("prompt")
     if not isinstance(prompt, str):
@@ -174,10 +178,11 @@ def _prompt(index: int, entry: dict[str, Any], where: str) -> SamplePrompt:
     return SamplePrompt(
         index=index, prompt=prompt,
         negative_prompt=None if negative is None else str(negative),
-        width=_size(_number(entry, "width", int, where, DEFAULT_SIZE)),
-        height=_size(_number(entry, "height", int, where, DEFAULT_SIZE)),
-        steps=_steps(_number(entry, "sample_steps", int, where, DEFAULT_STEPS), where),
-        scale=_number(entry, "scale", float, where, DEFAULT_SCALE),
+        width=_size(_number(entry, "width", int, where, DEFAULT_SIZE), defaults.size_multiple),
+        height=_size(_number(entry, "height", int, where, DEFAULT_SIZE), defaults.size_multiple),
+        steps=_steps(_number(entry, "sample_steps", int, where, defaults.steps), where),
+        scale=_number(entry, "scale", float, where, defaults.scale),
+        guidance=_number(entry, "guidance_scale", float, where, defaults.guidance),
         seed=_number(entry, "seed", int, where, None),
         sampler=None if sampler is None else canonical_sampler(str(sampler), where),
         source=where,
@@ -203,9 +208,9 @@ def _number(entry: dict[str, Any], key: str, kind: type, where: str, default: An
     return kind(number)
 
 
-def _size(pixels: int) -> int:
-    """sd-scripts' rounding: down to a multiple of 8, at least 64."""
-    return max(64, pixels - pixels % 8)
+def _size(pixels: int, multiple: int = 8) -> int:
+    """sd-scripts' rounding: down to a multiple of `multiple` (8; FLUX.1 16), at least 64."""
+    return max(64, pixels - pixels % multiple)
 
 
 def _steps(steps: int, where: str) -> int:

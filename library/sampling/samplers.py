@@ -31,7 +31,12 @@ SAMPLERS.update({f"k_{name}": SAMPLERS[name] for name in ("lms", "euler", "euler
 
 
 def inference_scheduler(sampler: str, training_scheduler) -> diffusers.SchedulerMixin:
-    """A fresh diffusers scheduler for `sampler` on the noise schedule of `training_scheduler`."""
+    """A fresh diffusers scheduler for `sampler` on the noise schedule of `training_scheduler`.
+
+    A flow-matching model (FLUX.1) samples with its own Euler flow scheduler whatever `sampler` says,
+    as sd-scripts' FLUX sampling does (the DDPM samplers' math does not apply to it)."""
+    if isinstance(training_scheduler, diffusers.FlowMatchEulerDiscreteScheduler):
+        return diffusers.FlowMatchEulerDiscreteScheduler.from_config(training_scheduler.config)
     if sampler not in SAMPLERS:
         raise UserInputError(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
     class_name, extra = SAMPLERS[sampler]

@@ -128,6 +128,15 @@ class FluxModels:
         return {"prompt_embeds": positive.states, "pooled_prompt_embeds": positive.pooled,
                 "negative_prompt_embeds": negative.states, "negative_pooled_prompt_embeds": negative.pooled}
 
+    def sample_latents(self, pipe: FluxPipeline, embeds: dict[str, Tensor], *, width: int, height: int, steps: int,
+                       scale: float, guidance: float | None, generator: torch.Generator) -> Tensor:
+        """`scale` is the pipeline's true CFG (off at 1.0, as sd-scripts' default), `guidance` dev's input
+        (the run's --guidance_scale when the prompt gives none); latents unpacked to (B, 16, h, w)."""
+        packed = pipe(**embeds, height=height, width=width, num_inference_steps=steps, true_cfg_scale=scale,
+                      guidance_scale=self.guidance_scale if guidance is None else guidance,
+                      max_sequence_length=self.t5_tokens, generator=generator, output_type="latent").images
+        return FluxPipeline._unpack_latents(packed, height, width, vae_scale_factor(self.vae))
+
     def decode_image(self, latents: Tensor) -> Image.Image:
         config = self.vae.config
         return decode_pixels(self.vae, latents / config.scaling_factor + config.shift_factor)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from torch import Tensor, nn
@@ -92,6 +93,12 @@ class StableDiffusionModels:
             return denoiser.encode(self.tokenize([text], max_token_length).to(self.unet.device))
 
         return {"prompt_embeds": encode(prompt), "negative_prompt_embeds": encode(negative_prompt)}
+
+    def sample_latents(self, pipe, embeds: dict[str, Tensor], *, width: int, height: int, steps: int, scale: float,
+                       guidance: float | None, generator: torch.Generator) -> Tensor:
+        """`guidance` is FLUX.1's input; this model has none."""
+        return pipe(**embeds, height=height, width=width, num_inference_steps=steps, guidance_scale=scale,
+                    generator=generator, output_type="latent").images
 
     def decode_image(self, latents: Tensor) -> Image.Image:
         return decode_first_image(self.vae, latents)

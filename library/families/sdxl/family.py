@@ -114,5 +114,11 @@ class SDXLModels:
             "negative_prompt_embeds": negative.states, "negative_pooled_prompt_embeds": negative.pooled,
         }
 
+    def sample_latents(self, pipe, embeds: dict[str, Tensor], *, width: int, height: int, steps: int, scale: float,
+                       guidance: float | None, generator: torch.Generator) -> Tensor:
+        """`guidance` is FLUX.1's input; this model has none."""
+        return pipe(**embeds, height=height, width=width, num_inference_steps=steps, guidance_scale=scale,
+                    generator=generator, output_type="latent").images
+
     def decode_image(self, latents: Tensor) -> Image.Image:
         return decode_first_image(self.vae, latents)
