@@ -94,7 +94,10 @@ def build_text_cache(config: TrainConfig, data: TrainingData, denoiser: Denoiser
                      autocast: Callable[[], contextlib.AbstractContextManager]) -> TextEncoderCache:
     """Encode every image's training and trigger-free captions (or read them from disk) once."""
     check_fixed_captions(data)
-    fingerprint = _fingerprint(text_encoders, config.model.max_token_length)
+    model = config.model
+    fingerprint = _fingerprint(text_encoders, f"max_token_length={model.max_token_length} "
+                                              f"t5xxl_max_token_length={model.t5xxl_max_token_length} "
+                                              f"apply_t5_attn_mask={model.apply_t5_attn_mask}")
     states: dict[bytes, Any] = {}
 
     def encode(caption: str) -> tuple[bytes, Any]:
@@ -121,16 +124,18 @@ def _through_disk(image: Path, captions: tuple[str, str], fingerprint: str, kind
                   encode: Callable[[str], tuple[bytes, Any]], states: dict[bytes, Any]) -> None:
     """Read the image's cache file if it holds these captions for these encoders; else encode and write it."""
     path = image.with_name(image.stem + DISK_SUFFIX)
-    wanted = {"captions": json.dumps(list(captions)), "fingerprint": fingerprint, "kind": kind.__qualname__}
+    ids = [tokenize([text])[0] for text in captions]
+    wanted = {"captions": json.dumps(list(captions)), "fingerprint": fingerprint, "kind": kind.__qualname__,
+              "ids": hashlib.sha256(b"".join(_key(row) for row in ids)).hexdigest()}
     stored = _read_disk(path, kind)
     if stored is not None and all(stored[0].get(key) == value for key, value in wanted.items()):
-        for index, text in enumerate(captions):
-            states[_key(tokenize([text])[0])] = stored[1][index]
+        for index, row in enumerate(ids):
+            states[_key(row)] = stored[1][index]
         return
     encoded = [encode(text)[1] for text in captions]
     tensors = {f"{index}.{part}": tensor.contiguous() for index, value in enumerate(encoded)
-               for part, tensor in enumerate(_parts(value))}
-    save_file(tensors, path, metadata=wanted)
+               for part, tensor in enumerate(_parts(value)) if tensor is not None}
+    save_file(tensors, path, metadata={**wanted, "fields": str(len(_parts(encoded[0])))})
 
 
 def _read_disk(path: Path, kind: type) -> tuple[dict[str, str], list[Any]] | None:
@@ -141,9 +146,10 @@ def _read_disk(path: Path, kind: type) -> tuple[dict[str, str], list[Any]] | Non
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}
         tensors = load_file(path)
+        fields = int(metadata["fields"])
         values = []
         for index in range(2):
-            parts = [tensors[f"{index}.{part}"] for part in range(sum(k.startswith(f"{index}.") for k in tensors))]
+            parts = [tensors.get(f"{index}.{part}") for part in range(fields)]  # absent: a None part (no mask)
             values.append(parts[0] if kind is Tensor else kind(*parts))
     except Exception:  # a damaged or foreign file is encoded anew and overwritten
         return None
@@ -159,9 +165,10 @@ def _unique_items(data: TrainingData) -> Iterable[ImageItem]:
                 yield item
 
 
-def _fingerprint(text_encoders: Sequence[nn.Module], max_token_length: int | None) -> str:
-    """A hash of every text-encoder parameter's shape and a strided sample of its values, and the token length."""
-    digest = hashlib.sha256(f"max_token_length={max_token_length}".encode())
+def _fingerprint(text_encoders: Sequence[nn.Module], options: str) -> str:
+    """A hash of every text-encoder parameter's shape and a strided sample of its values, and of the
+    options that change what they give (token lengths, T5's mask)."""
+    digest = hashlib.sha256(options.encode())
     for encoder in text_encoders:
         for name, parameter in encoder.state_dict().items():
             flat = parameter.detach().flatten()
@@ -174,19 +181,20 @@ def _key(ids: Tensor) -> bytes:
     return ids.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
 
 
-# Text states are a tensor (SD) or a NamedTuple of tensors (SDXL's states and pooled embedding).
+# Text states are a tensor (SD) or a NamedTuple of tensors (SDXL's states and pooled embedding; FLUX.1's
+# states, pooled embedding and T5 mask, which is None without --apply_t5_attn_mask).
 
-def _parts(value: Any) -> list[Tensor]:
+def _parts(value: Any) -> list[Tensor | None]:
     return [value] if isinstance(value, Tensor) else list(value)
 
 
 def _stack(rows: list[Any]) -> Any:
     if isinstance(rows[0], Tensor):
         return torch.cat(rows)
-    return type(rows[0])(*(torch.cat(parts) for parts in zip(*rows)))
+    return type(rows[0])(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*rows)))
 
 
 def _to(value: Any, device: torch.device) -> Any:
     if isinstance(value, Tensor):
         return value.to(device)
-    return type(value)(*(part.to(device) for part in value))
+    return type(value)(*(None if part is None else part.to(device) for part in value))
