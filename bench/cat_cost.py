@@ -1,6 +1,6 @@
 """What CAT costs per training step against plain LoRA: seconds and peak memory.
 
-    .venv/bin/python -m bench.cat_cost [--models tiny sd_v1 tiny_sdxl sdxl] [--steps 3]
+    .venv/bin/python -m bench.cat_cost [--models tiny sd_v1 tiny_sdxl sdxl tiny_flux flux] [--steps 3]
 
 For each model and each way to train (plain LoRA = `--cat_weight 0`, CAT batched, CAT sequential)
 a fresh process builds the model (seeded random weights), attaches `networks.lora_cat` (rank 16),
@@ -15,6 +15,11 @@ steps above what the process held before them (Linux `clear_refs`/`VmHWM`; on a 
   the trigger and trigger-free captions are two different fixed tensors) and the resolution's
   uncropped size/crop `time_ids`; no text encoder is built. `sdxl` is SDXL base 1.0's U-Net shape
   (`configs/models/sdxl_base/unet`, 2.6B parameters): its fp32 weights alone take about 10 GB.
+- FLUX.1 (`tiny_flux`, `flux`): LoRA on the transformer only (sd-scripts' default targets, fused qkv
+  and linear1 included), with fixed random text states as `--cache_text_encoder_outputs` gives them
+  (`bench.flux_text`: 256 T5 tokens, the CLIP-L pooled vector) and FLUX.1-dev's guidance input. `flux`
+  is FLUX.1-dev's transformer at full width (hidden 3072, 24 heads, its block design) with 1 double and
+  2 single blocks instead of 19 and 38 (about 0.67B parameters): what a 2-core CPU can step in minutes.
 
 Targets (CAT.md, issue 4): step time <= 2.7x plain (2.5x is the floor for exact CAT); sequential
 peak memory <= 1.1x plain. For SDXL (issue 12): sequential <= 2.6x plain time, <= 1.1x plain memory.
@@ -35,7 +40,7 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class ModelSpec:
-    family: str  # "sd" or "sdxl"
+    family: str  # "sd", "sdxl" or "flux"
     config: str | None  # folder under configs/models; None for the built-in tiny SD model
     resolution: int
     batch: int
@@ -47,7 +52,10 @@ MODELS = {
     "tiny_sdxl": ModelSpec("sdxl", "tiny_sdxl", 64, 2),
     "sdxl": ModelSpec("sdxl", "sdxl_base", 256, 1),
     "sdxl_512": ModelSpec("sdxl", "sdxl_base", 512, 1),  # 4x the activations of `sdxl`: ~25 min on 2 cores
+    "tiny_flux": ModelSpec("flux", "tiny_flux", 64, 2),
+    "flux": ModelSpec("flux", "flux_dev", 256, 1),
 }
+FLUX_BLOCKS = {"flux": (1, 2)}  # (double, single) blocks where the bench cuts FLUX.1-dev's 19 and 38
 DEFAULT_MODELS = ("tiny", "sd_v1")  # `sdxl` needs ~11 GB of memory and minutes per mode: asked for by name
 MODES = (("plain LoRA", 0.0, "batched"), ("CAT batched", 1.0, "batched"), ("CAT sequential", 1.0, "sequential"))
 RANK, ALPHA = 16, 8
@@ -110,7 +118,7 @@ def measure(model: str, alpha: float, mode: str, steps: int) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     spec = MODELS[model]
-    setup = _sdxl_setup if spec.family == "sdxl" else _sd_setup
+    setup = {"sd": _sd_setup, "sdxl": _sdxl_setup, "flux": _flux_setup}[spec.family]
     unet, network, denoiser, batch, trains = setup(model, spec, device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
     mse = lambda p, t: (p.float() - t.float()).square().mean(dim=(1, 2, 3))  # noqa: E731
@@ -192,6 +200,34 @@ def _sdxl_setup(model: str, spec: ModelSpec, device: str):
     batch = CATBatch(latents, _timesteps(spec, device), noise, trigger, free, torch.ones(spec.batch, device=device),
                      conditioning={"time_ids": uncropped_time_ids(latents, 8)})
     return unet, network, denoiser, batch, "U-Net only, cached text-encoder outputs"
+
+
+def _flux_setup(model: str, spec: ModelSpec, device: str):
+    """FLUX.1 with cached text-encoder outputs: the transformer alone, LoRA on it, the trainer's cache
+    lookup in front of `FluxDenoiser.predict`, and the guidance value as training passes it."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from bench.flux_text import cached_flux_denoiser
+    from library.cat.objective import CATBatch
+    from library.families.model_parts import MODEL_CONFIGS_DIR
+
+    torch.manual_seed(0)
+    config = FluxTransformer2DModel.load_config(MODEL_CONFIGS_DIR / spec.config / "transformer")
+    if model in FLUX_BLOCKS:
+        config = {**config, "num_layers": FLUX_BLOCKS[model][0], "num_single_layers": FLUX_BLOCKS[model][1]}
+    transformer = FluxTransformer2DModel.from_config(config)
+    transformer.requires_grad_(False)
+    transformer.to(device)
+    network = _network(None, transformer, device)
+    gen = torch.Generator().manual_seed(0)
+    size = spec.resolution // 8
+    latents = torch.randn(spec.batch, 16, size, size, generator=gen).to(device)
+    denoiser, trigger_ids, free_ids = cached_flux_denoiser(transformer, device)
+    trigger, free = (ids.expand(spec.batch, 1).to(device) for ids in (trigger_ids, free_ids))
+    batch = CATBatch(latents, _timesteps(spec, device), torch.randn_like(latents), trigger, free,
+                     torch.ones(spec.batch, device=device), conditioning={"guidance": torch.ones(spec.batch)})
+    return transformer, network, denoiser, batch, "transformer only, cached text-encoder outputs"
 
 
 def _network(text_encoder, unet, device):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from library.cli.arg_values import read_arg_values
-from library.config.training_script import SD_SCRIPT, SDXL_SCRIPT
+from library.config.training_script import FLUX_SCRIPT, SD_SCRIPT, SDXL_SCRIPT
 from library.cli.train_args import parse_args
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "configs" / "examples").glob("*.toml"))
@@ -57,6 +57,16 @@ WHERE = {
     "save_precision": lambda c: c.save.save_precision,
     "log_with": lambda c: c.log.log_with,
     "logging_dir": lambda c: c.log.logging_dir,
+    "clip_l": lambda c: c.model.clip_l,
+    "t5xxl": lambda c: c.model.t5xxl,
+    "ae": lambda c: c.model.ae,
+    "guidance_scale": lambda c: c.model.guidance_scale,
+    "apply_t5_attn_mask": lambda c: c.model.apply_t5_attn_mask,
+    "timestep_sampling": lambda c: c.flow.timestep_sampling,
+    "discrete_flow_shift": lambda c: c.flow.discrete_flow_shift,
+    "model_prediction_type": lambda c: c.flow.model_prediction_type,
+    "cache_text_encoder_outputs": lambda c: c.data.cache_text_encoder_outputs,
+    "network_train_unet_only": lambda c: c.network.train_unet_only,
 }
 
 # Values the flags convert: the text of the file -> what the TrainConfig holds.
@@ -81,13 +91,16 @@ def test_example_parses(path):
     keys = _keys(path)
     assert keys.keys() <= WHERE.keys(), f"keys this test does not check yet: {sorted(keys.keys() - WHERE.keys())}"
     assert read_arg_values(["--config_file", str(path)]).from_file == keys.keys(), "every key is read from the file"
-    script = SDXL_SCRIPT if "sdxl" in path.stem else SD_SCRIPT
+    script = SDXL_SCRIPT if "sdxl" in path.stem else FLUX_SCRIPT if "flux" in path.stem else SD_SCRIPT
     config = parse_args(["--config_file", str(path)], script)
     for key, value in keys.items():
         assert WHERE[key](config) == CONVERTED.get(key, lambda v: v)(value), key
     # What those values mean together.
     assert config.cat.enabled and config.cat.triggers == ("sks",)
-    assert config.network.module == "networks.lora_cat" and config.network.args["conv_dim"] == "8"
+    if script is FLUX_SCRIPT:  # the GUI's FLUX module name; ours trains it
+        assert config.network.module == "networks.lora_flux" and config.network.train_unet_only
+    else:
+        assert config.network.module == "networks.lora_cat" and config.network.args["conv_dim"] == "8"
     assert config.optimizer.optimizer_args["betas"] == (0.9, 0.999)
     assert config.scheduler.warmup_steps(600) == 30
 
