@@ -18,7 +18,14 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from library.families.sd import folder as sd_folder, single_file as sd_single_file
 from library.families import ldm_single_file
 from library.families.checkpoint_file import read_state_dict
-from library.families.detect import SDXL_TEXT_ENCODERS_PREFIX, has_sdxl_keys, is_sdxl_folder
+from library.families.detect import (
+    SDXL_TEXT_ENCODERS_PREFIX,
+    flux_refused,
+    has_flux_keys,
+    has_sdxl_keys,
+    is_flux_folder,
+    is_sdxl_folder,
+)
 from library.families.model_parts import MODEL_CONFIGS_DIR, build_noise_scheduler, load_replacement_vae
 from library.families.clip_tokenizer import EOS_TOKEN, SD2_PAD_TOKEN, build_clip_tokenizer
 from library.config.train_config import ModelArgs
@@ -98,6 +105,8 @@ Components = tuple[UNet2DConditionModel, CLIPTextModel, CLIPTokenizer, Autoencod
 
 def _load_folder(path: Path, v2: bool, v_parameterization: bool, dtype: torch.dtype, own_vae: bool) -> Components:
     """(unet, text_encoder, tokenizer, vae) of a diffusers folder; its vae/ weights only when `own_vae`."""
+    if is_flux_folder(path):
+        raise flux_refused(f"The model folder {path}", "Stable Diffusion 1.x/2.x")
     if is_sdxl_folder(path):
         raise _sdxl_refused(f"The model folder {path} is SDXL (it has text_encoder_2/)")
     sd_folder.check_diffusers_folder(path)
@@ -118,6 +127,8 @@ def _load_single_file(path: Path, v2: bool, config_dir: Path, dtype: torch.dtype
     """
     skipped = () if own_vae else (ldm_single_file.VAE_PREFIX,)
     state_dict = read_state_dict(path, skip_prefixes=skipped)
+    if has_flux_keys(state_dict):
+        raise flux_refused(f"The checkpoint {path}", "Stable Diffusion 1.x/2.x")
     if has_sdxl_keys(state_dict):
         raise _sdxl_refused(f"The checkpoint {path} is SDXL (text encoders under {SDXL_TEXT_ENCODERS_PREFIX!r})")
     _check_v2_flag(sd_single_file.is_open_clip_checkpoint(state_dict, path), v2, path)

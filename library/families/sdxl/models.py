@@ -6,7 +6,7 @@ converted by diffusers against an architecture config (default: configs/models/s
 configs of stabilityai/stable-diffusion-xl-base-1.0), with no hub access. As in sd-scripts, the
 training noise schedule is DDPM from that config and predicts what `--v_parameterization` says
 (NoobAI's v-prediction models need the flag), whatever the checkpoint's own scheduler says.
-An SD 1.x/2.x model is refused with the script that trains it.
+An SD 1.x/2.x or FLUX.1 model is refused with the script that trains it.
 """
 
 import os
@@ -21,6 +21,7 @@ from library.config.train_config import ModelArgs
 from library.errors import UserInputError
 from library.families.checkpoint_file import read_state_dict
 from library.families.clip_tokenizer import EOS_TOKEN, SD2_PAD_TOKEN, build_clip_tokenizer
+from library.families.detect import flux_refused, has_flux_keys, is_flux_folder
 from library.families.family import freeze_models
 from library.families import ldm_single_file
 from library.families.model_parts import MODEL_CONFIGS_DIR, build_noise_scheduler, load_replacement_vae
@@ -97,6 +98,8 @@ def load_sdxl(
 
 def _load_folder(path: Path, dtype: torch.dtype, own_vae: bool) -> Components:
     """The parts of a diffusers SDXL folder; its vae/ weights only when `own_vae`."""
+    if is_flux_folder(path):  # FLUX's folders have text_encoder_2/ too
+        raise flux_refused(f"The model folder {path}", "SDXL")
     sdxl_folder.check_sdxl_folder(path)
     text_encoder_1, text_encoder_2 = sdxl_folder.load_text_encoders(path, dtype)
     tokenizer_1, tokenizer_2 = sdxl_folder.load_tokenizers(path)
@@ -117,6 +120,8 @@ def _load_single_file(
     unread), and the architecture folder they were converted against."""
     skipped = () if own_vae else (sdxl_single_file.VAE_PREFIX,)
     state_dict = read_state_dict(path, skip_prefixes=skipped, disable_mmap=disable_mmap)
+    if has_flux_keys(state_dict):
+        raise flux_refused(f"The checkpoint {path}", "SDXL")
     sdxl_single_file.check_sdxl_checkpoint(state_dict, path)
     if own_vae:
         ldm_single_file.check_has_vae(state_dict, path)
