@@ -43,7 +43,7 @@ DEFAULT_OPTIMIZER = "AdamW"
 def to_train_config(args: ArgValues, script: TrainingScript = SD_SCRIPT) -> TrainConfig:
     """Build the typed configuration of `script` from checked values."""
     return TrainConfig(
-        model=_pick(ModelArgs, args),
+        model=_pick(ModelArgs, args, weight_precision=args["mixed_precision"]),
         network=_network_args(args),
         optimizer=_optimizer_args(args, script),
         scheduler=_pick(SchedulerArgs, args, lr_scheduler_type=args["lr_scheduler_type"] or None,

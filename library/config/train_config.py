@@ -41,6 +41,9 @@ class ModelArgs:
     t5xxl_max_token_length: int | None = None  # None: 512 for dev, 256 for schnell
     apply_t5_attn_mask: bool = False
     guidance_scale: float = 3.5
+    # --mixed_precision: what the trainer casts the frozen weights to, so a large model (FLUX.1's 12B
+    # transformer) can be read straight into it instead of into float32 first
+    weight_precision: str = "no"
 
 
 @dataclass(frozen=True)

@@ -92,11 +92,13 @@ class ModelFamily(Protocol):
         """The first image of a batch of denoised latents."""
 
 
-def freeze_models(models: ModelFamily, dtype: torch.dtype) -> None:
-    """Put every model in `dtype`, eval mode and without gradients; training code opts in explicitly."""
+def freeze_models(models: ModelFamily, dtype: torch.dtype, vae_dtype: torch.dtype | None = None) -> None:
+    """Put every model in `dtype` (the VAE in `vae_dtype`, default `dtype`), eval mode and without
+    gradients; training code opts in explicitly."""
     for model in (*models.text_encoders, models.unet, models.vae):
-        if model.dtype != dtype:
-            model.to(dtype=dtype)
+        wanted = vae_dtype if model is models.vae and vae_dtype is not None else dtype
+        if model.dtype != wanted:
+            model.to(dtype=wanted)
         model.eval()
         model.requires_grad_(False)
 
