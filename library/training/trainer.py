@@ -130,6 +130,7 @@ def setup(config: TrainConfig, load_models: ModelLoader) -> Run:
     weight_dtype = DTYPES[config.run.mixed_precision]
     _prepare_models(config, models, accelerator, weight_dtype)
     network = build_network(config, models, accelerator.device)
+    _checkpoint_text_encoders(config, models, network)
 
     cached = config.data.cache_latents or config.data.cache_latents_to_disk
     batches = EpochBatches(data, seed, accelerator.num_processes, accelerator.process_index, load_pixels=not cached)
@@ -253,14 +254,31 @@ def _prepare_models(config: TrainConfig, models: ModelFamily, accelerator: Accel
     if config.run.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
         models.unet.train()  # diffusers and transformers checkpoint only in training mode
-        # Only a text encoder that is trained: checkpointing makes transformers turn on gradients for
-        # its input embeddings, so a frozen one would be back-propagated through for nothing.
-        for text_encoder in models.text_encoders if not config.network.train_unet_only else ():
-            # transformers 5 renamed it; the old name still works there but warns.
-            enable = (getattr(text_encoder, "activation_checkpointing_enable", None)
-                      or text_encoder.gradient_checkpointing_enable)
-            enable()
-            text_encoder.train()
+
+
+def _checkpoint_text_encoders(config: TrainConfig, models: ModelFamily, network) -> None:
+    """--gradient_checkpointing for the text encoders that carry adapters. Only those: checkpointing
+    makes transformers turn on gradients for its input embeddings, so a frozen one would be
+    back-propagated through for nothing, and it needs training mode, which switches on a frozen
+    encoder's dropout (T5's is 0.1: FLUX.1's T5 would encode every caption differently each step)."""
+    if not config.run.gradient_checkpointing or config.network.train_unet_only:
+        return
+    for text_encoder in _adapted_text_encoders(models, network):
+        # transformers 5 renamed it; the old name still works there but warns.
+        enable = (getattr(text_encoder, "activation_checkpointing_enable", None)
+                  or text_encoder.gradient_checkpointing_enable)
+        enable()
+        text_encoder.train()
+
+
+def _adapted_text_encoders(models: ModelFamily, network) -> list[torch.nn.Module]:
+    """The text encoders with a layer of the network's `text_encoder_loras` (the kohya contract's list);
+    every text encoder for a network module without that list."""
+    loras = getattr(network, "text_encoder_loras", None)
+    if loras is None:
+        return list(models.text_encoders)
+    adapted = {id(module) for lora in loras for module in getattr(lora, "org_module", [])}
+    return [te for te in models.text_encoders if any(id(module) in adapted for module in te.modules())]
 
 
 # --- the loop ---------------------------------------------------------------------------------------
