@@ -11,8 +11,10 @@ writes results.json, results.md and grid_<adapter>.png to --output_dir. A re-run
 arguments reuses the images already generated. Prompts are encoded as training encoded them, with
 each LoRA's clip skip and token length from its metadata unless --clip_skip / --max_token_length
 say otherwise; the base model takes the first LoRA's (library/evaluation/kps_conditioning.py).
-The base model is Stable Diffusion 1.x/2.x or SDXL, as the checkpoint itself says
-(library/families/detect.py); its LoRAs must be of the same family.
+The base model is Stable Diffusion 1.x/2.x, SDXL or FLUX.1, as the checkpoint itself says
+(library/families/detect.py); its LoRAs must be of the same family. A FLUX.1 transformer file is given
+with --clip_l, --t5xxl and --ae, as for training; its --guidance_scale is FLUX.1-dev's guidance input
+(diffusers' FluxPipeline `guidance_scale`, default 3.5; no classifier-free guidance).
 """
 
 from __future__ import annotations
@@ -40,10 +42,11 @@ from library.evaluation.kps_images import (
 from library.evaluation.kps_report import results_json, results_table, write_grid, write_text
 from library.evaluation.kps_scoring import score_adapters
 from library.evaluation.lora_fit import check_lora_fits
-from library.config.training_script import SDXL_SCRIPT, TrainingScript
+from library.config.training_script import FLUX_SCRIPT, SDXL_SCRIPT, TrainingScript
 from library.sampling.samplers import SAMPLERS, inference_scheduler
 from library.families.detect import detect_family
 from library.families.family import ModelFamily
+from library.families.flux.models import load_flux
 from library.families.sd.models import load_stable_diffusion
 from library.families.sdxl.models import load_sdxl
 from networks.lora_cat.file_format import read_lora_file
@@ -64,6 +67,11 @@ class KPSConfig:
     v_parameterization: bool
     vae: Path | None
     model_config: Path | None
+    clip_l: Path | None
+    t5xxl: Path | None
+    ae: Path | None
+    t5xxl_max_token_length: int | None
+    apply_t5_attn_mask: bool
     loras: tuple[Path, ...]
     triggers: tuple[str, ...]
     caption_mode: str
@@ -80,7 +88,7 @@ class KPSConfig:
     dtype: str
     sampler: str
     sample_steps: int
-    guidance_scale: float
+    guidance_scale: float | None  # None: the family's (7.5 classifier-free; FLUX.1's guidance input 3.5)
     width: int | None
     height: int | None
     clip_skip: int | None  # None: each LoRA's own (its metadata)
@@ -116,6 +124,8 @@ def parse_args(argv: Sequence[str] | None = None) -> KPSConfig:
     return KPSConfig(
         pretrained_model_name_or_path=Path(args.pretrained_model_name_or_path), v2=args.v2,
         v_parameterization=args.v_parameterization, vae=_path(args.vae), model_config=_path(args.model_config),
+        clip_l=_path(args.clip_l), t5xxl=_path(args.t5xxl), ae=_path(args.ae),
+        t5xxl_max_token_length=args.t5xxl_max_token_length, apply_t5_attn_mask=args.apply_t5_attn_mask,
         loras=tuple(Path(p) for p in args.lora), triggers=tuple(args.trigger), caption_mode=args.cat_caption,
         class_word=args.cat_class_word, prompt_file=_path(args.prompt_file), train_data_dir=_path(args.train_data_dir),
         dataset_config=_path(args.dataset_config), caption_extension=args.caption_extension, seeds=tuple(seeds),
@@ -128,13 +138,19 @@ def parse_args(argv: Sequence[str] | None = None) -> KPSConfig:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="PS, IS and KPS of LoRAs (arXiv 2404.07554, Section 3)")
-    model = parser.add_argument_group("base model (as for training; SD 1.x/2.x or SDXL, told by the checkpoint)")
+    model = parser.add_argument_group("base model (as for training; SD 1.x/2.x, SDXL or FLUX.1, told by the checkpoint)")
     model.add_argument("--pretrained_model_name_or_path", required=True, help="diffusers folder or .safetensors/.ckpt")
     model.add_argument("--v2", action="store_true", help="Stable Diffusion 2.x model (not for SDXL)")
     model.add_argument("--v_parameterization", action="store_true", help="v-prediction model")
     model.add_argument("--vae", default=None, help="replacement VAE (folder or file)")
     model.add_argument("--model_config", default=None, help="architecture config folder for single files")
     model.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and sampling dtype")
+    model.add_argument("--clip_l", default=None, help="FLUX.1: CLIP-L file beside a transformer file")
+    model.add_argument("--t5xxl", default=None, help="FLUX.1: T5-XXL file beside a transformer file")
+    model.add_argument("--ae", default=None, help="FLUX.1: autoencoder file (ae.safetensors) beside a transformer file")
+    model.add_argument("--t5xxl_max_token_length", type=int, default=None,
+                       help="FLUX.1: T5 token length, as in training (default 512 for dev, 256 for schnell)")
+    model.add_argument("--apply_t5_attn_mask", action="store_true", help="FLUX.1: mask T5's padding, as in training")
     what = parser.add_argument_group("what to evaluate")
     what.add_argument("--lora", "--network_weights", nargs="+", required=True, help="kohya LoRA .safetensors files")
     what.add_argument("--trigger", "--cat_trigger", nargs="+", required=True, help="trigger words or phrases")
@@ -150,7 +166,8 @@ def _parser() -> argparse.ArgumentParser:
     sampling.add_argument("--images_per_prompt", type=int, default=None, help="seeds --seed, --seed+1, ... (default 1)")
     sampling.add_argument("--sampler", choices=SAMPLERS, default="ddim")
     sampling.add_argument("--sample_steps", type=int, default=30)
-    sampling.add_argument("--guidance_scale", type=float, default=7.5)
+    sampling.add_argument("--guidance_scale", type=float, default=None,
+                          help="classifier-free guidance (default 7.5); FLUX.1: its guidance input (default 3.5)")
     sampling.add_argument("--width", type=int, default=None, help="default: the model's native size")
     sampling.add_argument("--height", type=int, default=None, help="default: the model's native size")
     sampling.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -179,12 +196,13 @@ def evaluate(config: KPSConfig) -> dict:
         check_lora_fits(adapter.path, models.lora_layers(), diffusers_layout_unet_names(models.unet))
 
     pipe = _pipeline(models, config)
-    settings = _settings(config, models, pipe)
+    settings = _settings(config, models, pipe, family)
     planned = plan_images(adapters, pairs, [caption for _, caption in training], config.seeds)
     files, generated = generate_images(pipe, models.prompt_kwargs, adapters, planned, settings, config.output_dir / "images")
     scores = score_adapters(embedder, [a.name for a in adapters], files, pairs, [path for path, _ in training])
 
-    settings_json = _jsonable(asdict(config)) | {"width": settings.width, "height": settings.height}
+    settings_json = _jsonable(asdict(config)) | {"width": settings.width, "height": settings.height,
+                                                 "guidance_scale": settings.guidance_scale}
     results = results_json(settings_json, conditioning, scores, files, pairs, generated)
     _write_outputs(config, results, results_table(scores), adapters, files, len(pairs))
     return results
@@ -262,6 +280,12 @@ def _model_family(config: KPSConfig) -> TrainingScript:
 
 def _load_model(config: KPSConfig, family: TrainingScript) -> ModelFamily:
     """The base model, loaded by its family's loader as its training script loads it."""
+    if family == FLUX_SCRIPT:
+        return load_flux(
+            config.pretrained_model_name_or_path, clip_l=config.clip_l, t5xxl=config.t5xxl, ae=config.ae,
+            model_config=config.model_config, dtype=DTYPES[config.dtype],
+            t5_max_length=config.t5xxl_max_token_length, apply_t5_attn_mask=config.apply_t5_attn_mask,
+        )
     if family == SDXL_SCRIPT:
         return load_sdxl(
             config.pretrained_model_name_or_path, v_parameterization=config.v_parameterization, vae=config.vae,
@@ -295,13 +319,31 @@ def _adapters(config: KPSConfig, family: TrainingScript) -> tuple[list[Adapter],
     return adapters, {adapter.name: c.as_json() for adapter, c in zip(adapters, [base, *chosen])}
 
 
-def _settings(config: KPSConfig, models: ModelFamily, pipe) -> GenerationSettings:
+def _model_fingerprint(config: KPSConfig, family: TrainingScript) -> str:
+    """The base model's files and the flags that change its images (FLUX.1's parts and T5 options only
+    for FLUX.1, so SD and SDXL image caches keep their names)."""
+    fingerprint = files_fingerprint(config.pretrained_model_name_or_path, config.vae, config.model_config)
+    fingerprint += f"-v2={config.v2}-v={config.v_parameterization}"
+    if family == FLUX_SCRIPT:
+        parts = files_fingerprint(*(path for path in (config.clip_l, config.t5xxl, config.ae) if path is not None))
+        fingerprint += f"-{parts}-t5={config.t5xxl_max_token_length}-mask={config.apply_t5_attn_mask}"
+    return fingerprint
+
+
+def _guidance_scale(config: KPSConfig, family: TrainingScript) -> float:
+    """--guidance_scale, else the family's: 7.5 classifier-free; FLUX.1's guidance input, 3.5 (sd-scripts')."""
+    if config.guidance_scale is not None:
+        return config.guidance_scale
+    defaults = family.sample_defaults
+    return defaults.guidance if defaults.guidance is not None else defaults.scale
+
+
+def _settings(config: KPSConfig, models: ModelFamily, pipe, family: TrainingScript) -> GenerationSettings:
     native_width, native_height = models.native_resolution
     return GenerationSettings(
-        model=files_fingerprint(config.pretrained_model_name_or_path, config.vae, config.model_config)
-        + f"-v2={config.v2}-v={config.v_parameterization}",
+        model=_model_fingerprint(config, family),
         family=f"{models.model_version} {type(pipe).__name__}",
-        sampler=config.sampler, steps=config.sample_steps, guidance_scale=config.guidance_scale,
+        sampler=config.sampler, steps=config.sample_steps, guidance_scale=_guidance_scale(config, family),
         width=config.width or native_width, height=config.height or native_height, dtype=config.dtype,
         device_type=torch.device(config.device).type,
     )
