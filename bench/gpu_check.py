@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test_timeout", type=float, default=180.0, help="seconds at most for the GPU tests")
     parser.add_argument("--no_tests", action="store_true", help="skip the GPU-marked tests")
     parser.add_argument("--no_table", action="store_true", help="skip the memory/speed table")
-    parser.add_argument("--models", nargs="+", choices=list(gpu_table.MODELS), default=["sd15", "sdxl"])
+    parser.add_argument("--models", nargs="+", choices=list(gpu_table.MODELS), default=["sd15", "sdxl", "flux"])
     parser.add_argument("--table_args", default="", help="more arguments for bench.gpu_table, one string")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -11,7 +11,10 @@ by `library.training.optimizers.build_optimizer`.
   captions encoded every step.
 - `sdxl`: SDXL base 1.0's U-Net (`configs/models/sdxl_base`) at 1024 px, LoRA on the U-Net only, with
   fixed random text states as `--cache_text_encoder_outputs` gives them (no text encoder built).
-- `tiny`, `tiny_sdxl`: the test models' shapes at 64 px, for running the same code on a CPU.
+- `flux`: FLUX.1-dev's transformer (`configs/models/flux_dev`, 11.9B parameters) at 1024 px, LoRA on the
+  transformer only (sd-scripts' default targets, fused qkv/linear1 included), fixed random T5/CLIP-L
+  states (512 T5 tokens) as `--cache_text_encoder_outputs` gives them, guidance 1.0.
+- `tiny`, `tiny_sdxl`, `tiny_flux`: the test models' shapes at 64 px, for running the same code on a CPU.
 
 The configurations (precision, gradient checkpointing, attention, optimizer, batch) come in an order
 of importance, each measured for plain LoRA, CAT sequential and CAT batched; rows stop being started
@@ -43,7 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class ModelShape:
-    family: str  # "sd" or "sdxl"
+    family: str  # "sd", "sdxl" or "flux"
     config: str  # folder under configs/models
     resolution: int
 
@@ -53,6 +56,8 @@ MODELS = {
     "sdxl": ModelShape("sdxl", "sdxl_base", 1024),
     "tiny": ModelShape("sd", "tiny_sd_v1", 64),
     "tiny_sdxl": ModelShape("sdxl", "tiny_sdxl", 64),
+    "flux": ModelShape("flux", "flux_dev", 1024),
+    "tiny_flux": ModelShape("flux", "tiny_flux", 64),
 }
 # name -> (CAT weight, mode); weight 0 is plain LoRA (no reference pass, no second adapted pass).
 METHODS = {"plain LoRA": (0.0, "sequential"), "CAT sequential": (1.0, "sequential"), "CAT batched": (1.0, "batched")}
@@ -77,6 +82,7 @@ PRIORITY = [
     ("sd15", "fp16", True, "sdpa", "AdamW8bit", 1),
     ("sd15", "fp16", False, "sdpa", "AdamW", 1),
     ("sdxl", "bf16", True, "sdpa", "AdamW8bit", 1),
+    ("flux", "bf16", True, "sdpa", "AdamW8bit", 1),
     ("sd15", "bf16", True, "sdpa", "AdamW8bit", 1),
     ("sd15", "fp16", True, "xformers", "AdamW8bit", 1),
     ("sd15", "fp16", True, "sdpa", "AdamW8bit", 4),
@@ -103,7 +109,7 @@ def planned_settings(models: list[str], precisions: tuple[str, ...] = ("fp16", "
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="GPU memory and speed: plain LoRA vs CAT on full-size shapes")
     parser.add_argument("--out", type=Path, required=True, help="JSON file, rewritten after every row")
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["sd15", "sdxl"])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["sd15", "sdxl", "flux"])
     parser.add_argument("--precisions", nargs="+", choices=["fp16", "bf16", "fp32"], default=["fp16", "bf16"])
     parser.add_argument("--budget", type=float, default=300.0, help="seconds; no setting is started that would end later")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row (the median is reported)")
@@ -152,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # Seconds a first row of a model may take (build, warm-up, steps) before one has been measured.
-FIRST_ROW_GUESS = {"sd15": 20.0, "sdxl": 45.0}
+FIRST_ROW_GUESS = {"sd15": 20.0, "sdxl": 45.0, "flux": 120.0}
 
 
 def describe_device(device) -> dict:
@@ -274,6 +280,8 @@ def build_parts(model: str, device) -> ModelParts:
     shape = MODELS[model]
     folder = MODEL_CONFIGS_DIR / shape.config
     torch.manual_seed(0)
+    if shape.family == "flux":
+        return _flux_parts(folder, shape, device)
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
         text_encoder = _sd_text_encoder(folder) if shape.family == "sd" else None
@@ -331,6 +339,32 @@ def _sdxl_parts(unet, shape: ModelShape, device) -> ModelParts:
     return ModelParts(unet, None, denoiser, make_batch)
 
 
+def _flux_parts(folder: Path, shape: ModelShape, device) -> ModelParts:
+    """FLUX.1's transformer alone, behind fixed T5/CLIP-L states for two captions (`bench.flux_text`),
+    told guidance 1.0 as a LoRA run with sd-scripts' suggested --guidance_scale is."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from bench.flux_text import cached_flux_denoiser
+    from library.cat.objective import CATBatch
+
+    with torch.device(device):
+        transformer = FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(folder / "transformer"))
+    transformer.requires_grad_(False)
+    denoiser, trigger_ids, free_ids = cached_flux_denoiser(transformer, device, t5_tokens=512)
+
+    def make_batch(batch: int):
+        generator = torch.Generator().manual_seed(0)
+        size = shape.resolution // 8
+        latents = torch.randn(batch, 16, size, size, generator=generator).to(device)
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        trigger, free = (ids.expand(batch, 1).to(device) for ids in (trigger_ids, free_ids))
+        return CATBatch(latents, torch.full((batch,), 500.0, device=device), noise, trigger, free,
+                        torch.ones(batch, device=device), conditioning={"guidance": torch.ones(batch, device=device)})
+
+    return ModelParts(transformer, None, denoiser, make_batch)
+
+
 def _latents(unet, shape: ModelShape, batch: int, device):
     import torch
 
@@ -346,6 +380,10 @@ def set_attention(unet, attention: str) -> None:
 
     if attention == "xformers":
         unet.enable_xformers_memory_efficient_attention()
+    elif type(unet).__name__ == "FluxTransformer2DModel":  # FLUX's own processor is SDPA already
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+        unet.set_attn_processor(FluxAttnProcessor())
     else:
         unet.set_attn_processor(AttnProcessor2_0())
 

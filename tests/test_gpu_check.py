@@ -38,7 +38,7 @@ def one_thread():
 
 def test_gpu_check_arguments():
     args = gpu_check.parse_args(["out"])
-    assert args.out == Path("out") and args.budget == 450 and args.models == ["sd15", "sdxl"] and args.device == "cuda"
+    assert args.out == Path("out") and args.budget == 450 and args.models == ["sd15", "sdxl", "flux"] and args.device == "cuda"
     args = gpu_check.parse_args(["o", "--budget", "60", "--no_tests", "--table_args=--steps 2 --warmup 1"])
     assert args.budget == 60 and args.no_tests and args.table_args.split() == ["--steps", "2", "--warmup", "1"]
     with pytest.raises(SystemExit):
@@ -49,7 +49,7 @@ def test_gpu_check_arguments():
 
 def test_gpu_table_arguments():
     args = gpu_table.parse_args(["--out", "t.json"])
-    assert args.models == ["sd15", "sdxl"] and args.steps == 5 and args.warmup == 2 and args.budget == 300
+    assert args.models == ["sd15", "sdxl", "flux"] and args.steps == 5 and args.warmup == 2 and args.budget == 300
     with pytest.raises(SystemExit):
         gpu_table.parse_args(["--out", "t.json", "--steps", "0"])
     with pytest.raises(SystemExit):
@@ -62,6 +62,8 @@ def test_the_most_important_settings_come_first_and_none_twice():
     assert len(settings) == len(set(settings)) == 2 * 2 * 2 * 2 * 2 * 2  # model, precision, ckpt, attention, optimizer, batch
     assert settings[2].model == "sdxl", "SDXL's first setting comes early, before the budget runs out"
     assert [s for s in gpu_table.planned_settings(["tiny"]) if s.model != "tiny"] == []
+    with_flux = gpu_table.planned_settings(["sd15", "sdxl", "flux"])
+    assert with_flux[3].model == "flux", "FLUX.1's first setting right after SDXL's"
 
 
 # --- the table, the targets, the report (fake measurements) ----------------------------------------
@@ -216,11 +218,12 @@ def test_table_rows_on_the_tiny_models_on_cpu(one_thread):
         bench.measure(Setting("tiny", "fp16", False, "sdpa", "AdamW", 2), "CAT batched", steps=1, warmup=0),
         bench.measure(Setting("tiny", "fp16", True, "xformers", "AdamW", 1), "plain LoRA", steps=1, warmup=0),
         bench.measure(Setting("tiny_sdxl", "bf16", True, "sdpa", "AdamW", 1), "plain LoRA", steps=1, warmup=0),
+        bench.measure(Setting("tiny_flux", "bf16", True, "sdpa", "AdamW", 1), "CAT sequential", steps=1, warmup=0),
     ]
     bench.release()
-    assert [r["status"] for r in rows] == ["ok", "ok", "skipped", "ok"], [r["reason"] for r in rows]
+    assert [r["status"] for r in rows] == ["ok", "ok", "skipped", "ok", "ok"], [r["reason"] for r in rows]
     assert rows[2]["reason"] == "xformers needs CUDA"
-    for row in (rows[0], rows[1], rows[3]):
+    for row in (rows[0], rows[1], rows[3], rows[4]):
         assert row["seconds"] > 0 and row["peak_allocated_bytes"] is None and row["lora_params"] > 0
 
 
