@@ -16,12 +16,14 @@ import torch
 
 import library.training.trainer as trainer
 import networks.lora_cat as lora_cat
+import flux_train_network_cat
 import sdxl_train_network_cat
 import train_network_cat
 from library.cat.objective import CATBatch, base_prediction, cat_step
 from library.families.family import ImageGeometry
 from library.testing.demo_data import write_demo_dataset
 from library.testing.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
+from library.testing.tiny_flux import TINY_FLUX_CONFIG, build_tiny_flux, save_bfl_files
 from library.testing.tiny_sdxl import TINY_SDXL_CONFIG, build_tiny_sdxl, save_sdxl_single_file
 from library.training.optimizers import build_optimizer
 from networks.lora_cat.file_format import read_lora_file
@@ -38,6 +40,8 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu")
     save_single_file(build_tiny_sd(seed=0), root / "tiny.safetensors")
     save_sdxl_single_file(build_tiny_sdxl(seed=0), root / "tiny_sdxl.safetensors")
+    (root / "flux").mkdir()
+    save_bfl_files(build_tiny_flux(seed=0), root / "flux")
     write_demo_dataset(root / "data")
     return root
 
@@ -132,6 +136,18 @@ def test_sdxl_trains_in_bf16_on_cuda(workspace, tmp_path, seen, flags):
     _trained(out / "cat.safetensors")
 
 
+@pytest.mark.parametrize("flags", [(), ("--cat_mode", "batched", "--gradient_checkpointing")])
+def test_flux_trains_in_bf16_on_cuda(workspace, tmp_path, seen, flags):
+    out, flux = tmp_path / "out", workspace / "flux"
+    argv = _argv(workspace, out, "--mixed_precision", "bf16", "--pretrained_model_name_or_path",
+                 str(flux / "flux1-dev.safetensors"), "--model_config", str(TINY_FLUX_CONFIG),
+                 "--clip_l", str(flux / "clip_l.safetensors"), "--t5xxl", str(flux / "t5xxl.safetensors"),
+                 "--ae", str(flux / "ae.safetensors"), "--model_prediction_type", "raw", *flags)
+    assert flux_train_network_cat.main(argv) == 0
+    assert seen and all(s == ("cuda", torch.float32, "cuda") for s in seen), seen[:1]
+    _trained(out / "cat.safetensors")
+
+
 # --- attention and optimizers -----------------------------------------------------------------------
 
 
@@ -192,7 +208,8 @@ def test_8bit_optimizers_step_on_cuda(workspace, tmp_path, seen, name):
 
 # --- CAT's semantics on CUDA kernels ----------------------------------------------------------------
 
-FAMILIES = {"sd1": lambda: build_tiny_sd(seed=0), "sdxl": lambda: build_tiny_sdxl(seed=0)}
+FAMILIES = {"sd1": lambda: build_tiny_sd(seed=0), "sdxl": lambda: build_tiny_sdxl(seed=0),
+            "flux": lambda: build_tiny_flux(seed=0)}
 GEOMETRY = [ImageGeometry((96, 64), (16, 0), (64, 64)), ImageGeometry((64, 80), (0, 8), (64, 64))]
 
 
