@@ -150,8 +150,8 @@ def test_files_round_trip_with_sd_scripts_names_and_are_flux_files(tmp_path):
     assert state["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"].shape == (3 * HIDDEN, 4)
     assert file_family(key.split(".")[0] for key in state)[0] == FLUX
     network.restore()
-    fresh, _ = _models()[0], None
-    loaded, weights = lora_cat.create_network_from_weights(1.0, file, None, [clip, t5], fresh)
+    fresh = _models()[0]
+    loaded, _ = lora_cat.create_network_from_weights(1.0, file, None, [clip, t5], fresh)
     loaded.apply_to([clip, t5], fresh, True, True)
     loaded.load_weights(file)
     with torch.no_grad():

@@ -123,7 +123,10 @@ class FluxModels:
         """T5 states and CLIP-L's pooled embedding of the prompt, encoded as training encodes it (FLUX.1
         is guidance-distilled: the negative prompt is used only with the pipeline's true CFG)."""
         denoiser = self.denoiser(clip_skip)
-        encode = lambda text: denoiser.encode(self.tokenize([text]).to(self.transformer.device))  # noqa: E731
+
+        def encode(text: str):
+            return denoiser.encode(self.tokenize([text]).to(self.transformer.device))
+
         positive, negative = encode(prompt), encode(negative_prompt)
         return {"prompt_embeds": positive.states, "pooled_prompt_embeds": positive.pooled,
                 "negative_prompt_embeds": negative.states, "negative_pooled_prompt_embeds": negative.pooled}
