@@ -43,6 +43,14 @@ def check_args(args: ArgValues, script: TrainingScript = SD_SCRIPT) -> None:
 # region checks and warnings
 
 
+def _check_fp8(args: ArgValues) -> None:
+    """fp8 base weights are computed in the mixed-precision dtype: sd-scripts requires one, and so do we."""
+    for flag in ("fp8_base", "fp8_base_unet"):
+        if args[flag] and args["mixed_precision"] == "no":
+            raise UserInputError(f"{args.show(flag)} needs --mixed_precision bf16 or fp16: fp8 weights are computed in "
+                                 "that precision (sd-scripts requires it too).")
+
+
 def _check_required(args: ArgValues) -> None:
     """The model, the images and the output folder must be named."""
     if not args["pretrained_model_name_or_path"]:
@@ -289,7 +297,7 @@ def _check_preservation(args: ArgValues) -> None:
     read_preservation_prompts(path, args.show("preservation_prompts"))
 
 
-_CHECKS = (_check_required, _check_resolution, _check_positive, _check_dataset, _check_network, _check_cat, _check_precision,
+_CHECKS = (_check_required, _check_resolution, _check_positive, _check_dataset, _check_network, _check_cat, _check_precision, _check_fp8,
            _check_optimizer, _check_scheduler, _check_timesteps, _check_saving, _check_preservation)
 _WARNINGS = (_warn_model, _warn_cat, _warn_dataset)
 

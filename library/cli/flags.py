@@ -81,7 +81,10 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="read a .safetensors checkpoint into memory at once instead of memory-mapping it (SDXL)")
     group.add_argument("--lowram", action="store_true", help="load models to VRAM instead of RAM")
     group.add_argument("--highvram", action="store_true", help="do not free VRAM caches (more VRAM, faster)")
-    group.add_argument("--fp8_base", action="store_true", help="keep the base model in fp8")
+    group.add_argument("--fp8_base", action="store_true",
+                       help="store the base model's Linear/Conv weights in fp8 (U-Net or transformer and text encoders)")
+    group.add_argument("--fp8_base_unet", action="store_true",
+                       help="store only the U-Net's (FLUX.1: the transformer's) weights in fp8")
 
 
 def _add_flux_arguments(parser: argparse.ArgumentParser) -> None:

@@ -27,7 +27,6 @@ NOT_IMPLEMENTED: dict[str, str] = {
     "--token_warmup_min": "token warmup is not implemented",
     "--token_warmup_step": "token warmup is not implemented",
     "--weighted_captions": "weighted captions are not implemented",
-    "--fp8_base": "fp8 base weights are not implemented",
     "--log_with": "only tensorboard logging is implemented (wandb is not)",
     "--log_tracker_config": "tracker config files are not read",
     "--log_config": "the configuration is not logged to the tracker",

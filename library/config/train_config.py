@@ -34,6 +34,8 @@ class ModelArgs:
     disable_mmap_load_safetensors: bool  # read a .safetensors checkpoint into memory at once (SDXL's flag)
     lowram: bool
     highvram: bool
+    fp8_base: bool = False  # the frozen U-Net/transformer and text encoders' Linear/Conv weights in fp8
+    fp8_base_unet: bool = False  # only the U-Net's/transformer's
     # FLUX.1 (flux_train_network_cat.py): the text encoders and AE beside a BFL transformer file, and how it is told the text
     clip_l: str | None = None
     t5xxl: str | None = None

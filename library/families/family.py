@@ -92,6 +92,15 @@ class ModelFamily(Protocol):
         """The first image of a batch of denoised latents."""
 
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype `model` computes in: its parameters', not the fp8 its weights may be stored in
+    (--fp8_base), which are upcast to it. diffusers' `model.dtype` is the first parameter's: fp8 then."""
+    return next((p.dtype for p in model.parameters() if p.dtype not in FP8_DTYPES), torch.float32)
+
+
 def freeze_models(models: ModelFamily, dtype: torch.dtype, vae_dtype: torch.dtype | None = None) -> None:
     """Put every model in `dtype` (the VAE in `vae_dtype`, default `dtype`), eval mode and without
     gradients; training code opts in explicitly."""

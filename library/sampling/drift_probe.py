@@ -18,6 +18,7 @@ from library.cat.preservation import FixedNoise, prediction_drift
 from library.config.train_config import PreservationArgs
 from library.sampling.prompt_files import read_prompt_lines
 from library.sampling.side_trip import SideTrip
+from library.families.family import compute_dtype
 
 DRIFT_TAG = "preservation/drift"
 CHUNK = 8  # prompts per U-Net call: bounded memory for long prompt files
@@ -77,7 +78,7 @@ class PreservationDrift:
     def _fixed_inputs(self, resolution: tuple[int, int], seed: int) -> tuple[torch.Tensor, torch.Tensor, FixedNoise]:
         """Token ids, latents and noise/timesteps, drawn once from the run's seed on generators of their own."""
         models, device = self.side.models, self.side.accelerator.device
-        dtype = models.unet.dtype
+        dtype = compute_dtype(models.unet)
         width, height = resolution
         shape = models.latent_shape(len(self.prompts), width, height)
         latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed))

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from library.cat.network_protocol import multiplier_set_to, unwrap_network
 from library.errors import UserInputError
-from library.families.family import ModelFamily
+from library.families.family import ModelFamily, compute_dtype
 
 PROBE_SEED = 2404_07554  # the CAT paper's arXiv id: any fixed number would do
 PROBE_CAPTIONS = ("a photo of a teapot on a wooden table", "")
@@ -56,7 +56,7 @@ class OffProbe:
         them (clip skip, long-prompt windows); call before the network is created."""
         generator = torch.Generator().manual_seed(PROBE_SEED)
         shape = models.latent_shape(len(PROBE_CAPTIONS), PROBE_PIXELS, PROBE_PIXELS)
-        latents = torch.randn(shape, generator=generator).to(device, models.unet.dtype)
+        latents = torch.randn(shape, generator=generator).to(device, compute_dtype(models.unet))
         steps = getattr(getattr(models.noise_scheduler, "config", None), "num_train_timesteps", 1000)
         timesteps = torch.randint(0, steps, (shape[0],), generator=generator).to(device)
         input_ids = models.tokenize(list(PROBE_CAPTIONS), max_token_length).to(device)

@@ -65,6 +65,8 @@ def training_metadata(config: TrainConfig, facts: RunFacts, output_name: str) ->
         "ss_cache_latents": config.data.cache_latents,
         "ss_seed": facts.seed,
         "ss_lowram": config.model.lowram,
+        "ss_fp8_base": config.model.fp8_base,
+        "ss_fp8_base_unet": config.model.fp8_base_unet,
         "ss_noise_offset": config.noise.noise_offset,
         "ss_multires_noise_iterations": config.noise.multires_noise_iterations,
         "ss_multires_noise_discount": config.noise.multires_noise_discount,

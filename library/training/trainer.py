@@ -28,6 +28,7 @@ from library.training.grad_sync import average_gradients
 from library.data.image_loading import Augmentation, load_image
 from library.data.latents import LatentCache, LatentKey, encode, key_for, sample_latents
 from library.training.lr_schedulers import build_lr_scheduler, current_learning_rates
+from library.training.fp8_weights import store_in_fp8
 from library.training.noise import check_snr_weighting_flags
 from library.training.network_setup import DTYPES, build_network, optimizer_groups
 from library.training.optimizers import build_optimizer
@@ -36,7 +37,7 @@ from library.training.output_files import (
     step_to_remove,
 )
 from library.cat.objective import Denoiser, cat_step
-from library.families.family import ImageGeometry, ModelFamily, ModelLoader
+from library.families.family import ImageGeometry, ModelFamily, ModelLoader, compute_dtype
 from library.sampling.drift_probe import PreservationDrift
 from library.sampling.sample_images import SampleImages, scheduled_sample_prompts
 from library.sampling.side_trip import SideTrip
@@ -160,7 +161,7 @@ def setup(config: TrainConfig, load_models: ModelLoader) -> Run:
         output_name=output_name, save_dtype=SAVE_DTYPES.get(config.save.save_precision) if config.save.save_precision else None,
         latent_cache=_cache_latents(config, data, models, accelerator), batches=batches, loader=loader,
         sampler=sampler, generator=torch.Generator().manual_seed(process_seed(seed, accelerator.process_index)),
-        tokens=tokens, latent_dtype=models.unet.dtype, vae_dtype=models.vae.dtype,
+        tokens=tokens, latent_dtype=compute_dtype(models.unet), vae_dtype=models.vae.dtype,
         sample_prompts=sample_prompts, text_cache=_cache_text(config, data, models, tokens, accelerator),
     )
 
@@ -246,6 +247,7 @@ def _prepare_models(config: TrainConfig, models: ModelFamily, accelerator: Accel
         model.to(accelerator.device)
         if model.dtype != dtype:  # diffusers warns on every .to(dtype=...), even a no-op one
             model.to(dtype=dtype)
+    _store_base_in_fp8(config, models)
     if config.model.xformers:
         try:
             models.unet.enable_xformers_memory_efficient_attention()
@@ -254,6 +256,16 @@ def _prepare_models(config: TrainConfig, models: ModelFamily, accelerator: Accel
     if config.run.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
         models.unet.train()  # diffusers and transformers checkpoint only in training mode
+
+
+def _store_base_in_fp8(config: TrainConfig, models: ModelFamily) -> None:
+    """--fp8_base: the U-Net/transformer and the text encoders in fp8 (library.training.fp8_weights);
+    --fp8_base_unet: the U-Net/transformer only, as sd-scripts splits them."""
+    if not (config.model.fp8_base or config.model.fp8_base_unet):
+        return
+    parts = [models.unet] + ([] if config.model.fp8_base_unet else list(models.text_encoders))
+    layers = sum(store_in_fp8(part) for part in parts)
+    logger.info("--fp8_base: %d Linear/Conv2d layers store their weights in float8_e4m3fn", layers)
 
 
 def _checkpoint_text_encoders(config: TrainConfig, models: ModelFamily, network) -> None:
