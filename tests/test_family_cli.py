@@ -1,6 +1,7 @@
 """Each family's training script end to end on its tiny model, the same tests for every family:
-files and metadata, diffusers reproduces the trained LoRA, resume is exact, samples and the drift
-signal run, and a GUI-style TOML trains. SD 1.x-only and SDXL-only behaviour is tested beside."""
+files and metadata, diffusers reproduces the trained LoRA, resume is exact, gradient checkpointing
+trains the same LoRA, samples and the drift signal run, and a GUI-style TOML trains. What only one
+family has is tested beside (test_train_cli, test_sdxl_train_cli, test_flux_train_cli)."""
 
 from __future__ import annotations
 
@@ -142,6 +143,17 @@ def test_resume_equals_uninterrupted(case, tmp_path):
     expected, _ = read_lora_file(straight / "cat.safetensors")
     got, _ = read_lora_file(resumed / "cat.safetensors")
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_gradient_checkpointing_trains_the_same_lora(case, tmp_path):
+    family, root = case
+    assert family.main(_argv(root, family, tmp_path / "plain")) == 0
+    assert family.main(_argv(root, family, tmp_path / "ckpt", "--gradient_checkpointing")) == 0
+    expected, _ = read_lora_file(tmp_path / "plain" / "cat.safetensors")
+    got, _ = read_lora_file(tmp_path / "ckpt" / "cat.safetensors")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5)
 
 
 def test_samples_and_drift_signal_run(case, tmp_path):

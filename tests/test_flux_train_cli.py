@@ -90,15 +90,6 @@ def test_cached_text_encoder_outputs_train_the_same_lora(workspace, tmp_path, mo
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5)
 
 
-def test_gradient_checkpointing_trains_the_same_lora(workspace, tmp_path):
-    assert flux_train_network_cat.main(_argv(workspace, tmp_path / "plain")) == 0
-    assert flux_train_network_cat.main(_argv(workspace, tmp_path / "ckpt", "--gradient_checkpointing")) == 0
-    expected, _ = read_lora_file(tmp_path / "plain" / "cat.safetensors")
-    got, _ = read_lora_file(tmp_path / "ckpt" / "cat.safetensors")
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5)
-
-
 def test_schnell_trains_without_a_guidance_input(workspace, tmp_path, monkeypatch):
     seen = _recording_predictions(monkeypatch)
     argv = _argv(workspace, tmp_path / "out", model="flux1-schnell.safetensors", parts=workspace / "schnell")
