@@ -33,6 +33,21 @@ def load_pretrained(
     return model
 
 
+# What a family's folder error tells the user to give instead, when its folder lacks a part's config.
+SAVED_OR_SINGLE_FILE = "Give a folder saved by diffusers (save_pretrained) or a single .safetensors/.ckpt checkpoint."
+
+
+def require_configs(path: Path, subfolders: Iterable[str], what: str, remedy: str = SAVED_OR_SINGLE_FILE) -> None:
+    """Raise, naming every missing `<subfolder>/config.json`, unless `path` has them all; `what` is what
+    the folder should be ("a diffusers SDXL folder"), `remedy` what to give instead."""
+    missing = [name for name in subfolders if not (path / name / "config.json").is_file()]
+    if missing:
+        raise UserInputError(
+            f"The model folder {path} is not {what}: it lacks {', '.join(name + '/config.json' for name in missing)}. "
+            f"{remedy}"
+        )
+
+
 def refuse_missing_weights(missing_keys: Iterable[str], component: str, folder: Path) -> None:
     """Raise when the loader reports weights it had to leave at their random init."""
     missing = sorted(missing_keys)

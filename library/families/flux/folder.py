@@ -17,7 +17,7 @@ from transformers import CLIPTextModel, T5EncoderModel
 from library.config.training_script import SD_SCRIPT, SDXL_SCRIPT
 from library.errors import UserInputError
 from library.families.detect import is_flux_folder, is_sdxl_folder
-from library.families.diffusers_folder import load_pretrained
+from library.families.diffusers_folder import load_pretrained, require_configs
 
 # Each part's subfolder, and the flag that replaces it with a single file.
 PART_FLAGS = {"text_encoder": "--clip_l", "text_encoder_2": "--t5xxl", "vae": "--ae"}
@@ -38,13 +38,9 @@ def check_flux_folder(path: Path, replaced: set[str]) -> None:
                 f"train a LoRA for it with {SD_SCRIPT.name}."
             )
     needed = ["transformer", *(name for name in PART_FLAGS if name not in replaced)]
-    missing = [name for name in needed if not (path / name / "config.json").is_file()]
-    if missing:
-        raise UserInputError(
-            f"The model folder {path} is not a complete diffusers FLUX.1 folder: it lacks "
-            f"{', '.join(name + '/config.json' for name in missing)}. Give a folder saved by diffusers "
-            "(black-forest-labs/FLUX.1-dev's layout), or a transformer file with --clip_l, --t5xxl and --ae."
-        )
+    require_configs(path, needed, "a complete diffusers FLUX.1 folder",
+                    "Give a folder saved by diffusers (black-forest-labs/FLUX.1-dev's layout), or a transformer file "
+                    "with --clip_l, --t5xxl and --ae.")
 
 
 def load_transformer(path: Path, dtype: torch.dtype) -> FluxTransformer2DModel:

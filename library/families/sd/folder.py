@@ -13,21 +13,14 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from library.families.clip_tokenizer import EOS_TOKEN, SD2_PAD_TOKEN, build_clip_tokenizer, with_clip_text_cleaning
-from library.errors import UserInputError
-from library.families.diffusers_folder import load_pretrained
+from library.families.diffusers_folder import load_pretrained, require_configs
 
 REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder")
 
 
 def check_diffusers_folder(path: Path) -> None:
     """Raise unless `path` has the unet/, vae/ and text_encoder/ configs of a diffusers SD folder."""
-    missing = [name for name in REQUIRED_SUBFOLDERS if not (path / name / "config.json").is_file()]
-    if missing:
-        raise UserInputError(
-            f"The model folder {path} is not a diffusers Stable Diffusion folder: it lacks "
-            f"{', '.join(name + '/config.json' for name in missing)}. Give a folder saved by diffusers "
-            "(save_pretrained) or a single .safetensors/.ckpt checkpoint."
-        )
+    require_configs(path, REQUIRED_SUBFOLDERS, "a diffusers Stable Diffusion folder")
 
 
 def is_open_clip_folder(path: Path) -> bool:

@@ -12,7 +12,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from library.errors import UserInputError
 from library.families.clip_tokenizer import EOS_TOKEN, SD2_PAD_TOKEN, build_clip_tokenizer, with_clip_text_cleaning
-from library.families.diffusers_folder import load_pretrained
+from library.families.diffusers_folder import load_pretrained, require_configs
 
 REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -25,12 +25,7 @@ def check_sdxl_folder(path: Path) -> None:
             f"The model folder {path} is Stable Diffusion 1.x/2.x (one text encoder, no text_encoder_2/), "
             "not SDXL; train a LoRA for it with train_network_cat.py."
         )
-    if missing:
-        raise UserInputError(
-            f"The model folder {path} is not a diffusers SDXL folder: it lacks "
-            f"{', '.join(name + '/config.json' for name in missing)}. Give a folder saved by diffusers "
-            "(save_pretrained) or a single .safetensors/.ckpt checkpoint."
-        )
+    require_configs(path, REQUIRED_SUBFOLDERS, "a diffusers SDXL folder")
 
 
 def load_unet(path: Path, dtype: torch.dtype) -> UNet2DConditionModel:
