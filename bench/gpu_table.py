@@ -70,7 +70,7 @@ class Setting:
     """One configuration of the table; each is measured for every method."""
 
     model: str
-    precision: str  # "fp16", "bf16" (or "fp32", for a CPU)
+    precision: str  # "fp16", "bf16", "fp8" (--fp8_base: weights in fp8, computed in bf16), or "fp32" for a CPU
     checkpointing: bool
     attention: str  # "sdpa" or "xformers"
     optimizer: str  # "AdamW" or "AdamW8bit"
@@ -83,6 +83,7 @@ PRIORITY = [
     ("sd15", "fp16", False, "sdpa", "AdamW", 1),
     ("sdxl", "bf16", True, "sdpa", "AdamW8bit", 1),
     ("flux", "bf16", True, "sdpa", "AdamW8bit", 1),
+    ("flux", "fp8", True, "sdpa", "AdamW8bit", 1),
     ("sd15", "bf16", True, "sdpa", "AdamW8bit", 1),
     ("sd15", "fp16", True, "xformers", "AdamW8bit", 1),
     ("sd15", "fp16", True, "sdpa", "AdamW8bit", 4),
@@ -94,7 +95,7 @@ PRIORITY = [
 ]
 
 
-def planned_settings(models: list[str], precisions: tuple[str, ...] = ("fp16", "bf16")) -> list[Setting]:
+def planned_settings(models: list[str], precisions: tuple[str, ...] = ("fp16", "bf16", "fp8")) -> list[Setting]:
     """PRIORITY's settings for `models`, then every other combination (model by model, in `models` order)."""
     first = [Setting(*row) for row in PRIORITY if row[0] in models and row[1] in precisions]
     rest = [
@@ -110,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="GPU memory and speed: plain LoRA vs CAT on full-size shapes")
     parser.add_argument("--out", type=Path, required=True, help="JSON file, rewritten after every row")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["sd15", "sdxl", "flux"])
-    parser.add_argument("--precisions", nargs="+", choices=["fp16", "bf16", "fp32"], default=["fp16", "bf16"])
+    parser.add_argument("--precisions", nargs="+", choices=["fp16", "bf16", "fp8", "fp32"], default=["fp16", "bf16", "fp8"])
     parser.add_argument("--budget", type=float, default=300.0, help="seconds; no setting is started that would end later")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="steps before timing (optimizer state, kernels)")
@@ -233,14 +234,23 @@ class Bench:
         return row
 
     def _parts(self, setting: Setting) -> "ModelParts":
-        if self.model_name != setting.model:
+        from library.families.family import compute_dtype
+        from library.training.fp8_weights import store_in_fp8
+
+        dtype = _dtype(setting.precision)
+        fp8 = setting.precision == "fp8"
+        key = setting.model + (" fp8" if fp8 else "")  # fp8 storage is one-way: such rows get a model of their own
+        if self.model_name != key:
             self.release()
             self.parts = build_parts(setting.model, self.device)
-            self.model_name = setting.model
+            self.model_name = key
+            if fp8:
+                for model in self.parts.frozen:
+                    model.to(dtype=dtype)
+                    store_in_fp8(model)
         parts = self.parts
-        dtype = _dtype(setting.precision)
         for model in parts.frozen:
-            if next(model.parameters()).dtype != dtype:
+            if compute_dtype(model) != dtype:
                 model.to(dtype=dtype)
         set_attention(parts.unet, setting.attention)
         set_checkpointing(parts, setting.checkpointing)
@@ -248,7 +258,7 @@ class Bench:
         return parts
 
 
-DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp8": "bfloat16", "fp32": "float32"}  # fp8: the compute dtype
 
 
 def _dtype(name: str):

@@ -59,11 +59,12 @@ def test_gpu_table_arguments():
 def test_the_most_important_settings_come_first_and_none_twice():
     settings = gpu_table.planned_settings(["sd15", "sdxl"])
     assert settings[0] == gpu_table.MEMORY_TARGET_SETTING
-    assert len(settings) == len(set(settings)) == 2 * 2 * 2 * 2 * 2 * 2  # model, precision, ckpt, attention, optimizer, batch
+    assert len(settings) == len(set(settings)) == 2 * 3 * 2 * 2 * 2 * 2  # model, precision, ckpt, attention, optimizer, batch
     assert settings[2].model == "sdxl", "SDXL's first setting comes early, before the budget runs out"
     assert [s for s in gpu_table.planned_settings(["tiny"]) if s.model != "tiny"] == []
     with_flux = gpu_table.planned_settings(["sd15", "sdxl", "flux"])
     assert with_flux[3].model == "flux", "FLUX.1's first setting right after SDXL's"
+    assert (with_flux[4].model, with_flux[4].precision) == ("flux", "fp8"), "then with --fp8_base"
 
 
 # --- the table, the targets, the report (fake measurements) ----------------------------------------
@@ -219,11 +220,13 @@ def test_table_rows_on_the_tiny_models_on_cpu(one_thread):
         bench.measure(Setting("tiny", "fp16", True, "xformers", "AdamW", 1), "plain LoRA", steps=1, warmup=0),
         bench.measure(Setting("tiny_sdxl", "bf16", True, "sdpa", "AdamW", 1), "plain LoRA", steps=1, warmup=0),
         bench.measure(Setting("tiny_flux", "bf16", True, "sdpa", "AdamW", 1), "CAT sequential", steps=1, warmup=0),
+        bench.measure(Setting("tiny_flux", "fp8", True, "sdpa", "AdamW", 1), "CAT sequential", steps=1, warmup=0),
     ]
+    fp8_weights = {m.weight.dtype for m in bench.parts.unet.modules() if isinstance(m, torch.nn.Linear)}
     bench.release()
-    assert [r["status"] for r in rows] == ["ok", "ok", "skipped", "ok", "ok"], [r["reason"] for r in rows]
-    assert rows[2]["reason"] == "xformers needs CUDA"
-    for row in (rows[0], rows[1], rows[3], rows[4]):
+    assert [r["status"] for r in rows] == ["ok", "ok", "skipped", "ok", "ok", "ok"], [r["reason"] for r in rows]
+    assert rows[2]["reason"] == "xformers needs CUDA" and fp8_weights == {torch.float8_e4m3fn}
+    for row in (rows[0], rows[1], rows[3], rows[4], rows[5]):
         assert row["seconds"] > 0 and row["peak_allocated_bytes"] is None and row["lora_params"] > 0
 
 
