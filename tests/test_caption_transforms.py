@@ -76,3 +76,38 @@ def test_other_caption_separator_is_split_on_and_joined_with_comma():
     options = CaptionOptions(shuffle=True, separator=";", keep_tokens=1)
     out = transform_caption("sks teapot; red; blue", sample_rng(0, 1, 0), options)
     assert out.startswith("sks teapot, ") and sorted(out.split(", ")[1:]) == ["blue", "red"]
+
+
+def test_wildcards_choose_one_choice_per_draw_and_keep_escaped_braces():
+    options = CaptionOptions(wildcard=True)
+    caption = "a {photo|painting} of sks teapot, {{literal}}"
+    outs = {transform_caption(caption, sample_rng(0, 1, i), options) for i in range(40)}
+    assert outs == {"a photo of sks teapot, {literal}", "a painting of sks teapot, {literal}"}
+    assert transform_caption(caption, sample_rng(0, 1, 3), options) == transform_caption(caption, sample_rng(0, 1, 3), options)
+    assert transform_caption(caption, sample_rng(0, 1, 3), CaptionOptions()) == caption, "without the option, text as is"
+
+
+def test_a_multi_line_caption_trains_on_one_line_a_draw_with_wildcards_else_its_first():
+    caption = "sks teapot on a table\nsks teapot, studio light\na red sks teapot"
+    outs = {transform_caption(caption, sample_rng(0, 1, i), CaptionOptions(wildcard=True)) for i in range(40)}
+    assert outs == set(caption.split("\n"))
+    assert transform_caption(caption, sample_rng(0, 1, 0), CaptionOptions()) == "sks teapot on a table"
+
+
+def test_the_secondary_separator_keeps_tags_together_then_becomes_the_separator():
+    caption = "sks teapot, red;;;glossy, on a table, studio light"
+    options = CaptionOptions(shuffle=True, keep_tokens=1, secondary_separator=";;;")
+    outs = {transform_caption(caption, sample_rng(0, 1, i), options) for i in range(30)}
+    assert len(outs) > 1
+    for out in outs:
+        assert "red,glossy" in out and ";;;" not in out, "shuffled as one tag, then joined by caption_separator"
+    assert transform_caption(caption, sample_rng(0, 1, 0), CaptionOptions(secondary_separator=";;;")) == \
+        "sks teapot, red,glossy, on a table, studio light"
+
+
+def test_the_trigger_free_caption_follows_the_wildcard_s_choice():
+    options = CaptionOptions(wildcard=True)
+    for i in range(20):
+        trained = transform_caption("{sks teapot|sks kettle} on a table", sample_rng(0, 1, i), options)
+        free = trigger_free_caption(trained, ("sks",), "strip")
+        assert "sks" not in free and free in ("teapot on a table", "kettle on a table")

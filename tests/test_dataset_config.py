@@ -156,12 +156,12 @@ def test_resolution_is_an_integer_or_a_pair_of_integers_as_in_sd_scripts(tmp_pat
 
 def test_all_problems_are_reported_together(tmp_path):
     path = tmp_path / "bad.toml"
-    path.write_text('[[datasets]]\nbatchsize = 2\n[[datasets.subsets]]\nimage_dir = "x"\nenable_wildcard = true\n'
+    path.write_text('[[datasets]]\nbatchsize = 2\n[[datasets.subsets]]\nimage_dir = "x"\ntoken_warmup_step = 5\n'
                     '[[datasets]]\n[[datasets.subsets]]\nimage_dri = "y"\n')
     with pytest.raises(UserInputError) as error:
         load_dataset_config(path, cli_data())
     message = str(error.value)
-    assert "batchsize" in message and "enable_wildcard" in message and "[[datasets]] #2" in message
+    assert "batchsize" in message and "token_warmup_step" in message and "[[datasets]] #2" in message
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -216,3 +216,36 @@ def test_regularisation_samples_are_weighted_by_prior_loss_weight(model, dataset
     assert train_network_cat.main(argv) == 0
     pairs = [(c, w) for batch, ws in zip(captions, weights) for c, w in zip(batch, ws)]
     assert {w for c, w in pairs if c == "teapot"} == {0.25} and {w for c, w in pairs if c != "teapot"} == {1.0}
+
+
+def _wildcard_captions(dataset):
+    """The first training image's caption file: two lines, wildcards in the second."""
+    (dataset / "train" / "3_sks teapot" / "0.txt").write_text(
+        "sks teapot, red, on a table\n\n{a photo|a painting} of sks teapot, {{braces}}\n", encoding="utf-8")
+
+
+def test_wildcards_and_multi_line_captions_reach_the_step_and_cat_strips_the_chosen_caption(model, dataset, tmp_path,
+                                                                                           monkeypatch):
+    _wildcard_captions(dataset)
+    seen = []
+    monkeypatch.setattr(CaptionTokens, "__call__", _recording(seen))
+    toml = (dataset / "dataset.toml").read_text(encoding="utf-8").replace("shuffle_caption = true", "enable_wildcard = true")
+    (dataset / "dataset.toml").write_text(toml, encoding="utf-8")
+    assert train_network_cat.main(_argv(model, dataset, tmp_path / "out", "--max_train_steps", "40")) == 0
+    # Each step tokenizes its captions, then their trigger-free ones (CAT is on).
+    trained, free = [c for batch in seen[0::2] for c in batch], [c for batch in seen[1::2] for c in batch]
+    choices = {"sks teapot, red, on a table", "a photo of sks teapot, {braces}", "a painting of sks teapot, {braces}"}
+    drawn = [c for c in trained if c in choices or "{" in c or "photo" in c or "painting" in c]
+    assert set(drawn) <= choices and len(set(drawn)) >= 2, drawn
+    assert {c.replace("sks ", "", 1) for c in drawn} <= set(free), "each trigger-free caption strips the chosen one"
+
+
+def test_without_wildcards_a_caption_file_s_first_line_trains_as_written(model, dataset, tmp_path, monkeypatch):
+    _wildcard_captions(dataset)
+    seen = []
+    monkeypatch.setattr(CaptionTokens, "__call__", _recording(seen))
+    toml = (dataset / "dataset.toml").read_text(encoding="utf-8").replace("shuffle_caption = true\n", "")
+    (dataset / "dataset.toml").write_text(toml, encoding="utf-8")
+    assert train_network_cat.main(_argv(model, dataset, tmp_path / "out", "--max_train_steps", "40")) == 0
+    trained = {c for batch in seen[0::2] for c in batch}
+    assert "sks teapot, red, on a table" in trained and not any("photo" in c or "painting" in c for c in trained)

@@ -70,3 +70,8 @@ def test_the_flux_network_module_name_guis_write_is_ours():
     import networks.lora_cat
 
     assert import_network_module("networks.lora_flux") is networks.lora_cat
+
+
+def test_wildcard_captions_cannot_have_their_text_encoder_outputs_cached():
+    with pytest.raises(UserInputError, match="--enable_wildcard"):
+        parse_args([*BASE, "--enable_wildcard", "--cache_text_encoder_outputs", "--network_train_unet_only"], FLUX_SCRIPT)

@@ -505,19 +505,19 @@ def test_not_implemented_keys_are_flags():
 
 def test_not_implemented_flags_are_refused_together():
     with pytest.raises(UserInputError) as err:
-        parse_args(BASE + ["--mem_eff_attn", "--enable_wildcard", "--log_with", "wandb", "--masked_loss"])
+        parse_args(BASE + ["--mem_eff_attn", "--weighted_captions", "--log_with", "wandb", "--masked_loss"])
     message = str(err.value)
-    for flag in ("--mem_eff_attn", "--enable_wildcard", "--log_with", "--masked_loss"):
+    for flag in ("--mem_eff_attn", "--weighted_captions", "--log_with", "--masked_loss"):
         assert flag + " (" in message
     assert "are accepted but not implemented yet" in message
     assert message.count(". ") == 0  # one sentence
 
 
 def test_not_implemented_from_the_file_names_the_file(tmp_path):
-    path = write(tmp_path, "enable_wildcard = true\n")
+    path = write(tmp_path, "weighted_captions = true\n")
     with pytest.raises(UserInputError) as err:
         parse_args(BASE + ["--config_file", str(path)])
-    assert "--enable_wildcard (" in str(err.value) and str(path) in str(err.value)
+    assert "--weighted_captions (" in str(err.value) and str(path) in str(err.value)
 
 
 def test_dataset_flags_that_landed_parse():

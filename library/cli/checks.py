@@ -229,7 +229,7 @@ def _check_family(args: ArgValues, script: TrainingScript) -> None:
 
 
 # Caption options that change a caption from step to step: its text-encoder outputs cannot be cached.
-VARYING_CAPTION_FLAGS = ("shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs",
+VARYING_CAPTION_FLAGS = ("shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs", "enable_wildcard",
                          "caption_tag_dropout_rate", "token_warmup_step")
 
 

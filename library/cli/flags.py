@@ -277,8 +277,10 @@ def _add_caption_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--shuffle_caption", action="store_true", help="shuffle the tags of each caption")
     group.add_argument("--keep_tokens", type=int, default=0, help="keep the first N tags in place when shuffling")
     group.add_argument("--keep_tokens_separator", type=str, default="", help="tags before this are kept in place")
-    group.add_argument("--secondary_separator", type=str, default=None, help="a second tag separator")
-    group.add_argument("--enable_wildcard", action="store_true", help="{a|b} wildcards in captions")
+    group.add_argument("--secondary_separator", type=str, default=None,
+                       help="joins tags that shuffle and drop out together; replaced by --caption_separator after")
+    group.add_argument("--enable_wildcard", action="store_true",
+                       help="{a|b} choices in captions, and a random line of multi-line caption files, each step")
     group.add_argument("--caption_prefix", type=str, default=None, help="text put before every caption")
     group.add_argument("--caption_suffix", type=str, default=None, help="text put after every caption")
     group.add_argument("--caption_dropout_rate", type=float, default=0.0, help="rate of empty captions")

@@ -21,8 +21,6 @@ NOT_IMPLEMENTED: dict[str, str] = {
     "--skip_until_initial_step": _USE_RESUME,
     "--initial_epoch": _USE_RESUME,
     "--initial_step": _USE_RESUME,
-    "--secondary_separator": "secondary caption separators are not implemented",
-    "--enable_wildcard": "caption wildcards are not implemented",
     "--face_crop_aug_range": "face crops are not implemented",
     "--token_warmup_min": "token warmup is not implemented",
     "--token_warmup_step": "token warmup is not implemented",

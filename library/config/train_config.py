@@ -200,6 +200,8 @@ class DataArgs:
     caption_dropout_rate: float
     caption_dropout_every_n_epochs: int
     caption_tag_dropout_rate: float
+    enable_wildcard: bool  # {a|b} choices and one line of a multi-line caption file, drawn per step
+    secondary_separator: str | None  # groups tags for shuffling/dropout; becomes caption_separator after
     flip_aug: bool
     color_aug: bool
     random_crop: bool

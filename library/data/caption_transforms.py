@@ -3,10 +3,14 @@
 1. `caption_prefix` / `caption_suffix` joined with a space;
 2. the whole caption dropped (-> "") with probability `caption_dropout_rate`, and in every epoch
    that `caption_dropout_every_n_epochs` divides;
-3. otherwise, when shuffling or tag dropout is asked for, the tags (split on `caption_separator`)
+3. `enable_wildcard`: one line of a multi-line caption, then each `{a|b|c}` replaced by one of its
+   choices (`{{` and `}}` are literal braces); without it, the first line;
+4. when shuffling or tag dropout is asked for, the tags (split on `caption_separator`)
    are split into fixed ones (the first `keep_tokens`, or those before `keep_tokens_separator`
    and after its second occurrence) and the rest, which is shuffled (`shuffle_caption`) and
-   thinned (`caption_tag_dropout_rate`); the tags are joined back with ", ".
+   thinned (`caption_tag_dropout_rate`); the tags are joined back with ", ";
+5. `secondary_separator` (e.g. ";;;", which keeps "red;;;dress" one tag through 4) becomes
+   `caption_separator`.
 
 CAT's trigger-free caption is derived afterwards, from this caption. Randomness comes from a stream
 seeded by (seed, epoch, position in the epoch), so a resumed run draws exactly what the
@@ -16,7 +20,10 @@ uninterrupted one drew.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
+
+_WILDCARD = re.compile(r"\{([^}]+)\}")
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,8 @@ class CaptionOptions:
     dropout_rate: float = 0.0
     dropout_every_n_epochs: int = 0
     tag_dropout_rate: float = 0.0
+    wildcard: bool = False  # enable_wildcard
+    secondary_separator: str = ""
 
 
 def sample_rng(seed: int, epoch: int, position: int, stream: str = "caption") -> random.Random:
@@ -49,16 +58,31 @@ def transform_caption(caption: str, rng: random.Random, options: CaptionOptions,
     dropped = bool(options.dropout_rate) and rng.random() < options.dropout_rate
     if dropped or (options.dropout_every_n_epochs > 0 and epoch % options.dropout_every_n_epochs == 0):
         return ""
+    caption = choose_wildcards(caption, rng) if options.wildcard else caption.split("\n")[0]
     uses_tags = options.shuffle or options.tag_dropout_rate > 0
     has_separator = bool(options.keep_tokens_separator) and options.keep_tokens_separator in caption
-    if not uses_tags and not has_separator:
-        return caption
-    head, middle, tail = split_tags(caption, options)
-    if options.shuffle:
-        rng.shuffle(middle)
-    if options.tag_dropout_rate > 0:
-        middle = [tag for tag in middle if rng.random() >= options.tag_dropout_rate]
-    return ", ".join(head + middle + tail)
+    if uses_tags or has_separator:
+        head, middle, tail = split_tags(caption, options)
+        if options.shuffle:
+            rng.shuffle(middle)
+        if options.tag_dropout_rate > 0:
+            middle = [tag for tag in middle if rng.random() >= options.tag_dropout_rate]
+        caption = ", ".join(head + middle + tail)
+    if options.secondary_separator:
+        caption = caption.replace(options.secondary_separator, options.separator)
+    return caption
+
+
+def choose_wildcards(caption: str, rng: random.Random) -> str:
+    """One line of a multi-line caption, with each `{a|b}` replaced by one of its choices; `{{`/`}}`
+    stay literal braces (sd-scripts' wildcard rule)."""
+    lines = caption.split("\n")
+    if len(lines) > 1:
+        caption = rng.choice(lines)
+    open_mark, close_mark = "\x00", "\x01"  # characters no caption holds, for the escaped braces
+    caption = caption.replace("{{", open_mark).replace("}}", close_mark)
+    caption = _WILDCARD.sub(lambda match: rng.choice(match.group(1).split("|")), caption)
+    return caption.replace(open_mark, "{").replace(close_mark, "}")
 
 
 def split_tags(caption: str, options: CaptionOptions) -> tuple[list[str], list[str], list[str]]:

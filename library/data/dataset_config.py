@@ -38,9 +38,10 @@ SUBSET_KEYS = {
     "shuffle_caption": BOOL, "keep_tokens": INT, "keep_tokens_separator": STR, "caption_prefix": STR,
     "caption_suffix": STR, "flip_aug": BOOL, "color_aug": BOOL, "random_crop": BOOL, "caption_dropout_rate": FLOAT,
     "caption_dropout_every_n_epochs": INT, "caption_tag_dropout_rate": FLOAT, "custom_attributes": TABLE,
+    "enable_wildcard": BOOL, "secondary_separator": STR,
 }
 NOT_IMPLEMENTED_KEYS = {
-    "alpha_mask", "secondary_separator", "enable_wildcard", "token_warmup_min", "token_warmup_step",
+    "alpha_mask", "token_warmup_min", "token_warmup_step",
     "face_crop_aug_range", "cache_info", "validation_seed", "validation_split", "resize_interpolation",
 }
 SUBSET_ONLY = {"image_dir", "is_reg", "metadata_file", "alpha_mask"}
@@ -144,6 +145,7 @@ def cli_subset_values(data: DataArgs) -> dict[str, Any]:
         "random_crop": data.random_crop, "caption_dropout_rate": data.caption_dropout_rate,
         "caption_dropout_every_n_epochs": data.caption_dropout_every_n_epochs,
         "caption_tag_dropout_rate": data.caption_tag_dropout_rate,
+        "enable_wildcard": data.enable_wildcard, "secondary_separator": data.secondary_separator or "",
     }
 
 
@@ -155,6 +157,7 @@ def subset_options(values: dict[str, Any]) -> SubsetOptions:
         suffix=values["caption_suffix"], dropout_rate=float(values["caption_dropout_rate"]),
         dropout_every_n_epochs=values["caption_dropout_every_n_epochs"],
         tag_dropout_rate=float(values["caption_tag_dropout_rate"]),
+        wildcard=values["enable_wildcard"], secondary_separator=values["secondary_separator"],
     )
     return SubsetOptions(captions, values["flip_aug"], values["color_aug"], values["random_crop"])
 

@@ -202,14 +202,17 @@ def _items(
             continue
         # sd-scripts appends the extension to the stem; "txt" (no dot) is read as the ".txt" it means.
         caption_file = path.parent / (path.stem + ("" if caption_extension.startswith(".") else ".") + caption_extension)
-        caption = _first_line(caption_file) if caption_file.is_file() else ""
+        caption = _caption_text(caption_file, options.captions.wildcard) if caption_file.is_file() else ""
         items.append(ImageItem(path, caption or class_tokens, class_tokens, is_reg, cat_triggers, cat_class_word, options))
     return items
 
 
-def _first_line(path: Path) -> str:
+def _caption_text(path: Path, every_line: bool) -> str:
+    """The caption file's first line; with `enable_wildcard`, every non-empty line (one is drawn per step)."""
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as error:
         raise UserInputError(f"caption file {path} is not UTF-8 text ({error}); save it as UTF-8") from None
+    if every_line:
+        return "\n".join(line.strip() for line in lines if line.strip())
     return lines[0].strip() if lines else ""

@@ -141,7 +141,7 @@ def varying_caption_options(subset: Subset) -> list[str]:
     captions = subset.options.captions
     options = {"shuffle_caption": captions.shuffle, "caption_dropout_rate": captions.dropout_rate > 0,
                "caption_dropout_every_n_epochs": captions.dropout_every_n_epochs > 0,
-               "caption_tag_dropout_rate": captions.tag_dropout_rate > 0}
+               "caption_tag_dropout_rate": captions.tag_dropout_rate > 0, "enable_wildcard": captions.wildcard}
     return [name for name, varies in options.items() if varies]
 
 
