@@ -9,31 +9,20 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel
+from diffusers import FluxPipeline
 from PIL import Image
 
 import evaluate_kps
 import networks.lora_cat as lora_cat
 from library.testing.tiny_clip import TINY_CLIP_CONFIG, save_tiny_open_clip
-from library.testing.tiny_flux import TINY_FLUX_CONFIG, build_tiny_flux, save_bfl_files
+from library.testing.tiny_flux import TINY_FLUX_CONFIG, build_flux_wide, save_bfl_files
 from library.testing.tiny_sd import build_tiny_sd
-
-FLUX_WIDE = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
-                 num_attention_heads=24, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[16, 56, 56],
-                 guidance_embeds=True)
-
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """FLUX.1-wide model files, a FLUX LoRA (random, non-zero), an SD LoRA, a prompt file, tiny CLIP weights."""
     root = tmp_path_factory.mktemp("kps_flux")
-    models = build_tiny_flux(seed=0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        models.transformer = FluxTransformer2DModel(**FLUX_WIDE).requires_grad_(False)
-        with torch.no_grad():
-            for parameter in models.transformer.parameters():
-                parameter.add_(torch.randn_like(parameter) * 0.02)
+    models = build_flux_wide(seed=0)
     models.transformer.to(torch.bfloat16)  # the file as released, bf16: 1 GB on disk instead of 2 (read back into float32)
     save_bfl_files(models, root)
     # The architecture folder: the tiny one with this transformer's config.

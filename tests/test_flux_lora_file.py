@@ -5,28 +5,15 @@ each kind; the text encoders are tiny."""
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel
 
 import networks.lora_cat as lora_cat
 from library.families.family import ImageGeometry
-from library.testing.tiny_flux import build_tiny_flux
-
-FLUX_WIDE = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
-                 num_attention_heads=24, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[16, 56, 56],
-                 guidance_embeds=True)
+from library.testing.tiny_flux import build_flux_wide
 
 
 @pytest.fixture(scope="module")
 def models():
-    tiny = build_tiny_flux(seed=0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        transformer = FluxTransformer2DModel(**FLUX_WIDE)
-        with torch.no_grad():  # the zero-initialised output layers would hide every adapter
-            for parameter in transformer.parameters():
-                parameter.add_(torch.randn_like(parameter) * 0.02)
-    tiny.transformer = transformer.eval().requires_grad_(False)
-    return tiny
+    return build_flux_wide(seed=0)
 
 
 @torch.no_grad()

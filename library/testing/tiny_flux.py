@@ -99,6 +99,29 @@ def build_tiny_flux(seed: int = 0, guidance: bool = True) -> FluxModels:
     )
 
 
+# A transformer at FLUX.1's real width (hidden 3072 = 24 heads x 128) with one block of each kind, tiny
+# text widths: diffusers' kohya FLUX LoRA converter splits linear1 at that width only, so a test of
+# diffusers loading our files needs it (2 GB in float32).
+FLUX_WIDE_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[16, 56, 56], guidance_embeds=True,
+)
+
+
+def build_flux_wide(seed: int = 0) -> FluxModels:
+    """The tiny FLUX.1 parts (`build_tiny_flux(seed)`) around a FLUX.1-wide transformer (`FLUX_WIDE_TRANSFORMER`,
+    seeded by `seed + 1`, every parameter moved off its init so zero-initialised output layers hide nothing)."""
+    models = build_tiny_flux(seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        transformer = FluxTransformer2DModel(**FLUX_WIDE_TRANSFORMER)
+        with torch.no_grad():
+            for parameter in transformer.parameters():
+                parameter.add_(torch.randn_like(parameter) * 0.02)
+    models.transformer = transformer.eval().requires_grad_(False)
+    return models
+
+
 def flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
     """FLUX.1-dev's sampling schedule (shift 3, resolution-dependent shift), from the tiny config folder."""
     return FlowMatchEulerDiscreteScheduler.from_pretrained(TINY_FLUX_CONFIG, subfolder="scheduler", local_files_only=True)
