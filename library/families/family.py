@@ -92,6 +92,14 @@ class ModelFamily(Protocol):
         """The first image of a batch of denoised latents."""
 
 
+def cfg_pipeline_latents(pipe: Any, embeds: dict[str, Tensor], *, width: int, height: int, steps: int, scale: float,
+                         generator: torch.Generator) -> Tensor:
+    """Denoised latents from a classifier-free-guided diffusers pipeline (SD's, SDXL's): `scale` is its
+    `guidance_scale`; the families with such a pipeline make their `sample_latents` of this."""
+    return pipe(**embeds, height=height, width=width, num_inference_steps=steps, guidance_scale=scale,
+                generator=generator, output_type="latent").images
+
+
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from library.families.family import ImageGeometry
+from library.families.family import ImageGeometry, cfg_pipeline_latents
 from library.families.prompt_tokens import tokenize
 from library.families.sd.denoiser import SDDenoiser
 from library.families.vae_images import decode_first_image, vae_scale_factor
@@ -97,8 +97,8 @@ class StableDiffusionModels:
     def sample_latents(self, pipe, embeds: dict[str, Tensor], *, width: int, height: int, steps: int, scale: float,
                        guidance: float | None, generator: torch.Generator) -> Tensor:
         """`guidance` is FLUX.1's input; this model has none."""
-        return pipe(**embeds, height=height, width=width, num_inference_steps=steps, guidance_scale=scale,
-                    generator=generator, output_type="latent").images
+        return cfg_pipeline_latents(pipe, embeds, width=width, height=height, steps=steps, scale=scale,
+                                    generator=generator)
 
     def decode_image(self, latents: Tensor) -> Image.Image:
         return decode_first_image(self.vae, latents)
