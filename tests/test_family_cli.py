@@ -169,6 +169,25 @@ def test_samples_and_drift_signal_run(case, tmp_path):
     assert image.size == (3 * 64, 64) and "trigger-free prompt: a photo of teapot" in image.text["cat_compare"]
 
 
+def test_validation_runs_and_changes_nothing_in_training(case, tmp_path, monkeypatch):
+    import library.training.validation as validation
+
+    family, root = case
+    rounds = []
+    real_run = validation.Validation.run
+    monkeypatch.setattr(validation.Validation, "run",
+                        lambda self, kind, step, bar: rounds.append(real_run(self, kind, step, bar)) or rounds[-1])
+    split = ("--validation_split", "0.5", "--cat_weight", "1")
+    assert family.main(_argv(root, family, tmp_path / "busy", *split, "--validate_every_n_steps", "1")) == 0
+    assert family.main(_argv(root, family, tmp_path / "quiet", *split, "--validate_every_n_epochs", "9")) == 0
+    busy, _ = read_lora_file(tmp_path / "busy" / "cat.safetensors")
+    quiet, _ = read_lora_file(tmp_path / "quiet" / "cat.safetensors")
+    assert all(torch.equal(busy[k], quiet[k]) for k in busy)
+    assert len(rounds) == 5  # 2 steps an epoch: steps 1, 2, the end of epoch 1, step 3, the end of the cut epoch 2
+    assert all(r["loss/validation/cat"] > 0 and torch.isfinite(torch.tensor(list(r.values()))).all() for r in rounds[1:])
+    assert rounds[0]["loss/validation/step_average"] != rounds[1]["loss/validation/step_average"]
+
+
 def test_gui_style_config_file(case, tmp_path):
     family, root = case
     out = tmp_path / "out"

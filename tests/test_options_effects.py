@@ -131,11 +131,12 @@ def _install_spies(monkeypatch, rec: Recorded) -> None:
         return losses
 
     def build_cat_batch(noising, latents, trigger_ids, free_ids, loss_weights, noise_args, loss_args, generator=None,
-                        conditioning=None):
+                        **options):
         batch, loss_fn = real_build(noising, latents, trigger_ids, free_ids, loss_weights, noise_args, loss_args, generator,
-                                    conditioning=conditioning)
+                                    **options)
         rec.batches.append({"latents": latents, "trigger_ids": trigger_ids, "free_ids": free_ids,
-                            "schedule": noising.schedule, "batch": batch, "loss_fn": loss_fn})
+                            "schedule": noising.schedule, "batch": batch, "loss_fn": loss_fn,
+                            "loss_mask": options.get("loss_mask")})
         return batch, loss_fn
 
     def sample_noise(latents, **kwargs):

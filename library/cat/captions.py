@@ -11,6 +11,12 @@ CAT compares the adapted and the base model on the training caption without its 
 - `empty`: the unconditional prompt "".
 
 Triggers match as whole words or phrases, case-insensitively (CLIP's tokenizer lowercases anyway).
+
+With `--weighted_captions` a trigger may sit inside weight syntax (library.cat.caption_weights), and
+`strip` removes it from there too, so that the rest keeps its weights: a group the trigger leaves
+without words goes with its brackets and weight ("(sks:1.3) dog" -> "dog", "a ((sks)), dog" -> "a, dog"),
+a group that keeps words keeps its weight ("(sks dog:1.2)" -> "(dog:1.2)"). `class` puts the class word
+where the trigger was, inside its group ("(sks:1.3) dog" -> "(teapot:1.3) dog").
 """
 
 from __future__ import annotations
@@ -18,7 +24,10 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
+from library.cat.caption_weights import drop_from_weight_groups
+
 CAPTION_MODES = ("strip", "class", "empty")
+_REMOVED = "\x00"  # where `strip` deleted a trigger from a weighted caption (a character no caption holds)
 
 
 def trigger_pattern(triggers: Iterable[str]) -> re.Pattern[str]:
@@ -36,18 +45,24 @@ def contains_trigger(caption: str, triggers: Iterable[str]) -> bool:
 
 
 def trigger_free_caption(
-    caption: str, triggers: Iterable[str], mode: str = "strip", class_word: str | None = None, separator: str = ","
+    caption: str, triggers: Iterable[str], mode: str = "strip", class_word: str | None = None, separator: str = ",",
+    weighted: bool = False,
 ) -> str:
     """The caption `y` for CAT's preservation term, derived from the training caption `y_T`.
 
     A caption without the trigger comes back unchanged in `strip` and `class` modes (its CAT term
     is then pure preservation). `separator` is the caption's tag separator (sd-scripts'
-    `caption_separator`, "," by default).
+    `caption_separator`, "," by default); `weighted`: the caption is read with weight syntax
+    (`--weighted_captions`), so `strip` also empties and tidies the weight groups the trigger sat in.
     """
     if mode == "empty":
         return ""
     pattern = trigger_pattern(triggers)
     if mode == "strip":
+        if weighted:
+            marked = pattern.sub(_REMOVED, caption)
+            return tidy_caption(drop_from_weight_groups(marked, _REMOVED, lambda inside: tidy_caption(inside, separator)),
+                                separator)
         return tidy_caption(pattern.sub("", caption), separator)
     if mode == "class":
         if not class_word or not class_word.strip():

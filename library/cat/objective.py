@@ -11,7 +11,10 @@ Personalized Image Generation", arXiv 2404.07554, Eq. 3):
   numbers); the text conditioning is whatever the model's encoders return; `w` is the per-sample loss weight
   (prior-loss weight, min-SNR, ...) and multiplies the whole per-sample loss, CAT term included;
 - the CAT term compares two predictions, so it is the same for epsilon and v targets; it is the
-  paper's squared error whatever `--loss_type` the main term uses.
+  paper's squared error whatever `--loss_type` the main term uses;
+- `loss` is the `loss_fn` built with the batch: with a loss mask (`--masked_loss`, `--alpha_mask`) it
+  weighs the main term's pixels by it, and only the main term's: the mask says what to learn, not
+  what to preserve, so the CAT term stays over the whole image.
 
 The reference pass runs first and the multiplier is restored before any pass that is
 back-propagated: under gradient checkpointing the recomputation reads the multiplier of the
@@ -37,7 +40,7 @@ from library.cat.network_protocol import multiplier_set_to
 CAT_MODES = ("batched", "sequential")
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-"""(prediction, target) -> per-sample loss of shape (B,)."""
+"""(prediction, target) -> per-sample loss of shape (B,): the main term's (any loss mask inside it)."""
 
 Backward = Callable[[Tensor, bool], None]
 """(loss, is_last_backward_of_this_batch) -> None: back-propagate `loss` into the adapters' gradients
@@ -91,6 +94,22 @@ def cat_step(
     if mode == "sequential":
         return _sequential_step(denoiser, batch, reference, alpha, loss_fn, backward)
     raise ValueError(f"unknown CAT mode {mode!r}; expected one of {', '.join(CAT_MODES)}")
+
+
+def held_out_losses(denoiser: Denoiser, network: Any, batch: CATBatch, alpha: float, loss_fn: LossFn) -> StepLosses:
+    """The same two terms on images not trained on (validation), without back-propagating: the main
+    term on y_T and, when `alpha` > 0, the CAT term on y against the base model (the held-out
+    counterpart of the training drift). The caller runs it without gradients."""
+    prediction = denoiser.predict(
+        batch.noisy_latents, batch.timesteps, denoiser.encode(batch.trigger_ids), **batch.conditioning
+    )
+    main = _weighted_mean(loss_fn(prediction, batch.target), batch.weights)
+    if alpha == 0.0:
+        return StepLosses(main, torch.zeros_like(main), main)
+    reference = base_prediction(denoiser, network, batch)
+    on_free = denoiser.predict(batch.noisy_latents, batch.timesteps, denoiser.encode(batch.free_ids), **batch.conditioning)
+    cat = _weighted_mean(preservation_loss(on_free, reference), batch.weights)
+    return StepLosses(main, cat, main + alpha * cat)
 
 
 def base_prediction(denoiser: Denoiser, network: Any, batch: CATBatch) -> Tensor:

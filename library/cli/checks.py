@@ -16,6 +16,7 @@ from typing import Any, Iterable
 
 from library.cli.arg_values import ArgValues
 from library.cli.flow_checks import check_family_flags, check_flow_matching
+from library.cli.log_args import check_logging, warn_logging
 from library.cli.unsupported import IMPLEMENTED_VALUES, INERT_WITHOUT, NOT_IMPLEMENTED
 from library.config.training_script import SD_SCRIPT, TrainingScript
 from library.errors import UserInputError
@@ -84,9 +85,12 @@ def _check_positive(args: ArgValues) -> None:
     """Counts that must be at least 1 (or 0 for the worker count), when given."""
     for dest in ("train_batch_size", "dataset_repeats", "gradient_accumulation_steps", "max_train_steps", "max_train_epochs",
                  "save_every_n_epochs", "save_every_n_steps", "save_n_epoch_ratio", "save_last_n_epochs",
-                 "save_last_n_steps", "vae_batch_size", "lr_scheduler_num_cycles", "clip_skip"):
+                 "save_last_n_steps", "vae_batch_size", "lr_scheduler_num_cycles", "clip_skip",
+                 "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps", "initial_epoch"):
         if args[dest] is not None and args[dest] < 1:
             raise UserInputError(f"{args.show(dest)}: this must be 1 or more.")
+    if args["initial_step"] is not None and args["initial_step"] < 0:
+        raise UserInputError(f"{args.show('initial_step')}: the steps already done must be 0 or more.")
     if args["max_data_loader_n_workers"] < 0:
         raise UserInputError(f"{args.show('max_data_loader_n_workers')}: this must be 0 or more.")
 def _check_dataset(args: ArgValues) -> None:
@@ -94,12 +98,38 @@ def _check_dataset(args: ArgValues) -> None:
     for dest in ("caption_dropout_rate", "caption_tag_dropout_rate"):
         if not 0 <= args[dest] <= 1:
             raise UserInputError(f"{args.show(dest)}: a rate must be between 0 and 1.")
-    for dest in ("keep_tokens", "caption_dropout_every_n_epochs"):
+    if not 0 <= args["validation_split"] < 1:
+        raise UserInputError(f"{args.show('validation_split')}: the share of each subset's images held out for "
+                             "validation must be at least 0 and below 1, e.g. 0.1.")
+    for dest in ("keep_tokens", "caption_dropout_every_n_epochs", "token_warmup_min", "token_warmup_step"):
         if args[dest] < 0:
             raise UserInputError(f"{args.show(dest)}: this must be 0 or more.")
     for dest in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
         if args[dest] < 8:
             raise UserInputError(f"{args.show(dest)}: bucket sizes are pixels, at least 8 (64 is usual for steps).")
+    if args["face_crop_aug_range"] is not None:
+        parse_face_crop_range(args["face_crop_aug_range"], args.show("face_crop_aug_range"))
+
+
+def parse_face_crop_range(text: str, shown: str = "--face_crop_aug_range") -> tuple[float, float]:
+    """'2.0,4.0' -> (2.0, 4.0): sd-scripts' 'low,high' (low <= high); here both above 0 as well."""
+    try:
+        low, high = (float(part) for part in str(text).split(","))
+    except ValueError:
+        low = high = math.nan
+    if not (0 < low <= high < math.inf):
+        raise UserInputError(f"{shown}: the face crop range must be 'low,high', two numbers above 0 with low <= high "
+                             "(the face's size is kept between 1/high and 1/low of the resolution), e.g. 2.0,4.0.")
+    return low, high
+
+
+def _check_masks(args: ArgValues) -> None:
+    """sd-scripts' train_network.py accepts --conditioning_data_dir but reads it nowhere (only its
+    ControlNet scripts do): a user who gives it expects masks that would silently not be used."""
+    if args["conditioning_data_dir"]:
+        raise UserInputError(f"{args.show('conditioning_data_dir')}: sd-scripts' train_network.py ignores this flag "
+                             "(its masks come from the dataset config): set conditioning_data_dir in each "
+                             "[[datasets.subsets]] of --dataset_config, with --masked_loss.")
 
 
 def _check_network(args: ArgValues) -> None:
@@ -222,6 +252,10 @@ def _check_family(args: ArgValues, script: TrainingScript) -> None:
     check_family_flags(args, script)
     check_flow_matching(args, script)
     _check_text_encoder_caching(args, script)
+    if args["weighted_captions"] and not script.weighted_captions:
+        raise UserInputError(f"{args.show('weighted_captions')}: {script.model_name} has no weighted captions "
+                             f"(sd-scripts' {script.replaces} fails on them, or ignores them with cached text-encoder "
+                             "outputs); remove the flag and the weight syntax from the captions.")
     rates = args["text_encoder_lr"] or []
     if script.text_encoders > 1 and len(rates) > script.text_encoders:
         raise UserInputError(f"{args.show('text_encoder_lr')}: {script.model_name} has {script.text_encoders} text "
@@ -298,8 +332,9 @@ def _check_preservation(args: ArgValues) -> None:
 
 
 _CHECKS = (_check_required, _check_resolution, _check_positive, _check_dataset, _check_network, _check_cat, _check_precision, _check_fp8,
-           _check_optimizer, _check_scheduler, _check_timesteps, _check_saving, _check_preservation)
-_WARNINGS = (_warn_model, _warn_cat, _warn_dataset)
+           _check_optimizer, _check_scheduler, _check_timesteps, _check_saving, _check_preservation, check_logging,
+           _check_masks)
+_WARNINGS = (_warn_model, _warn_cat, _warn_dataset, warn_logging)
 
 
 # endregion

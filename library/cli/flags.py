@@ -16,6 +16,7 @@ from library.cat.captions import CAPTION_MODES
 from library.cat.objective import CAT_MODES
 from library.config.training_script import SD_SCRIPT, TrainingScript
 from library.config.train_config import MODEL_PREDICTION_TYPES, TIMESTEP_SAMPLINGS, WEIGHTING_SCHEMES
+from library.data.resampling import CLI_RESIZE_INTERPOLATIONS
 from library.errors import UserInputError
 from library.sampling.sample_prompts import SAMPLER_ALIASES, SAMPLERS
 
@@ -213,7 +214,12 @@ def _add_loss_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--huber_scale", type=float, default=1.0, help="Huber loss scale (default 1.0)")
     group.add_argument("--min_snr_gamma", type=float, default=None, help="min-SNR weighting gamma (5 in the paper)")
     group.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularisation images")
-    group.add_argument("--masked_loss", action="store_true", help="apply a mask to the loss")
+    group.add_argument("--masked_loss", action="store_true",
+                       help="weight the loss by masks: conditioning_data_dir in the dataset config's subsets, "
+                            "or the images' alpha channel with --alpha_mask")
+    group.add_argument("--conditioning_data_dir", type=str, default=None,
+                       help="refused: sd-scripts' train_network.py ignores it; set conditioning_data_dir in a "
+                            "dataset-config subset")
     group.add_argument("--scale_v_pred_loss_like_noise_pred", action="store_true",
                        help="scale the v-prediction loss like the noise-prediction loss")
     group.add_argument("--v_pred_like_loss", type=float, default=None, help="add a v-prediction-like loss")
@@ -254,6 +260,8 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--color_aug", action="store_true", help="weak colour augmentation")
     group.add_argument("--random_crop", action="store_true", help="random crops")
     group.add_argument("--face_crop_aug_range", type=str, default=None, help="face-centred crop range, e.g. 2.0,4.0")
+    group.add_argument("--resize_interpolation", type=str, default=None, choices=list(CLI_RESIZE_INTERPOLATIONS),
+                       help="how images are resized to their bucket (default: lanczos)")
     group.add_argument("--alpha_mask", action="store_true", help="use the alpha channel as the loss mask")
     group.add_argument("--train_batch_size", type=int, default=1, help="batch size (default 1)")
     group.add_argument("--max_data_loader_n_workers", type=int, default=8, help="DataLoader workers (default 8)")
@@ -348,13 +356,16 @@ def _add_metadata_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_logging_arguments(parser: argparse.ArgumentParser) -> None:
     """Training logs and console logging (sd-scripts' add_training_arguments, utils.add_logging_arguments)."""
     group = parser.add_argument_group("logging")
-    group.add_argument("--logging_dir", type=str, default=None, help="write TensorBoard logs to this folder")
+    group.add_argument("--logging_dir", type=str, default=None,
+                       help="log to a folder per run in this one (TensorBoard by default)")
     group.add_argument("--log_with", type=str, default=None, choices=["tensorboard", "wandb", "all"],
-                       help="logging tool (tensorboard)")
+                       help="tensorboard, wandb, or all (every tracker installed)")
     group.add_argument("--log_prefix", type=str, default=None, help="prefix of the log folder name")
     group.add_argument("--log_tracker_name", type=str, default=None, help="tracker (project) name")
-    group.add_argument("--log_tracker_config", type=str, default=None, help="tracker config file")
-    group.add_argument("--log_config", action="store_true", help="log the configuration to the tracker")
+    group.add_argument("--log_tracker_config", type=str, default=None,
+                       help="TOML file of each tracker's init keywords ([wandb] ...)")
+    group.add_argument("--log_config", action="store_true",
+                       help="store the flags (without keys and paths) as the trackers' config")
     group.add_argument("--wandb_run_name", type=str, default=None, help="wandb run name")
     group.add_argument("--wandb_api_key", type=str, default=None, help="wandb API key")
     group.add_argument("--console_log_level", type=str, default=None, choices=LOG_LEVELS,

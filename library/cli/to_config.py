@@ -13,8 +13,9 @@ from types import MappingProxyType
 from typing import Any
 
 from library.cli.arg_values import ArgValues
-from library.cli.checks import parse_key_values, parse_literal_args, parse_resolution
+from library.cli.checks import parse_face_crop_range, parse_key_values, parse_literal_args, parse_resolution
 from library.cli.flags import build_parser
+from library.cli.log_args import logged_config, tracker_init_kwargs
 from library.config.training_script import SD_SCRIPT, TrainingScript
 from library.config.train_config import (
     CATArgs,
@@ -33,6 +34,7 @@ from library.config.train_config import (
     SaveArgs,
     SchedulerArgs,
     TrainConfig,
+    ValidationArgs,
 )
 
 logger = logging.getLogger(__name__)
@@ -51,15 +53,17 @@ def to_train_config(args: ArgValues, script: TrainingScript = SD_SCRIPT) -> Trai
         noise=_pick(NoiseArgs, args),
         loss=_pick(LossArgs, args),
         cat=_pick(CATArgs, args, prefix="cat_", triggers=tuple(t.strip() for t in args["cat_trigger"] or [])),
-        data=_pick(DataArgs, args, resolution=_resolution(args), bucket_reso_multiple=script.bucket_reso_multiple),
+        data=_pick(DataArgs, args, resolution=_resolution(args), bucket_reso_multiple=script.bucket_reso_multiple,
+                   face_crop_aug_range=_face_crop_range(args)),
         run=_pick(RunArgs, args),
         save=_pick(SaveArgs, args),
         metadata=_pick(MetadataArgs, args, prefix="metadata_", training_comment=args["training_comment"]),
-        log=_pick(LogArgs, args),
+        log=_pick(LogArgs, args, tracker_init_kwargs=tracker_init_kwargs(args), log_config=logged_config(args)),
         sample=_pick(SampleArgs, args, prefix="sample_", defaults=script.sample_defaults),
         preservation=_pick(PreservationArgs, args, prefix="preservation_"),
         config_file=args.config_file,
         flow=_pick(FlowMatchArgs, args) if script.flow_matching else None,
+        validation=_pick(ValidationArgs, args),
     )
 
 
@@ -72,6 +76,12 @@ def _pick(cls: type, source: ArgValues, prefix: str = "", **overrides: Any) -> A
 def _resolution(args: ArgValues) -> tuple[int, int] | None:
     """--resolution as (width, height), or None when not given."""
     return None if args["resolution"] is None else parse_resolution(args["resolution"])
+
+
+def _face_crop_range(args: ArgValues) -> tuple[float, float] | None:
+    """--face_crop_aug_range as (low, high), or None when not given."""
+    text = args["face_crop_aug_range"]
+    return None if text is None else parse_face_crop_range(text, args.show("face_crop_aug_range"))
 
 
 def _network_args(args: ArgValues) -> NetworkArgs:

@@ -44,7 +44,7 @@ def parse_args(argv: Sequence[str] | None = None, script: TrainingScript = SD_SC
 def _normalized(args: ArgValues) -> ArgValues:
     """Rewrites done once here: GUI's max_token_length 75 is the default window, sampling intervals
     <= 0 mean no sampling (sd-scripts), the old --caption_extention spelling still works (sd-scripts),
-    and persistent workers need workers."""
+    persistent workers need workers, and --logging_dir without --log_with logs to TensorBoard (sd-scripts)."""
     values = dict(args.values)
     if values["max_token_length"] == 75:
         values["max_token_length"] = None
@@ -62,6 +62,8 @@ def _normalized(args: ArgValues) -> ArgValues:
         logger.warning("%s with %s: there are no workers to keep, so workers are not persistent.",
                        args.show("persistent_data_loader_workers"), args.show("max_data_loader_n_workers"))
         values["persistent_data_loader_workers"] = False
+    if values["log_with"] is None and values["logging_dir"]:  # sd-scripts: a log folder alone means TensorBoard
+        values["log_with"] = "tensorboard"
     return ArgValues(MappingProxyType(values), args.defaults, args.from_command_line, args.from_file, args.config_file)
 
 

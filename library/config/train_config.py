@@ -34,6 +34,7 @@ class ModelArgs:
     disable_mmap_load_safetensors: bool  # read a .safetensors checkpoint into memory at once (SDXL's flag)
     lowram: bool
     highvram: bool
+    weighted_captions: bool = False  # captions' (word:1.2) weights scale their tokens' text states (SD, SDXL)
     fp8_base: bool = False  # the frozen U-Net/transformer and text encoders' Linear/Conv weights in fp8
     fp8_base_unet: bool = False  # only the U-Net's/transformer's
     # FLUX.1 (flux_train_network_cat.py): the text encoders and AE beside a BFL transformer file, and how it is told the text
@@ -202,9 +203,13 @@ class DataArgs:
     caption_tag_dropout_rate: float
     enable_wildcard: bool  # {a|b} choices and one line of a multi-line caption file, drawn per step
     secondary_separator: str | None  # groups tags for shuffling/dropout; becomes caption_separator after
+    token_warmup_min: int  # flexible tags kept at step 0 (token warmup)
+    token_warmup_step: float  # all tags from this step on (below 1: that share of max_train_steps); 0: off
     flip_aug: bool
     color_aug: bool
     random_crop: bool
+    face_crop_aug_range: tuple[float, float] | None  # (low, high) face-centred crops (library.data.face_crop)
+    resize_interpolation: str | None  # how images are resized to their bucket; None: Lanczos
     enable_bucket: bool
     min_bucket_reso: int
     max_bucket_reso: int
@@ -220,6 +225,9 @@ class DataArgs:
     cache_text_encoder_outputs: bool  # SDXL: encoders' outputs computed once (library.training.text_cache)
     cache_text_encoder_outputs_to_disk: bool  # ... and kept beside the images (implies the above)
     vae_batch_size: int
+    validation_split: float = 0.0  # the share of each dataset's images held out (library.data.validation_split)
+    validation_seed: int | None = None  # the split's shuffle and the validation noise; None: --seed
+    masked_loss: bool = False  # subsets may give loss masks in a conditioning_data_dir (library.data.loss_masks)
 
 
 @dataclass(frozen=True)
@@ -234,6 +242,10 @@ class RunArgs:
     mixed_precision: str  # no, fp16, bf16
     full_fp16: bool
     full_bf16: bool
+    # Where the step count starts without a saved state (sd-scripts' options; library.training.start_position)
+    initial_step: int | None = None  # steps already done, 0 = the first
+    initial_epoch: int | None = None  # the epoch to start in, 1 = the first; --initial_step wins
+    skip_until_initial_step: bool = False  # also skip the batches of those steps (else start at their epoch's start)
 
 
 @dataclass(frozen=True)
@@ -275,9 +287,12 @@ class LogArgs:
     """Training logs and console logging."""
 
     logging_dir: str | None
-    log_with: str | None  # tensorboard (wandb is refused at parse time for now)
+    log_with: str | None  # tensorboard, wandb, or all (accelerate's: every tracker installed)
     log_prefix: str | None
-    log_tracker_name: str | None
+    log_tracker_name: str | None  # the project; None: sd-scripts' "network_train"
+    log_tracker_config: str | None  # the TOML file that tracker_init_kwargs was read from
+    tracker_init_kwargs: Mapping[str, Mapping[str, Any]]  # per tracker ("wandb": wandb.init's keywords)
+    log_config: Mapping[str, Any] | None  # --log_config: the flags stored as the trackers' config; None without
     wandb_run_name: str | None
     wandb_api_key: str | None = field(repr=False)
     console_log_level: str | None
@@ -317,6 +332,15 @@ class PreservationArgs:
 
 
 @dataclass(frozen=True)
+class ValidationArgs:
+    """When the held-out images (--validation_split) are validated on, as in sd-scripts."""
+
+    validate_every_n_steps: int | None = None  # None: not between epochs
+    validate_every_n_epochs: int | None = None  # None: after every epoch
+    max_validation_steps: int | None = None  # validation batches per round; None: all of them
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything `train_network_cat.py` was asked to do, checked."""
 
@@ -336,3 +360,4 @@ class TrainConfig:
     preservation: PreservationArgs
     config_file: Path | None  # the --config_file that was read, if any
     flow: FlowMatchArgs | None = None  # flow-matching families' scripts only (FLUX.1)
+    validation: ValidationArgs = field(default_factory=ValidationArgs)

@@ -32,6 +32,7 @@ class TrainingScript:
     text_encoder_caching: bool  # --cache_text_encoder_outputs(_to_disk) belong to this family
     family_flags: tuple[str, ...] = ()  # flags only this family's script reads (e.g. FLUX_FLAGS)
     flow_matching: bool = False  # trained by flow matching: the DDPM noise and SNR-weight flags do not apply
+    weighted_captions: bool = True  # --weighted_captions works (sd-scripts' tokenizer of the family has weights)
     sample_defaults: SampleDefaults = field(default_factory=SampleDefaults)  # sd-scripts' sample prompt defaults
 
 
@@ -46,7 +47,7 @@ SDXL_SCRIPT = TrainingScript(
 FLUX_SCRIPT = TrainingScript(
     name="flux_train_network_cat.py", replaces="flux_train_network.py", model_name="FLUX.1",
     text_encoders=2, bucket_reso_multiple=32, has_v2=False, uses_clip_skip=False, text_encoder_caching=True,
-    family_flags=FLUX_FLAGS, flow_matching=True,
+    family_flags=FLUX_FLAGS, flow_matching=True, weighted_captions=False,
     # sd-scripts' FLUX sampling: 20 steps, no CFG, guidance 3.5, sizes a multiple of 16.
     sample_defaults=SampleDefaults(steps=20, scale=1.0, guidance=3.5, size_multiple=16),
 )

@@ -10,23 +10,32 @@ epoch, the epoch cut to a multiple of the number of processes so that all run th
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from library.data.image_loading import Augmentation, load_image
+from library.data.latents import LatentKey, key_for
+from library.data.loss_masks import load_loss_mask
 from library.data.run_data import augmentation
 from library.data.training_data import Sample, TrainingData
 
 
 @dataclass(frozen=True)
 class LoadedBatch:
-    """One batch: its samples, their augmentations, and their pixels (None when latents are cached)."""
+    """One batch: its samples, their augmentations, their pixels (None when latents are cached) and
+    their loss masks (None for a sample without one, or whose alpha mask comes with its cached latents)."""
 
     samples: list[Sample]
     augmentations: list[Augmentation]
     pixels: torch.Tensor | None
+    masks: list[torch.Tensor | None] = field(default_factory=list)
+
+    def latent_keys(self) -> list[LatentKey]:
+        """Each sample's latent-cache key (which also seeds its latent's noise)."""
+        return [key_for(s.item.path, s.placement, a.flip, s.item.options.alpha_mask, s.item.options.resize_interpolation)
+                for s, a in zip(self.samples, self.augmentations)]
 
 
 class EpochBatches(Dataset):
@@ -52,9 +61,16 @@ class EpochBatches(Dataset):
         augmentations = [augmentation(self.seed, s, epoch) for s in samples]
         pixels = None
         if self.load_pixels:
-            pixels = torch.stack([load_image(s.item.path, s.placement.bucket, s.placement.resized, a)
+            pixels = torch.stack([load_image(s.item.path, s.placement.bucket, s.placement.resized, a,
+                                             s.item.options.resize_interpolation)
                                   for s, a in zip(samples, augmentations)])
-        return LoadedBatch(samples, augmentations, pixels)
+        return LoadedBatch(samples, augmentations, pixels, [self._mask(s, a) for s, a in zip(samples, augmentations)])
+
+    def _mask(self, sample: Sample, augmentation: Augmentation) -> torch.Tensor | None:
+        # Cached latents carry their alpha mask; a conditioning mask is read at every step, as sd-scripts does.
+        if not self.load_pixels and sample.item.mask_path is None:
+            return None
+        return load_loss_mask(sample.item, sample.placement, augmentation)
 
 
 class EpochSampler(Sampler):

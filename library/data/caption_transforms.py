@@ -5,10 +5,11 @@
    that `caption_dropout_every_n_epochs` divides;
 3. `enable_wildcard`: one line of a multi-line caption, then each `{a|b|c}` replaced by one of its
    choices (`{{` and `}}` are literal braces); without it, the first line;
-4. when shuffling or tag dropout is asked for, the tags (split on `caption_separator`)
+4. when shuffling, tag dropout or token warmup is asked for, the tags (split on `caption_separator`)
    are split into fixed ones (the first `keep_tokens`, or those before `keep_tokens_separator`
-   and after its second occurrence) and the rest, which is shuffled (`shuffle_caption`) and
-   thinned (`caption_tag_dropout_rate`); the tags are joined back with ", ";
+   and after its second occurrence) and the rest, which is cut to its first tags until
+   `token_warmup_step` (`token_warmup_min` at step 0, growing linearly), shuffled
+   (`shuffle_caption`) and thinned (`caption_tag_dropout_rate`); the tags are joined back with ", ";
 5. `secondary_separator` (e.g. ";;;", which keeps "red;;;dress" one tag through 4) becomes
    `caption_separator`.
 
@@ -19,6 +20,7 @@ uninterrupted one drew.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -41,6 +43,8 @@ class CaptionOptions:
     tag_dropout_rate: float = 0.0
     wildcard: bool = False  # enable_wildcard
     secondary_separator: str = ""
+    token_warmup_min: int = 1  # flexible tags kept at step 0
+    token_warmup_step: float = 0.0  # all tags from this step on (below 1: this share of the run); 0: no warmup
 
 
 def sample_rng(seed: int, epoch: int, position: int, stream: str = "caption") -> random.Random:
@@ -49,8 +53,10 @@ def sample_rng(seed: int, epoch: int, position: int, stream: str = "caption") ->
     return random.Random(f"{seed}/{epoch}/{position}{suffix}")
 
 
-def transform_caption(caption: str, rng: random.Random, options: CaptionOptions, epoch: int = 1) -> str:
-    """The caption after the options, drawing from `rng` in a fixed order (dropout, shuffle, tag dropout)."""
+def transform_caption(caption: str, rng: random.Random, options: CaptionOptions, epoch: int = 1, step: int = 0,
+                      max_train_steps: int = 0) -> str:
+    """The caption after the options, drawing from `rng` in a fixed order (dropout, shuffle, tag dropout);
+    `step` (optimizer steps done) and `max_train_steps` place it in the token warmup."""
     if options.prefix:
         caption = f"{options.prefix} {caption}"
     if options.suffix:
@@ -59,10 +65,12 @@ def transform_caption(caption: str, rng: random.Random, options: CaptionOptions,
     if dropped or (options.dropout_every_n_epochs > 0 and epoch % options.dropout_every_n_epochs == 0):
         return ""
     caption = choose_wildcards(caption, rng) if options.wildcard else caption.split("\n")[0]
-    uses_tags = options.shuffle or options.tag_dropout_rate > 0
+    warmup = warmup_steps(options.token_warmup_step, max_train_steps)
+    uses_tags = options.shuffle or options.tag_dropout_rate > 0 or warmup > 0
     has_separator = bool(options.keep_tokens_separator) and options.keep_tokens_separator in caption
     if uses_tags or has_separator:
         head, middle, tail = split_tags(caption, options)
+        middle = middle[: warmed_up_tags(len(middle), step, options.token_warmup_min, warmup)]
         if options.shuffle:
             rng.shuffle(middle)
         if options.tag_dropout_rate > 0:
@@ -71,6 +79,20 @@ def transform_caption(caption: str, rng: random.Random, options: CaptionOptions,
     if options.secondary_separator:
         caption = caption.replace(options.secondary_separator, options.separator)
     return caption
+
+
+def warmup_steps(token_warmup_step: float, max_train_steps: int) -> float:
+    """sd-scripts' `token_warmup_step`: a value below 1 is that share of the run, rounded down to whole
+    steps (0.25 of 1000 steps: 250); 1 or more is a step count as given. 0: no warmup."""
+    return math.floor(token_warmup_step * max_train_steps) if token_warmup_step < 1 else token_warmup_step
+
+
+def warmed_up_tags(tags: int, step: int, minimum: int, warmup: float) -> int:
+    """How many of a caption's `tags` flexible tags are kept at `step` (sd-scripts' rule): `minimum` at
+    step 0, growing linearly (rounded down) to all of them at step `warmup`."""
+    if not warmup or step >= warmup:
+        return tags
+    return math.floor(step * ((tags - minimum) / warmup)) + minimum
 
 
 def choose_wildcards(caption: str, rng: random.Random) -> str:

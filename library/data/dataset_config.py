@@ -8,8 +8,9 @@ its own trigger).
 
 Every `[[datasets]]` entry becomes one dataset with its own resolution, batch size and buckets;
 its subsets are DreamBooth folders (`image_dir`) or fine-tune subsets (`metadata_file`), not both
-in one dataset (as in sd-scripts). Keys sd-scripts knows that are not implemented here are refused
-with a sentence when set.
+in one dataset (as in sd-scripts). With `--masked_loss`, a subset's `conditioning_data_dir` holds its
+images' loss masks (library.data.loss_masks), in every subset of its dataset. Keys sd-scripts knows
+that are not implemented here are refused with a sentence when set.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from library.data.buckets import BucketSettings, check_bucket_settings
 from library.data.caption_transforms import CaptionOptions
 from library.errors import UserInputError
 from library.data.folder_dataset import Subset, SubsetOptions, subset_from_folder, subset_from_metadata
+from library.data.loss_masks import with_conditioning_masks
+from library.data.resampling import RESIZE_INTERPOLATIONS
 from library.config.train_config import DataArgs
 from library.data.training_data import DatasetSpec
 
@@ -31,6 +34,7 @@ INT, FLOAT, STR, BOOL, LIST, TABLE = (int,), (float, int), (str,), (bool,), (lis
 DATASET_KEYS = {
     "resolution": (int, list), "batch_size": INT, "enable_bucket": BOOL, "min_bucket_reso": INT,
     "max_bucket_reso": INT, "bucket_reso_steps": INT, "bucket_no_upscale": BOOL,
+    "validation_split": FLOAT, "validation_seed": INT,
 }
 SUBSET_KEYS = {
     "image_dir": STR, "metadata_file": STR, "num_repeats": INT, "class_tokens": STR, "caption_extension": STR,
@@ -38,17 +42,20 @@ SUBSET_KEYS = {
     "shuffle_caption": BOOL, "keep_tokens": INT, "keep_tokens_separator": STR, "caption_prefix": STR,
     "caption_suffix": STR, "flip_aug": BOOL, "color_aug": BOOL, "random_crop": BOOL, "caption_dropout_rate": FLOAT,
     "caption_dropout_every_n_epochs": INT, "caption_tag_dropout_rate": FLOAT, "custom_attributes": TABLE,
-    "enable_wildcard": BOOL, "secondary_separator": STR,
+    "enable_wildcard": BOOL, "secondary_separator": STR, "alpha_mask": BOOL, "conditioning_data_dir": STR,
+    "token_warmup_min": INT, "token_warmup_step": FLOAT, "face_crop_aug_range": LIST, "resize_interpolation": STR,
 }
 NOT_IMPLEMENTED_KEYS = {
-    "alpha_mask", "token_warmup_min", "token_warmup_step",
-    "face_crop_aug_range", "cache_info", "validation_seed", "validation_split", "resize_interpolation",
+    "cache_info",
 }
-SUBSET_ONLY = {"image_dir", "is_reg", "metadata_file", "alpha_mask"}
+SUBSET_ONLY = {"image_dir", "is_reg", "metadata_file", "alpha_mask", "conditioning_data_dir"}
+# Keys sd-scripts' subsets with a conditioning_data_dir (its ControlNet subsets) do not have.
+NOT_IN_MASK_SUBSETS = ("is_reg", "alpha_mask", "metadata_file", "class_tokens")
 RANGES = {  # key: (smallest, largest) allowed
     "num_repeats": (1, None), "batch_size": (1, None), "keep_tokens": (0, None), "caption_dropout_rate": (0, 1),
     "caption_tag_dropout_rate": (0, 1), "caption_dropout_every_n_epochs": (0, None), "min_bucket_reso": (8, None),
-    "max_bucket_reso": (8, None), "bucket_reso_steps": (8, None),
+    "max_bucket_reso": (8, None), "bucket_reso_steps": (8, None), "token_warmup_min": (0, None),
+    "token_warmup_step": (0, None),
 }
 
 
@@ -124,6 +131,7 @@ def _dataset(dataset: dict, general: dict, data: DataArgs, where: _Where, proble
         merged.get("bucket_no_upscale", data.bucket_no_upscale),
     )
     problems += check_bucket_settings(buckets, str(where), data.bucket_reso_multiple)
+    problems += _mask_subset_problems(dataset["subsets"], data.masked_loss, where)
     built = []
     for index, subset in enumerate(dataset["subsets"]):
         values = {**cli_subset_values(data), **_inherited(general), **_inherited(dataset), **subset}
@@ -132,7 +140,9 @@ def _dataset(dataset: dict, general: dict, data: DataArgs, where: _Where, proble
     if len(kinds) > 1:
         problems.append(f"{where} mixes image_dir subsets with metadata_file subsets; put them in separate "
                         "[[datasets]] (as sd-scripts requires)")
-    return DatasetSpec(tuple(s for s in built if s), merged.get("batch_size", data.train_batch_size), buckets)
+    return DatasetSpec(tuple(s for s in built if s), merged.get("batch_size", data.train_batch_size), buckets,
+                       merged.get("validation_split", data.validation_split),
+                       merged.get("validation_seed", data.validation_seed))
 
 
 def cli_subset_values(data: DataArgs) -> dict[str, Any]:
@@ -146,6 +156,9 @@ def cli_subset_values(data: DataArgs) -> dict[str, Any]:
         "caption_dropout_every_n_epochs": data.caption_dropout_every_n_epochs,
         "caption_tag_dropout_rate": data.caption_tag_dropout_rate,
         "enable_wildcard": data.enable_wildcard, "secondary_separator": data.secondary_separator or "",
+        "alpha_mask": data.alpha_mask, "token_warmup_min": data.token_warmup_min,
+        "token_warmup_step": data.token_warmup_step, "face_crop_aug_range": data.face_crop_aug_range,
+        "resize_interpolation": data.resize_interpolation,
     }
 
 
@@ -158,8 +171,35 @@ def subset_options(values: dict[str, Any]) -> SubsetOptions:
         dropout_every_n_epochs=values["caption_dropout_every_n_epochs"],
         tag_dropout_rate=float(values["caption_tag_dropout_rate"]),
         wildcard=values["enable_wildcard"], secondary_separator=values["secondary_separator"],
+        token_warmup_min=values["token_warmup_min"], token_warmup_step=float(values["token_warmup_step"]),
     )
-    return SubsetOptions(captions, values["flip_aug"], values["color_aug"], values["random_crop"])
+    face_range = values["face_crop_aug_range"]
+    return SubsetOptions(captions, values["flip_aug"], values["color_aug"], values["random_crop"],
+                         alpha_mask=values["alpha_mask"], face_crop_aug_range=tuple(float(v) for v in face_range) if face_range else None,
+                         resize_interpolation=values["resize_interpolation"])
+
+
+def _has_masks(subset: dict) -> bool:
+    """Whether a subset table names a conditioning_data_dir (GUIs write "" for a field left empty)."""
+    return bool(str(subset.get("conditioning_data_dir", "")).strip())
+
+
+def _mask_subset_problems(subsets: list[dict], masked_loss: bool, where: _Where) -> list[str]:
+    """sd-scripts' rules for conditioning_data_dir: read only with --masked_loss; every subset of the
+    dataset has one or none does; such a subset has no is_reg, alpha_mask, metadata_file or class_tokens."""
+    with_masks = [index for index, subset in enumerate(subsets) if _has_masks(subset)]
+    if not with_masks:
+        return []
+    if not masked_loss:
+        return [f"{where}: conditioning_data_dir is read only with --masked_loss (as in sd-scripts); add "
+                "--masked_loss, or remove conditioning_data_dir"]
+    if len(with_masks) < len(subsets):
+        return [f"{where}: subsets #{', #'.join(str(i + 1) for i in with_masks)} have a conditioning_data_dir and "
+                "the others do not; in sd-scripts every subset of a dataset has one or none does: put them in "
+                "separate [[datasets]]"]
+    return [f"{_subset_where(where, index)}: {key} is not a key of a subset with conditioning_data_dir "
+            "(sd-scripts' masked subsets have none); remove it"
+            for index, subset in enumerate(subsets) for key in NOT_IN_MASK_SUBSETS if key in subset]
 
 
 def _subset(values: dict, where: _Where, problems: list[str]) -> Subset | None:
@@ -180,13 +220,17 @@ def _subset(values: dict, where: _Where, problems: list[str]) -> Subset | None:
     triggers = values.get("cat_trigger")
     triggers = tuple([triggers] if isinstance(triggers, str) else triggers) if triggers else ()
     folder = _relative(values["image_dir"], where.path) if values.get("image_dir") else None
+    masks = _relative(values["conditioning_data_dir"], where.path) if _has_masks(values) else None
+    if masks is not None:  # sd-scripts' masked subsets: no alpha mask, no class tokens
+        values = {**values, "alpha_mask": False, "class_tokens": ""}
     options = subset_options(values)
     try:
         if values.get("metadata_file"):
             return subset_from_metadata(_relative(values["metadata_file"], where.path), folder,
                                         values["num_repeats"], triggers, values.get("cat_class_word"), options)
-        return subset_from_folder(folder, values["num_repeats"], values.get("class_tokens", ""), values["is_reg"],
-                                  values["caption_extension"], triggers, values.get("cat_class_word"), options)
+        subset = subset_from_folder(folder, values["num_repeats"], values.get("class_tokens", ""), values["is_reg"],
+                                    values["caption_extension"], triggers, values.get("cat_class_word"), options)
+        return subset if masks is None else with_conditioning_masks(subset, masks)
     except UserInputError as error:
         problems.append(f"{where}: {error}")
         return None
@@ -230,6 +274,9 @@ def _check_keys(table: dict, allowed: dict[str, tuple[type, ...]], where: _Where
         if key in NOT_IMPLEMENTED_KEYS:
             problems.append(f"{where} {key} = {value!r} is accepted by sd-scripts but not implemented here yet; "
                             "remove it")
+        elif key not in allowed and key in DATASET_KEYS:
+            problems.append(f"{where}: {key} is a dataset's setting; put it in its [[datasets]] table or in "
+                            "[general] (as in sd-scripts)")
         elif key not in allowed:
             near = difflib.get_close_matches(key, sorted(set(allowed) | NOT_IMPLEMENTED_KEYS), n=1)
             hint = f"; did you mean {near[0]}?" if near else ""
@@ -241,6 +288,15 @@ def _check_keys(table: dict, allowed: dict[str, tuple[type, ...]], where: _Where
             problems.append(f"{where} {key} = {value!r} should be {_type_names(allowed[key])}")
         elif key == "cat_trigger" and isinstance(value, list) and not all(isinstance(t, str) and t.strip() for t in value):
             problems.append(f"{where} cat_trigger = {value!r} should be a string or a list of non-empty strings")
+        elif key == "validation_split" and not 0 <= value < 1:
+            problems.append(f"{where} validation_split = {value!r} should be at least 0 and below 1 (the share of "
+                            "each subset's images held out for validation, e.g. 0.1)")
+        elif key == "face_crop_aug_range" and not _is_face_range(value):
+            problems.append(f"{where} face_crop_aug_range = {value!r} should be [low, high]: two numbers above 0, "
+                            "low <= high, e.g. face_crop_aug_range = [2.0, 4.0]")
+        elif key == "resize_interpolation" and value not in RESIZE_INTERPOLATIONS:
+            problems.append(f"{where} resize_interpolation = {value!r} should be one of "
+                            f"{', '.join(RESIZE_INTERPOLATIONS)} (sd-scripts' names)")
         elif key in RANGES and not _in_range(value, *RANGES[key]):
             low, high = RANGES[key]
             bound = f"between {low} and {high}" if high is not None else f"at least {low}"
@@ -252,6 +308,12 @@ def _fits(value: Any, types: tuple[type, ...]) -> bool:
     if isinstance(value, bool):
         return bool in types
     return isinstance(value, types)
+
+
+def _is_face_range(value: list) -> bool:
+    """sd-scripts' face_crop_aug_range: [low, high], two numbers (here above 0, low <= high)."""
+    numbers = len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    return numbers and 0 < value[0] <= value[1]
 
 
 def _in_range(value: float, low: float, high: float | None) -> bool:

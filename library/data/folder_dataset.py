@@ -32,6 +32,9 @@ class SubsetOptions:
     flip_aug: bool = False
     color_aug: bool = False
     random_crop: bool = False
+    alpha_mask: bool = False  # the image's alpha channel weights its loss (library.data.loss_masks)
+    face_crop_aug_range: tuple[float, float] | None = None  # (low, high); library.data.face_crop
+    resize_interpolation: str | None = None  # library.data.resampling's names; None: Lanczos
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class ImageItem:
     cat_triggers: tuple[str, ...] = ()  # the subset's own triggers (dataset config); () = --cat_trigger
     cat_class_word: str | None = None
     options: SubsetOptions = field(default_factory=SubsetOptions)
+    mask_path: Path | None = None  # its mask in the subset's conditioning_data_dir (--masked_loss)
 
 
 @dataclass(frozen=True)

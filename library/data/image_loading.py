@@ -1,8 +1,9 @@
 """Reading training images: sizes and checks before training, pixels with augmentations during it.
 
 Images are read as users see them: EXIF orientation applied, transparency flattened on white. A
-training image is resized to cover its bucket, cropped to it (centred, or at a random place with
-`random_crop`), optionally flipped (`flip_aug`) and hue-shifted (`color_aug`).
+training image is resized to cover its bucket (with `resize_interpolation`), cropped to it (centred,
+or at a random place with `random_crop`; or around the face with `face_crop_aug_range`), optionally
+flipped (`flip_aug`) and hue-shifted (`color_aug`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch
 from PIL import Image, ImageOps
 
 from library.data.buckets import crop_box
+from library.data.face_crop import FaceCrop
+from library.data.resampling import resize_image
 from library.errors import UserInputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -29,12 +32,13 @@ GAMMA_RANGE = (0.95, 1.05)
 
 @dataclass(frozen=True)
 class Augmentation:
-    """The random choices for one sample: where to crop, whether to flip, the hue shift and gamma."""
+    """The random choices for one sample: where to crop, whether to flip, the hue shift and gamma, the face crop."""
 
     crop_offset: tuple[float, float] | None = None  # fractions of the free room; None: centred
     flip: bool = False
     hue_shift: float = 0.0  # in turns of the colour wheel
     gamma: float = 1.0  # on values scaled to 0..1
+    face_crop: FaceCrop | None = None  # face_crop_aug_range: replaces the resize and the crop at crop_offset
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -65,19 +69,15 @@ def inspect_image(path: Path) -> tuple[tuple[int, int] | None, str | None]:
 
 def load_image(
     path: Path, bucket: tuple[int, int], resized: tuple[int, int] | None = None,
-    augmentation: Augmentation = Augmentation(),
+    augmentation: Augmentation = Augmentation(), interpolation: str | None = None,
 ) -> torch.Tensor:
     """RGB image as a (3, H, W) tensor in [-1, 1] at the bucket's size (width, height): resized to
-    `resized` (default: just covering the bucket), cropped, then flipped and hue-shifted as asked."""
+    `resized` (default: just covering the bucket) with `interpolation` (library.data.resampling),
+    cropped, then flipped and hue-shifted as asked."""
     try:
         with Image.open(path) as image:
-            image = _flatten_alpha(ImageOps.exif_transpose(image))
-            if resized is None:
-                scale = max(bucket[0] / image.width, bucket[1] / image.height)
-                resized = (max(bucket[0], round(image.width * scale)), max(bucket[1], round(image.height * scale)))
-            if image.size != resized:
-                image = image.resize(resized, Image.Resampling.LANCZOS)
-            image = image.crop(crop_box(resized, bucket, augmentation.crop_offset))
+            image = fit_to_bucket(_flatten_alpha(ImageOps.exif_transpose(image)), bucket, resized,
+                                  augmentation.crop_offset, augmentation.face_crop, interpolation)
             if augmentation.hue_shift:
                 image = _shift_hue(image, augmentation.hue_shift)
             array = np.asarray(image, dtype=np.float32) / 255.0
@@ -88,6 +88,26 @@ def load_image(
         raise UserInputError(f"Image {path} cannot be read ({error}); replace or remove it.") from None
     pixels = torch.from_numpy(array).permute(2, 0, 1).contiguous()
     return pixels.flip(-1) if augmentation.flip else pixels
+
+
+def fit_to_bucket(
+    image: Image.Image, bucket: tuple[int, int], resized: tuple[int, int] | None = None,
+    crop_offset: tuple[float, float] | None = None, face_crop: FaceCrop | None = None,
+    interpolation: str | None = None,
+) -> Image.Image:
+    """`image` resized to `resized` (default: just covering the bucket) and cropped to the bucket, or
+    scaled and cut as `face_crop` says: the geometry of a training image, which its loss mask
+    (library.data.loss_masks) follows exactly."""
+    if face_crop is not None:
+        resized, box = face_crop.resized, face_crop.box
+    else:
+        if resized is None:
+            scale = max(bucket[0] / image.width, bucket[1] / image.height)
+            resized = (max(bucket[0], round(image.width * scale)), max(bucket[1], round(image.height * scale)))
+        box = crop_box(resized, bucket, crop_offset)
+    if image.size != resized:
+        image = resize_image(image, resized, interpolation)
+    return image.crop(box)
 
 
 def _flatten_alpha(image: Image.Image) -> Image.Image:

@@ -10,9 +10,10 @@ per call, and a VAE may round differently on batches of other sizes, so the LoRA
 same only when both calls hold the same images (e.g. batch size 1 and `--vae_batch_size 1`).
 
 The disk cache is sd-scripts' layout, `<image stem>.npz` beside the image, with its keys (`latents`,
-`original_size`, `crop_ltrb`, `latents_flipped`) plus the standard deviations. A file is reused only
-if it matches the bucket, the resize and (with `flip_aug`) holds the flipped latents, and is newer
-than the image; otherwise it is rewritten.
+`original_size`, `crop_ltrb`, `latents_flipped`, and with `alpha_mask` the unflipped loss mask
+`alpha_mask`) plus the standard deviations. A file is reused only if it matches the bucket, the resize
+and the `resize_interpolation` (recorded as `resize_interpolation`), (with `flip_aug` / `alpha_mask`)
+holds the flipped latents / the mask, and is newer than the image; otherwise it is rewritten.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class LatentKey:
     bucket: tuple[int, int]
     resized: tuple[int, int]
     flip: bool = False
+    alpha_mask: bool = False  # the entry also holds the image's alpha channel, its loss mask (not in the seed)
+    interpolation: str | None = None  # resize_interpolation (None: the default); not in the seed
 
     def noise_seed(self, seed: int) -> int:
         """A seed from the run's seed and the image's folder and file name (not its absolute path:
@@ -59,8 +62,9 @@ class Distribution:
     std: Tensor
 
 
-def key_for(path: Path, placement: Placement, flip: bool = False) -> LatentKey:
-    return LatentKey(path, placement.bucket, placement.resized, flip)
+def key_for(path: Path, placement: Placement, flip: bool = False, alpha_mask: bool = False,
+            interpolation: str | None = None) -> LatentKey:
+    return LatentKey(path, placement.bucket, placement.resized, flip, alpha_mask, interpolation)
 
 
 def sample_latents(keys: list[LatentKey], dists: list[Distribution], seed: int) -> Tensor:
@@ -93,11 +97,13 @@ class LatentCache:
     def __init__(self, to_disk: bool):
         self.to_disk = to_disk
         self.dists: dict[LatentKey, Distribution] = {}
+        self.masks: dict[LatentKey, Tensor] = {}  # the alpha masks of the keys with `alpha_mask`
 
     def fill(self, keys: Iterable[LatentKey], load_pixels: Callable[[LatentKey], Tensor], vae, vae_batch_size: int,
-             write: bool = True) -> None:
-        """Encode every key not cached yet (reading valid disk files first). `write`: this process
-        writes the disk files (the main process; the others read them afterwards)."""
+             write: bool = True, load_mask: Callable[[LatentKey], Tensor] | None = None) -> None:
+        """Encode every key not cached yet (reading valid disk files first), and keep the alpha mask
+        `load_mask` gives of each key with `alpha_mask`. `write`: this process writes the disk files
+        (the main process; the others read them afterwards)."""
         keys = sorted(set(keys), key=lambda k: (k.bucket, k.resized, str(k.path), k.flip))
         missing = [k for k in keys if not self._read(k)]
         # A chunk holds one bucket only: the VAE takes images of one size per call.
@@ -106,6 +112,8 @@ class LatentCache:
             pixels = torch.stack([load_pixels(k) for k in chunk])
             for key, dist in zip(chunk, encode(vae, pixels, vae_batch_size)):
                 self.dists[key] = Distribution(dist.mean.cpu(), dist.std.cpu())
+                if key.alpha_mask:
+                    self.masks[key] = load_mask(key)
         if self.to_disk and write:
             by_path: dict[Path, list[LatentKey]] = {}
             for key in keys:
@@ -116,20 +124,29 @@ class LatentCache:
     def get(self, key: LatentKey) -> Distribution:
         return self.dists[key]
 
+    def mask(self, key: LatentKey) -> Tensor | None:
+        """The alpha mask of a key with `alpha_mask`, None for others."""
+        return self.masks.get(key)
+
     def _read(self, key: LatentKey) -> bool:
         if not self.to_disk:
             return False
         found = read_npz(disk_path(key.path), key)
-        if found is not None:
-            self.dists[key] = found
-        return found is not None
+        mask = read_npz_alpha_mask(disk_path(key.path), key) if found is not None and key.alpha_mask else None
+        if found is None or (key.alpha_mask and mask is None):  # a file without the mask is written again
+            return False
+        self.dists[key] = found
+        if mask is not None:
+            self.masks[key] = mask
+        return True
 
     def _write(self, path: Path, keys: list[LatentKey]) -> None:
         plain = [k for k in keys if not k.flip]
         flipped = [k for k in keys if k.flip]
         if not plain:  # a file always holds the unflipped latents
             return
-        write_npz(disk_path(path), plain[0], self.dists[plain[0]], self.dists[flipped[0]] if flipped else None)
+        write_npz(disk_path(path), plain[0], self.dists[plain[0]], self.dists[flipped[0]] if flipped else None,
+                  self.masks.get(plain[0]))
 
 
 def _by_bucket(keys: list[LatentKey]) -> list[list[LatentKey]]:
@@ -144,15 +161,20 @@ def disk_path(image: Path) -> Path:
     return image.with_suffix(".npz")
 
 
-def write_npz(path: Path, key: LatentKey, dist: Distribution, flipped: Distribution | None) -> None:
-    """Write one image's cache file atomically (a reader never sees half a file)."""
+def write_npz(path: Path, key: LatentKey, dist: Distribution, flipped: Distribution | None,
+              alpha_mask: Tensor | None = None) -> None:
+    """Write one image's cache file atomically (a reader never sees half a file); `alpha_mask`, the
+    unflipped (H, W) mask, under sd-scripts' key `alpha_mask`."""
     arrays = {
         "latents": dist.mean.float().numpy(), "latents_std": dist.std.float().numpy(),
         "original_size": np.array(image_size(key.path)), "crop_ltrb": np.array(crop_box(key.resized, key.bucket)),
         "resized_size": np.array(key.resized), "image_name": np.array(key.path.name),
+        "resize_interpolation": np.array(key.interpolation or ""),
     }
     if flipped is not None:
         arrays.update(latents_flipped=flipped.mean.float().numpy(), latents_flipped_std=flipped.std.float().numpy())
+    if alpha_mask is not None:
+        arrays["alpha_mask"] = alpha_mask.float().numpy()
     temporary = path.with_name(path.name + ".tmp.npz")
     np.savez(temporary, **arrays)
     os.replace(temporary, path)
@@ -169,6 +191,10 @@ def read_npz(path: Path, key: LatentKey) -> Distribution | None:
                 return None
             if str(npz["image_name"]) != key.path.name:  # a.png and a.jpg share a.npz
                 return None
+            # Files from before the key was written were all resized the default way.
+            interpolation = str(npz["resize_interpolation"]) if "resize_interpolation" in npz else ""
+            if interpolation != (key.interpolation or ""):
+                return None
             mean, std = npz[names[0]], npz[names[1]]
             expected = (key.bucket[1] // 8, key.bucket[0] // 8)
             if mean.shape[1:] != expected or tuple(npz["resized_size"]) != key.resized:
@@ -178,3 +204,15 @@ def read_npz(path: Path, key: LatentKey) -> Distribution | None:
         logger.warning("latent cache %s cannot be read (%s); it is rewritten", path, error)
         return None
 
+
+def read_npz_alpha_mask(path: Path, key: LatentKey) -> Tensor | None:
+    """The alpha mask in a cache file that `read_npz` accepted for `key` (flipped for a flipped key),
+    or None when the file holds none of the bucket's size."""
+    try:
+        with np.load(path) as npz:
+            if "alpha_mask" not in npz or npz["alpha_mask"].shape != (key.bucket[1], key.bucket[0]):
+                return None
+            mask = torch.from_numpy(npz["alpha_mask"].astype(np.float32))
+    except (OSError, ValueError):
+        return None
+    return mask.flip(-1) if key.flip else mask

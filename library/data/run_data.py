@@ -2,38 +2,59 @@
 
 - `load_training_data(config)`: the datasets from `--dataset_config` or the folders, every problem
   (folder names, empty folders, unreadable images, CAT triggers missing from captions, cache with
-  per-step augmentations) gathered and reported in one error before any model loads.
+  per-step augmentations, face crops that cannot be made) gathered and reported in one error before
+  any model loads.
 - `training_caption`, `free_caption`, `augmentation`: what one sample of one epoch trains on. Each
   draws from its own seeded stream, so a resumed run and a cached run see exactly the same.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 from typing import Callable
 
 from library.data.buckets import BucketSettings, check_bucket_settings
 from library.data.caption_transforms import sample_rng, transform_caption
+from library.cat.caption_weights import weight_syntax_problem
 from library.cat.captions import class_word_from_tokens, contains_trigger, tidy_caption, trigger_free_caption
 from library.data.dataset_config import cli_subset_values, load_dataset_config, subset_options
 from library.errors import UserInputError
 from library.data.folder_dataset import ImageItem, Subset, scan_folders, subset_from_metadata
-from library.data.image_loading import COLOR_AUG_RATE, GAMMA_RANGE, MAX_HUE_SHIFT, Augmentation
+from library.data.loss_masks import mask_problems
+from library.data.face_crop import FaceCrop, face_crop, face_crop_problem, face_position
+from library.data.image_loading import COLOR_AUG_RATE, GAMMA_RANGE, MAX_HUE_SHIFT, Augmentation, image_size
 from library.config.train_config import TrainConfig
 from library.data.training_data import DatasetSpec, Sample, TrainingData, place_datasets
+from library.data.validation_split import split_for_validation
+
+logger = logging.getLogger(__name__)
 
 
-def load_training_data(config: TrainConfig) -> TrainingData:
-    """The datasets, every image checked and placed in its bucket; all problems in one error."""
+def load_training_data(config: TrainConfig, run_seed: int = 0) -> TrainingData:
+    """The datasets, every image checked and placed in its bucket; all problems in one error. Images
+    held out by a validation split (drawn with `run_seed` where a dataset sets no validation_seed)
+    are its `validation` data."""
     problems: list[str] = []
     specs = _dataset_specs(config, problems)
     for spec in specs:
         for subset in spec.subsets:
             problems += _cache_problems(config, subset)
+            problems += _face_crop_problems(config, spec, subset)
+            problems += mask_problems(subset, spec.buckets.enable)
             if config.cat.enabled:
                 problems += _cat_problems(config, subset)
-    return place_datasets(specs, problems)
+            if config.model.weighted_captions:
+                problems += _weight_problems(subset)
+    problems += _masked_loss_problems(config, [subset for spec in specs for subset in spec.subsets])
+    training, held_out = split_for_validation(specs, run_seed)
+    placed = place_datasets(training + held_out, problems).datasets
+    if any(spec.validation_split for spec in specs) and not held_out:
+        logger.warning("validation_split holds out no image (each subset keeps ceil(images x (1 - split)) to train "
+                       "on): there is no validation; raise the split or add images.")
+    validation = TrainingData(placed[len(training):]) if held_out else None
+    return TrainingData(placed[: len(training)], validation=validation)
 
 
 def _dataset_specs(config: TrainConfig, problems: list[str]) -> list[DatasetSpec]:
@@ -57,7 +78,17 @@ def _dataset_specs(config: TrainConfig, problems: list[str]) -> list[DatasetSpec
     buckets = BucketSettings(data.resolution, data.enable_bucket, data.min_bucket_reso, data.max_bucket_reso,
                              data.bucket_reso_steps, data.bucket_no_upscale)
     problems += check_bucket_settings(buckets, "the command line", data.bucket_reso_multiple)
-    return [DatasetSpec(tuple(subsets), data.train_batch_size, buckets)]
+    return [DatasetSpec(tuple(subsets), data.train_batch_size, buckets, data.validation_split, data.validation_seed)]
+
+
+def _masked_loss_problems(config: TrainConfig, subsets: list[Subset]) -> list[str]:
+    """--masked_loss needs a mask somewhere (sd-scripts silently trains unmasked without one)."""
+    has_masks = any(s.options.alpha_mask or any(item.mask_path for item in s.items) for s in subsets)
+    if not config.data.masked_loss or has_masks:
+        return []
+    return ["--masked_loss is on but no image has a mask: set conditioning_data_dir (a folder of masks named like "
+            "the images) in the subsets of --dataset_config, or use the images' alpha channel with --alpha_mask "
+            "(or alpha_mask = true in a subset)"]
 
 
 def _cache_problems(config: TrainConfig, subset: Subset) -> list[str]:
@@ -78,6 +109,34 @@ def _cache_problems(config: TrainConfig, subset: Subset) -> list[str]:
     return problems
 
 
+def _face_crop_problems(config: TrainConfig, spec: DatasetSpec, subset: Subset) -> list[str]:
+    """face_crop_aug_range crops each step's image around its face, without buckets (sd-scripts ignores it
+    with buckets and with cached latents: refused here); names it cannot read and images it would have
+    to enlarge stop sd-scripts at their batch: found here, before training."""
+    if subset.options.face_crop_aug_range is None:
+        return []
+    where = f"{subset.folder}: face_crop_aug_range"
+    if spec.buckets.enable:
+        return [f"{where} crops without buckets only (sd-scripts ignores it with enable_bucket); turn enable_bucket "
+                "off for this dataset, or remove face_crop_aug_range"]
+    if config.data.cache_latents or config.data.cache_latents_to_disk:
+        return [f"{where} changes every step's crop, and cached latents are encoded once (sd-scripts ignores the "
+                "face crop when caching); turn the cache or face_crop_aug_range off"]
+    if subset.options.alpha_mask or any(item.mask_path for item in subset.items):
+        return [f"{where}: loss masks do not follow face crops yet; turn the masks or face_crop_aug_range off"]
+    problems = []
+    for item in subset.items:
+        try:
+            problem = face_crop_problem(item.path, image_size(item.path), spec.buckets.resolution)
+        except UserInputError as error:
+            problem = str(error)
+        except (OSError, ValueError):
+            continue  # an unreadable image is reported with the others
+        if problem:
+            problems.append(problem)
+    return problems
+
+
 def _cat_problems(config: TrainConfig, subset: Subset) -> list[str]:
     """Every training subset needs a trigger that its captions contain, and a class word in class mode."""
     triggers = subset_triggers(config, subset.cat_triggers)
@@ -95,6 +154,12 @@ def _cat_problems(config: TrainConfig, subset: Subset) -> list[str]:
                 f"tokens '{subset.class_tokens}' are only the trigger); add --cat_class_word (or cat_class_word in "
                 "the dataset config), or rename the folder e.g. '10_sks teapot'"]
     return []
+
+
+def _weight_problems(subset: Subset) -> list[str]:
+    """--weighted_captions: every caption's weights must be numbers (sd-scripts stops mid-run on one that is not)."""
+    found = ((item, weight_syntax_problem(item.caption)) for item in subset.items)
+    return [f"{item.path}: {problem}" for item, problem in found if problem]
 
 
 def subset_triggers(config: TrainConfig, own: tuple[str, ...]) -> tuple[str, ...]:
@@ -129,10 +194,11 @@ def trigger_free_prompt(config: TrainConfig, data: TrainingData) -> Callable[[st
     return rewrite
 
 
-def training_caption(seed: int, sample: Sample, epoch: int) -> str:
-    """The caption this sample trains on this epoch (its subset's prefix, dropout, shuffle...)."""
+def training_caption(seed: int, sample: Sample, epoch: int, step: int = 0, max_train_steps: int = 0) -> str:
+    """The caption this sample trains on this epoch (its subset's prefix, dropout, shuffle...), at global
+    `step` (optimizer steps done) of a run of `max_train_steps` (token warmup)."""
     rng = sample_rng(seed, epoch, sample.position)
-    return transform_caption(sample.item.caption, rng, sample.item.options.captions, epoch)
+    return transform_caption(sample.item.caption, rng, sample.item.options.captions, epoch, step, max_train_steps)
 
 
 def varying_caption_options(subset: Subset) -> list[str]:
@@ -141,7 +207,8 @@ def varying_caption_options(subset: Subset) -> list[str]:
     captions = subset.options.captions
     options = {"shuffle_caption": captions.shuffle, "caption_dropout_rate": captions.dropout_rate > 0,
                "caption_dropout_every_n_epochs": captions.dropout_every_n_epochs > 0,
-               "caption_tag_dropout_rate": captions.tag_dropout_rate > 0, "enable_wildcard": captions.wildcard}
+               "caption_tag_dropout_rate": captions.tag_dropout_rate > 0, "enable_wildcard": captions.wildcard,
+               "token_warmup_step": captions.token_warmup_step > 0}
     return [name for name, varies in options.items() if varies]
 
 
@@ -158,14 +225,16 @@ def free_caption(config: TrainConfig, item: ImageItem, caption: str) -> str:
         return caption
     word = class_word(config, item.class_tokens, triggers, item.cat_class_word) if config.cat.caption == "class" else None
     separator = item.options.captions.separator
-    free = trigger_free_caption(caption, triggers, config.cat.caption, word, separator)
+    free = trigger_free_caption(caption, triggers, config.cat.caption, word, separator,
+                                weighted=config.model.weighted_captions)
     # Shuffled or thinned captions are joined back with ", " whatever the subset's separator.
     return tidy_caption(free, ",") if separator.strip() not in ("", ",") else free
 
 
 def augmentation(seed: int, sample: Sample, epoch: int) -> Augmentation:
     """This sample's random crop, flip and colour change, from its own stream (apart from the caption's).
-    Colour as sd-scripts: a third of the samples, half of those a hue shift, half a gamma."""
+    Colour as sd-scripts: a third of the samples, half of those a hue shift, half a gamma. With
+    face_crop_aug_range, an image with a face position is face-cropped (from a stream of its own)."""
     options = sample.item.options
     rng = sample_rng(seed, epoch, sample.position, "image")
     crop = (rng.random(), rng.random()) if options.random_crop else None
@@ -176,4 +245,14 @@ def augmentation(seed: int, sample: Sample, epoch: int) -> Augmentation:
             hue = rng.uniform(-MAX_HUE_SHIFT, MAX_HUE_SHIFT)
         else:
             gamma = rng.uniform(*GAMMA_RANGE)
-    return Augmentation(crop, flip, hue, gamma)
+    return Augmentation(crop, flip, hue, gamma, _face_crop(seed, sample, epoch))
+
+
+def _face_crop(seed: int, sample: Sample, epoch: int) -> FaceCrop | None:
+    """The face crop of this sample this epoch, or None (no face_crop_aug_range, or no face position)."""
+    options, placement = sample.item.options, sample.placement
+    face = face_position(sample.item.path) if options.face_crop_aug_range and placement.original else None
+    if face is None:
+        return None
+    rng = sample_rng(seed, epoch, sample.position, "face")
+    return face_crop(placement.original, face, placement.bucket, options.face_crop_aug_range, options.random_crop, rng)

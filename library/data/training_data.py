@@ -27,11 +27,14 @@ from library.data.image_loading import inspect_image
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """One dataset as configured: its subsets, batch size and bucket options."""
+    """One dataset as configured: its subsets, batch size and bucket options, and the share of its
+    images held out for validation (`library.data.validation_split`)."""
 
     subsets: tuple[Subset, ...]
     batch_size: int
     buckets: BucketSettings
+    validation_split: float = 0.0
+    validation_seed: int | None = None  # None: the run's seed
 
 
 @dataclass(frozen=True)
@@ -85,9 +88,10 @@ class Dataset:
 
 @dataclass
 class TrainingData:
-    """All datasets of a run."""
+    """All datasets of a run; `validation`, the images held out of them (--validation_split), if any."""
 
     datasets: list[Dataset]
+    validation: TrainingData | None = None
 
     @property
     def subsets(self) -> list[Subset]:

@@ -57,8 +57,9 @@ class ModelFamily(Protocol):
     def native_resolution(self) -> tuple[int, int]:
         """(width, height) in pixels the model was trained at."""
 
-    def tokenize(self, texts: list[str], max_token_length: int | None = None) -> Tensor:
-        """Token ids for `texts`, in the form this family's `Denoiser.encode` takes."""
+    def tokenize(self, texts: list[str], max_token_length: int | None = None, weighted: bool = False) -> Any:
+        """Token ids for `texts`, in the form this family's `Denoiser.encode` takes: a tensor, or with
+        `weighted` (`--weighted_captions`, where the family has it) a `prompt_weights.WeightedTokens`."""
 
     def denoiser(self, clip_skip: int | None = None) -> Denoiser:
         """The text encoders and the denoiser network as CAT's objective calls them."""

@@ -22,10 +22,11 @@ def tokenize(tokenizer, captions: list[str], max_token_length: int | None = None
                          return_tensors="pt").input_ids
     ids = tokenizer(captions, padding="max_length", truncation=True, max_length=max_token_length + 2,
                     return_tensors="pt").input_ids
-    return torch.stack([_windows(row, tokenizer, max_token_length) for row in ids])
+    return torch.stack([windows(row, tokenizer, max_token_length) for row in ids])
 
 
-def _windows(ids: Tensor, tokenizer, max_token_length: int) -> Tensor:
+def windows(ids: Tensor, tokenizer, max_token_length: int) -> Tensor:
+    """(n, 77) windows of one row of `max_token_length + 2` ids."""
     windows = []
     for start in range(1, max_token_length - WINDOW + 2, WINDOW):
         window = torch.cat([ids[:1], ids[start : start + WINDOW], ids[-1:]])

@@ -6,7 +6,7 @@ optimizer step (step sampling is ignored when epoch sampling is set, as in sd-sc
 
 Where: `{output_dir}/sample/{output_name}_{e000001|000100}_{index:02d}_{YYYYmmddHHMMSS}[_{seed}].png`,
 sd-scripts' names (no `{output_name}_` when --output_name is not given; `_{seed}` when the prompt
-sets `--d`). With `--sample_cat_compare` each file is a strip of three images from the same noise:
+sets `--d`); with a wandb tracker, also there as `sample_{index}`. With `--sample_cat_compare` each file is a strip of three images from the same noise:
 the base model (every adapter off) and the adapted model on the trigger-free prompt, then the
 adapted model on the prompt as written. The first two differ only by the adapter, so they show what
 CAT preserves; the last two differ only by the trigger, so they show what the LoRA learned.
@@ -90,6 +90,16 @@ def side_by_side(images: list[Image.Image]) -> Image.Image:
     return strip
 
 
+def send_to_wandb(accelerator, index: int, image: Image.Image, prompt: str, step: int) -> None:
+    """With a wandb tracker, the image goes there too, as sd-scripts sends it: `sample_<index>`, captioned
+    with its prompt (at the training step, beside that step's losses)."""
+    if "wandb" not in [tracker.name for tracker in accelerator.trackers]:
+        return
+    import wandb
+
+    accelerator.get_tracker("wandb").log({f"sample_{index}": wandb.Image(image, caption=prompt)}, step=step)
+
+
 class SampleImages:
     """The training loop's sampler: call `at_first`, `after_step` and `at_epoch_end`; each writes the
     prompt file's images when sd-scripts' schedule says so, and does nothing otherwise.
@@ -150,6 +160,7 @@ class SampleImages:
         timestamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
         path = self.folder / sample_file_name(self.output_name, epoch, step, prompt.index, prompt.seed, timestamp)
         image.save(path, pnginfo=info)
+        send_to_wandb(self.side.accelerator, prompt.index, image, prompt.prompt, step)
         return path
 
     def _text_to_image(self, pipe, prompt: SamplePrompt, seed: int) -> Callable[[str], Image.Image]:

@@ -131,12 +131,13 @@ def noisy_latents(latents: Tensor, noise: Tensor, sigmas: Tensor) -> Tensor:
 
 
 def _flow_loss(prediction: Tensor, target: Tensor, *, noisy: Tensor, sigmas: Tensor, flow: FlowMatchArgs,
-               loss_args: LossArgs, timesteps: Tensor) -> Tensor:
-    """Per-sample main loss: the output moved into the target's space, compared, weighted by sigma."""
+               loss_args: LossArgs, timesteps: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Per-sample main loss: the output moved into the target's space, compared (weighted by the
+    loss `mask` if any), weighted by sigma."""
     moved = in_target_space(prediction, noisy, sigmas, flow.model_prediction_type)
     loss = per_sample_loss(moved, target, loss_args.loss_type, huber_c=loss_args.huber_c,
                            huber_scale=loss_args.huber_scale, huber_schedule=loss_args.huber_schedule,
-                           timesteps=timesteps)
+                           timesteps=timesteps, mask=mask)
     if flow.model_prediction_type != "sigma_scaled":
         return loss
     return loss * loss_weighting(flow.weighting_scheme, sigmas).to(loss.device)
@@ -151,12 +152,16 @@ class FlowMatchNoising:
 
     def batch(self, latents: Tensor, trigger_ids: Tensor, free_ids: Tensor, loss_weights: Tensor,
               noise_args: NoiseArgs, loss_args: LossArgs, generator: torch.Generator | None = None,
-              conditioning: Mapping[str, Tensor] | None = None) -> tuple[CATBatch, LossFn]:
-        """Noise `latents` (B, C, H, W) once; timesteps are 1000 * sigma."""
+              conditioning: Mapping[str, Tensor] | None = None, timestep: int | None = None,
+              loss_mask: Tensor | None = None) -> tuple[CATBatch, LossFn]:
+        """Noise `latents` (B, C, H, W) once; timesteps are 1000 * sigma (all `timestep` when given)."""
         batch, _, height, width = latents.shape
         device = generator.device if generator is not None else latents.device
         noise = torch.randn(latents.shape, generator=generator, device=device).to(latents.device, latents.dtype)
-        sigmas = sample_sigmas(batch, self.flow, (height // 2) * (width // 2), generator).to(latents.device)
+        if timestep is None:
+            sigmas = sample_sigmas(batch, self.flow, (height // 2) * (width // 2), generator).to(latents.device)
+        else:
+            sigmas = torch.full((batch,), timestep / self.num_train_timesteps, device=latents.device)
         z_t = noisy_latents(latents, self._input_noise(noise, noise_args, generator), sigmas).to(latents.dtype)
         timesteps = sigmas * self.num_train_timesteps
         cat_batch = CATBatch(
@@ -165,7 +170,8 @@ class FlowMatchNoising:
             weights=loss_weights.to(latents.device),
             conditioning={name: value.to(latents.device) for name, value in (conditioning or {}).items()},
         )
-        loss_fn = partial(_flow_loss, noisy=z_t, sigmas=sigmas, flow=self.flow, loss_args=loss_args, timesteps=timesteps)
+        loss_fn = partial(_flow_loss, noisy=z_t, sigmas=sigmas, flow=self.flow, loss_args=loss_args, timesteps=timesteps,
+                          mask=loss_mask)
         return cat_batch, loss_fn
 
     def add_noise(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from library.errors import UserInputError
@@ -98,8 +99,10 @@ def per_sample_loss(
     huber_schedule: str = "snr",
     timesteps: torch.Tensor | None = None,
     scheduler: DDPMScheduler | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The loss of each sample (B,): elementwise loss in float32, mean over all non-batch dims.
+    """The loss of each sample (B,): elementwise loss in float32, weighted by the loss `mask` (B, H, W)
+    if one is given (`apply_loss_mask`), mean over all non-batch dims.
 
     Both tensors are cast to float32 first, as sd-scripts does (`model_pred.float()`). For huber
     and smooth_l1 the threshold comes from `huber_threshold` (it needs `timesteps`, and
@@ -118,7 +121,17 @@ def per_sample_loss(
             timesteps, scheduler, huber_c=huber_c, huber_scale=huber_scale, huber_schedule=huber_schedule
         )
     loss = elementwise_loss(prediction.float(), target.float(), loss_type, threshold)
+    if mask is not None:
+        loss = apply_loss_mask(loss, mask)
     return loss.reshape(loss.shape[0], -1).mean(dim=1)
+
+
+def apply_loss_mask(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The elementwise loss (B, C, h, w) times a pixel mask (B, H, W) in [0, 1] shrunk to (h, w) by
+    averaging (area interpolation), as sd-scripts' `apply_masked_loss` does. The masked pixels still
+    count in the mean that follows: the loss is not renormalised by the mask's area."""
+    weights = F.interpolate(mask.to(loss.device, loss.dtype).unsqueeze(1), size=loss.shape[2:], mode="area")
+    return loss * weights
 
 
 def weighted_mean(per_sample: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@ computed once before training (sd-scripts' SDXL option), for CAT's two captions 
 
 It is exact when the text encoders are not trained (`--network_train_unet_only`, which the flag
 needs) and every image always trains on the same caption (no shuffle, dropout or tag dropout):
-encoding a caption then always gives the same states, so a table from each caption's token ids to
+encoding a caption then always gives the same states, so a table from each caption's token ids (and
+their weights, with --weighted_captions: the weighted states are cached, as sd-scripts caches them) to
 its states replaces the encoders. CAT's reference reads the same table as the adapted passes: the
 encoders carry no adapters, so the reference differs from the adapted prediction only through the
 U-Net, as without the cache. Each caption is encoded on its own, under training's autocast.
@@ -34,6 +35,7 @@ from library.data.folder_dataset import ImageItem
 from library.data.run_data import fixed_caption, free_caption, varying_caption_options
 from library.data.training_data import TrainingData
 from library.errors import UserInputError
+from library.families.prompt_weights import WeightedTokens
 
 DISK_SUFFIX = "_cat_te_outputs.safetensors"
 Tokenize = Callable[[list[str]], Tensor]
@@ -177,7 +179,11 @@ def _fingerprint(text_encoders: Sequence[nn.Module], options: str) -> str:
     return digest.hexdigest()
 
 
-def _key(ids: Tensor) -> bytes:
+def _key(ids: Tensor | WeightedTokens) -> bytes:
+    """The bytes of one caption's ids (and of their weights, for --weighted_captions: "(dog:1.2)" and "dog"
+    have the same ids)."""
+    if isinstance(ids, WeightedTokens):
+        return _key(ids.ids) + ids.weights.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
     return ids.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
 
 

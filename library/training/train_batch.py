@@ -22,6 +22,10 @@ from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from torch import Tensor
 
 from library.cat.objective import CATBatch, LossFn
+from library.data.buckets import size_conditioning_crop
+from library.data.image_loading import Augmentation
+from library.data.training_data import Sample
+from library.families.family import ImageGeometry
 from library.training.flow_matching import FlowMatchNoising
 from library.training.losses import per_sample_loss
 from library.training.noise import (
@@ -37,8 +41,12 @@ class Noising(Protocol):
 
     def batch(self, latents: Tensor, trigger_ids: Tensor, free_ids: Tensor, loss_weights: Tensor,
               noise_args: NoiseArgs, loss_args: LossArgs, generator: torch.Generator | None = None,
-              conditioning: Mapping[str, Tensor] | None = None) -> tuple[CATBatch, LossFn]:
-        """Noise `latents` once: the batch all three CAT predictions share, and the main term's loss."""
+              conditioning: Mapping[str, Tensor] | None = None, timestep: int | None = None,
+              loss_mask: Tensor | None = None) -> tuple[CATBatch, LossFn]:
+        """Noise `latents` once: the batch all three CAT predictions share, and the main term's loss.
+        Timesteps are drawn as training draws them, or all `timestep` (validation's fixed ones). The
+        main term's loss is weighted by `loss_mask` (B, H, W) when given (--masked_loss); the CAT
+        term, which is not computed by that loss, stays over the whole image."""
 
     def add_noise(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """z_t of fixed noise at fixed timesteps (the drift probe's, evaluation's)."""
@@ -68,9 +76,10 @@ class DiffusionNoising:
 
     def batch(self, latents: Tensor, trigger_ids: Tensor, free_ids: Tensor, loss_weights: Tensor,
               noise_args: NoiseArgs, loss_args: LossArgs, generator: torch.Generator | None = None,
-              conditioning: Mapping[str, Tensor] | None = None) -> tuple[CATBatch, LossFn]:
+              conditioning: Mapping[str, Tensor] | None = None, timestep: int | None = None,
+              loss_mask: Tensor | None = None) -> tuple[CATBatch, LossFn]:
         return build_cat_batch(latents, trigger_ids, free_ids, loss_weights, self.schedule, noise_args, loss_args,
-                               generator, conditioning=conditioning)
+                               generator, conditioning=conditioning, timestep=timestep, loss_mask=loss_mask)
 
     def add_noise(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         return self.schedule.train.add_noise(latents, noise, timesteps)
@@ -95,9 +104,12 @@ def build_cat_batch(
     loss_args: LossArgs,
     generator: torch.Generator | None = None,
     conditioning: Mapping[str, Tensor] | None = None,
+    timestep: int | None = None,
+    loss_mask: Tensor | None = None,
 ) -> tuple[CATBatch, LossFn]:
     """Noise `latents` once; the batch carries z_t, t, the target and the image `conditioning` (the
-    family's, e.g. SDXL's size/crop numbers) that all CAT predictions share."""
+    family's, e.g. SDXL's size/crop numbers) that all CAT predictions share. `timestep`: every
+    sample at that timestep instead of drawn ones (sd-scripts' validation sets min = max timestep)."""
     scheduler = schedule.train
     noise = sample_noise(
         latents,
@@ -108,7 +120,7 @@ def build_cat_batch(
         multires_noise_discount=noise_args.multires_noise_discount,
         generator=generator,
     )
-    low, high = noise_args.timestep_range
+    low, high = noise_args.timestep_range if timestep is None else (timestep, timestep)
     timesteps = sample_timesteps(latents.shape[0], low, high, scheduler.config.num_train_timesteps, latents.device, generator)
     z_t = noisy_latents(scheduler, latents, noise, timesteps, ip_noise_gamma=noise_args.ip_noise_gamma,
                         ip_noise_gamma_random_strength=noise_args.ip_noise_gamma_random_strength, generator=generator)
@@ -128,6 +140,17 @@ def build_cat_batch(
     )
     loss_fn = partial(
         per_sample_loss, loss_type=loss_args.loss_type, huber_c=loss_args.huber_c, huber_scale=loss_args.huber_scale,
-        huber_schedule=loss_args.huber_schedule, timesteps=timesteps, scheduler=scheduler,
+        huber_schedule=loss_args.huber_schedule, timesteps=timesteps, scheduler=scheduler, mask=loss_mask,
     )
     return batch, loss_fn
+
+
+def image_geometry(sample: Sample, augmentation: Augmentation) -> ImageGeometry:
+    """Where the sample's pixels came from, for size-conditioned families (SDXL's image conditioning).
+    A face-cropped sample is told as sd-scripts tells it: an original of the training size, uncropped."""
+    placement = sample.placement
+    if augmentation.face_crop is not None:
+        return ImageGeometry(original_size=placement.bucket, crop_left_top=(0, 0), target_size=placement.bucket)
+    original = placement.original or placement.resized
+    crop = size_conditioning_crop(placement.bucket, original, augmentation.flip)
+    return ImageGeometry(original_size=original, crop_left_top=crop, target_size=placement.bucket)

@@ -45,6 +45,12 @@ def training_metadata(config: TrainConfig, facts: RunFacts, output_name: str) ->
         "ss_unet_lr": config.optimizer.unet_lr,
         "ss_num_train_images": facts.data.num_train_images,
         "ss_num_reg_images": facts.data.num_reg_images,
+        "ss_num_validation_images": facts.data.validation.num_train_images if facts.data.validation else 0,
+        "ss_validation_seed": config.data.validation_seed,
+        "ss_validation_split": config.data.validation_split,
+        "ss_max_validation_steps": config.validation.max_validation_steps,
+        "ss_validate_every_n_epochs": config.validation.validate_every_n_epochs,
+        "ss_validate_every_n_steps": config.validation.validate_every_n_steps,
         "ss_num_batches_per_epoch": facts.num_batches_per_epoch,
         "ss_num_epochs": facts.num_epochs,
         "ss_gradient_checkpointing": config.run.gradient_checkpointing,
@@ -79,7 +85,8 @@ def training_metadata(config: TrainConfig, facts: RunFacts, output_name: str) ->
         "ss_caption_dropout_rate": config.data.caption_dropout_rate,
         "ss_caption_dropout_every_n_epochs": config.data.caption_dropout_every_n_epochs,
         "ss_caption_tag_dropout_rate": config.data.caption_tag_dropout_rate,
-        "ss_face_crop_aug_range": None,
+        "ss_face_crop_aug_range": config.data.face_crop_aug_range,
+        "ss_resize_interpolation": config.data.resize_interpolation,
         "ss_prior_loss_weight": config.loss.prior_loss_weight,
         "ss_min_snr_gamma": config.loss.min_snr_gamma,
         "ss_scale_weight_norms": config.network.scale_weight_norms,
@@ -185,7 +192,7 @@ def _subset_entry(subset: Subset, dreambooth: bool) -> dict[str, object]:
         "flip_aug": options.flip_aug, "random_crop": options.random_crop, "shuffle_caption": captions.shuffle,
         "keep_tokens": captions.keep_tokens, "keep_tokens_separator": captions.keep_tokens_separator,
         "caption_prefix": captions.prefix or None, "caption_suffix": captions.suffix or None,
-        "image_dir": subset.folder.name,
+        "image_dir": subset.folder.name, "resize_interpolation": options.resize_interpolation,
     }
     if dreambooth:
         entry.update(class_tokens=subset.class_tokens or None, is_reg=subset.is_reg)

@@ -27,6 +27,7 @@ from library.training.caption_tokens import CaptionTokens
 from library.training.grad_sync import average_gradients
 from library.data.image_loading import Augmentation, load_image
 from library.data.latents import LatentCache, LatentKey, encode, key_for, sample_latents
+from library.data.loss_masks import alpha_mask, batch_loss_mask
 from library.training.lr_schedulers import build_lr_scheduler, current_learning_rates
 from library.training.fp8_weights import store_in_fp8
 from library.training.noise import check_snr_weighting_flags
@@ -37,20 +38,22 @@ from library.training.output_files import (
     step_to_remove,
 )
 from library.cat.objective import Denoiser, cat_step
-from library.families.family import ImageGeometry, ModelFamily, ModelLoader, compute_dtype
+from library.families.family import ModelFamily, ModelLoader, compute_dtype
 from library.sampling.drift_probe import PreservationDrift
 from library.sampling.sample_images import SampleImages, scheduled_sample_prompts
 from library.sampling.side_trip import SideTrip
 from library.sampling.sample_prompts import SamplePrompt
-from library.training.train_batch import Noising, noising_for
+from library.training.train_batch import Noising, image_geometry, noising_for
 from library.data.batch_loader import EpochBatches, EpochSampler, LoadedBatch, batch_loader
 from library.data.run_data import free_caption, load_training_data, training_caption, trigger_free_prompt
-from library.data.buckets import size_conditioning_crop
-from library.data.training_data import Sample, TrainingData
+from library.data.training_data import TrainingData
 from library.config.train_config import TrainConfig
 from library.training.train_metadata import RunFacts, at_save, training_metadata
 from library.training.text_cache import CachedTextDenoiser, TextEncoderCache, build_text_cache
+from library.training.trackers import log_folder, start_trackers
 from library.training.train_state import Progress, load_state, random_streams, read_progress, save_state
+from library.training.validation import Validation
+from library.training.initial_step import starting_progress
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +129,7 @@ def setup(config: TrainConfig, load_models: ModelLoader) -> Run:
         scale_v_pred_loss_like_noise_pred=config.loss.scale_v_pred_loss_like_noise_pred,
         v_pred_like_loss=config.loss.v_pred_like_loss,
     )
-    data = load_training_data(config)
+    data = load_training_data(config, seed)
     models = load_models(config.model)
     weight_dtype = DTYPES[config.run.mixed_precision]
     _prepare_models(config, models, accelerator, weight_dtype)
@@ -151,7 +154,9 @@ def setup(config: TrainConfig, load_models: ModelLoader) -> Run:
     )
     loader, sampler = batch_loader(batches, config.data.max_data_loader_n_workers,
                                    config.data.persistent_data_loader_workers)
-    tokens = CaptionTokens(lambda texts: models.tokenize(texts, config.model.max_token_length))
+    # --weighted_captions: the ids carry each token's weight, which the family's encode applies.
+    tokens = CaptionTokens(lambda texts: models.tokenize(texts, config.model.max_token_length,
+                                                         weighted=config.model.weighted_captions))
     return Run(
         config=config, accelerator=accelerator, models=models, network=network,
         trainable=network.get_trainable_params(), optimizer=optimizer,
@@ -184,7 +189,7 @@ def _accelerator(config: TrainConfig) -> Accelerator:
         cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         mixed_precision=config.run.mixed_precision,
         log_with=config.log.log_with,
-        project_dir=config.log.logging_dir,
+        project_dir=log_folder(config.log),
     )
     if config.run.full_fp16 and accelerator.scaler is not None:
         _allow_fp16_gradients(accelerator.scaler)
@@ -302,8 +307,7 @@ def training_loop(run: Run) -> list[Path]:
     denoiser = run.models.denoiser(config.model.clip_skip)
     if run.text_cache is not None:
         denoiser = CachedTextDenoiser(denoiser, run.text_cache, accelerator.device)
-    if config.log.log_with:
-        accelerator.init_trackers(config.log.log_tracker_name or "network_train")
+    start_trackers(accelerator, config.log)
     position = _start_progress(run, network)
     _print_summary(run, position)
     written: list[Path] = []
@@ -319,6 +323,9 @@ def training_loop(run: Run) -> list[Path]:
         side, config.preservation, resolution=run.resolution, run_seed=run.facts.seed,
         noising=run.noising, log=bool(config.log.log_with),
     )
+    validation = Validation(side, config, run.data.validation, run_seed=run.facts.seed, noising=run.noising,
+                            tokens=run.tokens, steps_per_epoch=run.facts.num_batches_per_epoch,
+                            latent_dtype=run.latent_dtype)
     sample_images.at_first(step)
     drift.measure(step, bar)  # before training: exactly 0 for a fresh LoRA (its up-projections start at zero)
     try:
@@ -332,7 +339,7 @@ def training_loop(run: Run) -> list[Path]:
                 # Gradients accumulate over windows of `accumulation` batches; an epoch's last window
                 # may be shorter, and each window's losses are averaged over its own size.
                 window = min(accumulation, count - index // accumulation * accumulation)
-                losses = _train_on(run, denoiser, batch, epoch, 1.0 / window)
+                losses = _train_on(run, denoiser, batch, epoch, step, 1.0 / window)
                 finite = finite and bool(torch.isfinite(losses.total))
                 if (index + 1) % accumulation and index + 1 < count:
                     continue
@@ -351,8 +358,9 @@ def training_loop(run: Run) -> list[Path]:
                 else:
                     run.lr_scheduler.step()
                 _scale_weight_norms(run, network)
-                _log(run, losses, step, bar)
+                validation.record(_log(run, losses, step, bar))
                 drift.after_step(step, bar)
+                validation.after_step(step, epoch, bar)
                 sample_images.after_step(step)
                 position = Progress(step, epoch, index + 1, run.facts.seed, run.facts.max_train_steps)
                 if config.save.save_every_n_steps and step % config.save.save_every_n_steps == 0:
@@ -361,10 +369,12 @@ def training_loop(run: Run) -> list[Path]:
                            config.save.save_last_n_steps_state, step_to_remove, step_name)
                 if step >= run.facts.max_train_steps:
                     sample_images.at_epoch_end(epoch, step)  # the last epoch ends here; sd-scripts samples it too
+                    validation.at_epoch_end(epoch, step, bar)  # and validates it
                     break
             else:
                 epoch += 1
                 sample_images.at_epoch_end(epoch - 1, step)
+                validation.at_epoch_end(epoch - 1, step, bar)
                 position = Progress(step, epoch, 0, run.facts.seed, run.facts.max_train_steps)
                 if config.save.save_every_n_epochs and (epoch - 1) % config.save.save_every_n_epochs == 0:
                     written.append(_save(run, network, epoch_name(run.output_name, epoch - 1), position))
@@ -405,9 +415,15 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
 
 
 def _start_progress(run: Run, network) -> Progress:
-    """Step 0 of epoch 1, or where the `--resume` state left off."""
-    if not run.config.save.resume:
-        return Progress(0, 1, 0, run.facts.seed, run.facts.max_train_steps)
+    """Step 0 of epoch 1, or where the `--resume` state left off; moved to --initial_step /
+    --initial_epoch when given (library.training.initial_step)."""
+    progress = _resumed_progress(run, network) if run.config.save.resume else \
+        Progress(0, 1, 0, run.facts.seed, run.facts.max_train_steps)
+    return starting_progress(run.config.run, run.facts.num_batches_per_epoch, progress)
+
+
+def _resumed_progress(run: Run, network) -> Progress:
+    """Where the `--resume` state left off, its network, optimizer, schedule and streams restored."""
     folder = Path(run.config.save.resume)
     saved = read_progress(folder)
     if saved.seed != run.facts.seed:
@@ -423,13 +439,15 @@ def _start_progress(run: Run, network) -> Progress:
     return progress
 
 
-def _train_on(run: Run, denoiser: Denoiser, batch: LoadedBatch, epoch: int, loss_scale: float):
-    """Forward and backward one batch; its gradients are added to the adapters' (scaled by `loss_scale`)."""
+def _train_on(run: Run, denoiser: Denoiser, batch: LoadedBatch, epoch: int, step: int, loss_scale: float):
+    """Forward and backward one batch at global `step` (optimizer steps done: the token warmup's clock);
+    its gradients are added to the adapters' (scaled by `loss_scale`)."""
     config, accelerator = run.config, run.accelerator
     samples = batch.samples
     items = [sample.item for sample in samples]
     latents = _latents(run, batch)
-    captions = [training_caption(run.facts.seed, sample, epoch) for sample in samples]
+    loss_mask = _loss_mask(run, batch)
+    captions = [training_caption(run.facts.seed, sample, epoch, step, run.facts.max_train_steps) for sample in samples]
     trigger_ids = run.tokens(captions)
     # Plain LoRA (--cat_weight 0) never reads the trigger-free captions: not built, not tokenized.
     free_ids = run.tokens([free_caption(config, item, caption) for item, caption in zip(items, captions)]
@@ -437,7 +455,8 @@ def _train_on(run: Run, denoiser: Denoiser, batch: LoadedBatch, epoch: int, loss
     weights = torch.tensor([config.loss.prior_loss_weight if item.is_reg else 1.0 for item in items])
     cat_batch, loss_fn = run.noising.batch(
         latents, trigger_ids, free_ids, weights, config.noise, config.loss, run.generator,
-        conditioning=run.models.image_conditioning([_geometry(s, a) for s, a in zip(samples, batch.augmentations)]),
+        conditioning=run.models.image_conditioning([image_geometry(s, a) for s, a in zip(samples, batch.augmentations)]),
+        loss_mask=loss_mask,
     )
 
     def backward(loss: torch.Tensor, last: bool) -> None:
@@ -449,18 +468,10 @@ def _train_on(run: Run, denoiser: Denoiser, batch: LoadedBatch, epoch: int, loss
         return cat_step(denoiser, run.network, cat_batch, config.cat.weight, config.cat.mode, loss_fn, backward)
 
 
-def _geometry(sample: Sample, augmentation: Augmentation) -> ImageGeometry:
-    """Where the sample's pixels came from, for size-conditioned families (SDXL)."""
-    placement = sample.placement
-    original = placement.original or placement.resized
-    crop = size_conditioning_crop(placement.bucket, original, augmentation.flip)
-    return ImageGeometry(original_size=original, crop_left_top=crop, target_size=placement.bucket)
-
-
 def _latents(run: Run, batch: LoadedBatch) -> torch.Tensor:
     """The batch's scaled VAE latents: from the cache, or encoded now from the augmented images.
     Either way each latent's noise comes from its image's own seeded stream (see library.data.latents)."""
-    keys = [key_for(s.item.path, s.placement, a.flip) for s, a in zip(batch.samples, batch.augmentations)]
+    keys = batch.latent_keys()
     if run.latent_cache is not None:
         dists = [run.latent_cache.get(key) for key in keys]
     else:
@@ -468,6 +479,16 @@ def _latents(run: Run, batch: LoadedBatch) -> torch.Tensor:
         dists = encode(run.models.vae, batch.pixels, len(batch.pixels), run.vae_dtype)
     latents = run.models.latents_from_vae(sample_latents(keys, dists, run.facts.seed))
     return latents.to(run.accelerator.device, run.latent_dtype)
+
+
+def _loss_mask(run: Run, batch: LoadedBatch) -> torch.Tensor | None:
+    """The batch's loss masks (B, H, W) on the device, None when no sample has one: as the loader read
+    them, with the alpha masks of cached latents from the cache (library.data.loss_masks)."""
+    masks = batch.masks
+    if run.latent_cache is not None:
+        masks = [run.latent_cache.mask(key) if mask is None else mask for mask, key in zip(masks, batch.latent_keys())]
+    mask = batch_loss_mask(masks, batch.samples[0].placement.bucket)
+    return None if mask is None else mask.to(run.accelerator.device)
 
 
 def _cache_latents(config: TrainConfig, data: TrainingData, models: ModelFamily,
@@ -478,23 +499,27 @@ def _cache_latents(config: TrainConfig, data: TrainingData, models: ModelFamily,
     if not (options.cache_latents or options.cache_latents_to_disk):
         return None
     keys = [
-        key_for(item.path, dataset.placements[item.path], flip)
+        key_for(item.path, dataset.placements[item.path], flip, subset.options.alpha_mask,
+                subset.options.resize_interpolation)
         for dataset in data.datasets for subset in dataset.subsets for item in subset.items
         for flip in ((False, True) if subset.options.flip_aug else (False,))
     ]
 
     def pixels(key: LatentKey) -> torch.Tensor:
-        return load_image(key.path, key.bucket, key.resized, Augmentation(flip=key.flip))
+        return load_image(key.path, key.bucket, key.resized, Augmentation(flip=key.flip), key.interpolation)
+
+    def mask(key: LatentKey) -> torch.Tensor:  # --alpha_mask: kept with the latents, as sd-scripts does
+        return alpha_mask(key.path, key.bucket, key.resized, Augmentation(flip=key.flip), key.interpolation)
 
     cache = LatentCache(to_disk=options.cache_latents_to_disk)
     if not cache.to_disk:  # in memory: every process encodes its own copy, all at once
-        cache.fill(keys, pixels, models.vae, options.vae_batch_size)
+        cache.fill(keys, pixels, models.vae, options.vae_batch_size, load_mask=mask)
     else:  # the main process writes the files, then the others read them
         if accelerator.is_main_process:
-            cache.fill(keys, pixels, models.vae, options.vae_batch_size)
+            cache.fill(keys, pixels, models.vae, options.vae_batch_size, load_mask=mask)
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
-            cache.fill(keys, pixels, models.vae, options.vae_batch_size, write=False)
+            cache.fill(keys, pixels, models.vae, options.vae_batch_size, write=False, load_mask=mask)
     return cache
 
 
@@ -522,7 +547,8 @@ def _scale_weight_norms(run: Run, network) -> None:
         network.apply_max_norm_regularization(run.config.network.scale_weight_norms, run.accelerator.device)
 
 
-def _log(run: Run, losses, step: int, progress) -> None:
+def _log(run: Run, losses, step: int, progress) -> float:
+    """Log the step's losses and learning rates; returns the main term."""
     # One transfer for the three numbers (each .item() is a CPU-GPU sync point).
     main, cat, total = torch.stack([losses.main, losses.cat, losses.total]).tolist()
     values = {"loss/main": main, "loss/cat": cat, "loss/total": total}
@@ -531,6 +557,7 @@ def _log(run: Run, losses, step: int, progress) -> None:
     progress.set_postfix(loss=f"{values['loss/total']:.4f}", cat=f"{values['loss/cat']:.4f}")
     if run.config.log.log_with:
         run.accelerator.log(values, step=step)
+    return main
 
 
 def _save(run: Run, network, name: str, progress: Progress | None, end: bool = False) -> Path:
@@ -568,9 +595,11 @@ def _print_summary(run: Run, progress: Progress) -> None:
     if not run.accelerator.is_main_process:
         return
     cat = run.config.cat
-    resumed = f", resuming at step {progress.step}" if progress.step else ""
+    resumed = f", starting after step {progress.step}" if progress.step else ""
+    held_out = run.data.validation
+    validation = f", {held_out.num_train_images} held out for validation" if held_out else ""
     print(
-        f"training: {run.data.num_train_images} images (with repeats), {run.data.num_reg_images} regularisation, "
+        f"training: {run.data.num_train_images} images (with repeats), {run.data.num_reg_images} regularisation{validation}, "
         f"{run.facts.num_batches_per_epoch} steps per epoch, {run.facts.max_train_steps} steps, seed {run.facts.seed}{resumed}\n"
         f"CAT: weight {cat.weight}, trigger {list(cat.triggers)}, caption '{cat.caption}', mode {cat.mode}"
         + ("" if cat.enabled else " (off: plain LoRA training)")

@@ -76,9 +76,12 @@ class FluxModels:
             return self.t5_max_length
         return T5_TOKENS_SCHNELL if self.is_schnell else T5_TOKENS_DEV
 
-    def tokenize(self, texts: list[str], max_token_length: int | None = None) -> Tensor:
+    def tokenize(self, texts: list[str], max_token_length: int | None = None, weighted: bool = False) -> Tensor:
         """(B, 77 + L): CLIP-L's 77 ids then T5's L (`--t5xxl_max_token_length`), both padded.
-        `max_token_length` (SD's long-prompt windows) does not apply: sd-scripts ignores it for FLUX too."""
+        `max_token_length` (SD's long-prompt windows) does not apply: sd-scripts ignores it for FLUX too.
+        No `weighted` ids: sd-scripts' FLUX tokenizer has no caption weights (the command line refuses the flag)."""
+        if weighted:
+            raise ValueError("FLUX.1 has no weighted captions; --weighted_captions is refused for it")
         clip = self.clip_tokenizer(texts, padding="max_length", max_length=CLIP_TOKENS, truncation=True,
                                    return_tensors="pt").input_ids
         t5 = self.t5_tokenizer(texts, padding="max_length", max_length=self.t5_tokens, truncation=True,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from library.families.prompt_tokens import merge_windows
+from library.families.prompt_weights import WeightedTokens, apply_token_weights, split_weights
 
 
 @dataclass
@@ -21,11 +22,15 @@ class SDDenoiser:
     text_encoder: nn.Module
     clip_skip: int | None = None
 
-    def encode(self, input_ids: Tensor) -> Tensor:
-        """Hidden states for (B, 77) ids, or for (B, n, 77) long-prompt windows (joined back)."""
-        if input_ids.dim() == 3:
-            return merge_windows(self._encode(input_ids.flatten(0, 1)), input_ids.shape[0])
-        return self._encode(input_ids)
+    def encode(self, input_ids: Tensor | WeightedTokens) -> Tensor:
+        """Hidden states for (B, 77) ids, or for (B, n, 77) long-prompt windows (joined back); weighted
+        ids (`--weighted_captions`) scale each token's states by its weight, after clip skip."""
+        ids, weights = split_weights(input_ids)
+        if ids.dim() == 3:
+            states = merge_windows(self._encode(ids.flatten(0, 1)), ids.shape[0])
+        else:
+            states = self._encode(ids)
+        return states if weights is None else apply_token_weights(states, weights)
 
     def _encode(self, input_ids: Tensor) -> Tensor:
         if not self.clip_skip or self.clip_skip <= 1:

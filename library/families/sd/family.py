@@ -13,6 +13,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from library.families.family import ImageGeometry, cfg_pipeline_latents
 from library.families.prompt_tokens import tokenize
+from library.families.prompt_weights import WeightedTokens, tokenize_weighted
 from library.families.sd.denoiser import SDDenoiser
 from library.families.vae_images import decode_first_image, vae_scale_factor
 from networks.lora_cat.targets import text_encoder_targets, unet_targets
@@ -54,8 +55,11 @@ class StableDiffusionModels:
         size = self.unet.config.sample_size * self._vae_scale_factor
         return size, size
 
-    def tokenize(self, texts: list[str], max_token_length: int | None = None) -> Tensor:
-        """(B, 77) CLIP ids, or (B, n, 77) windows for sd-scripts' long prompts."""
+    def tokenize(self, texts: list[str], max_token_length: int | None = None,
+                 weighted: bool = False) -> Tensor | WeightedTokens:
+        """(B, 77) CLIP ids, or (B, n, 77) windows for sd-scripts' long prompts; with their weights if `weighted`."""
+        if weighted:
+            return tokenize_weighted(self.tokenizer, texts, max_token_length)
         return tokenize(self.tokenizer, texts, max_token_length)
 
     def denoiser(self, clip_skip: int | None = None) -> SDDenoiser:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from library.families.prompt_tokens import merge_windows
+from library.families.prompt_weights import WeightedTokens, apply_token_weights, split_weights
 
 
 class SDXLTextStates(NamedTuple):
@@ -38,8 +39,11 @@ class SDXLDenoiser:
     text_encoder_2: nn.Module
     pixels_per_latent: int = 8
 
-    def encode(self, input_ids: Tensor) -> SDXLTextStates:
-        ids_1, ids_2 = input_ids[:, 0], input_ids[:, 1]
+    def encode(self, input_ids: Tensor | WeightedTokens) -> SDXLTextStates:
+        """Weighted ids (`--weighted_captions`) scale each encoder's per-token states by the token's
+        weight; the pooled embedding is not weighted (as sd-scripts)."""
+        ids, weights = split_weights(input_ids)
+        ids_1, ids_2 = ids[:, 0], ids[:, 1]
         windows = ids_1.shape[1] if ids_1.dim() == 3 else 0
         if windows:
             ids_1, ids_2 = ids_1.flatten(0, 1), ids_2.flatten(0, 1)
@@ -47,9 +51,11 @@ class SDXLDenoiser:
         output_2 = self.text_encoder_2(ids_2, output_hidden_states=True)
         states_2, pooled = output_2.hidden_states[-2], output_2.text_embeds
         if windows:
-            batch = input_ids.shape[0]
+            batch = ids.shape[0]
             states_1, states_2 = merge_windows(states_1, batch), merge_windows(states_2, batch)
             pooled = pooled.reshape(batch, windows, -1)[:, 0]
+        if weights is not None:
+            states_1, states_2 = apply_token_weights(states_1, weights[:, 0]), apply_token_weights(states_2, weights[:, 1])
         return SDXLTextStates(torch.cat([states_1, states_2], dim=-1), pooled)
 
     def predict(self, noisy_latents: Tensor, timesteps: Tensor, text_states: SDXLTextStates,

@@ -13,6 +13,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from library.families.family import ImageGeometry, cfg_pipeline_latents
 from library.families.prompt_tokens import tokenize
+from library.families.prompt_weights import WeightedTokens, tokenize_weighted
 from library.families.sdxl.denoiser import SDXLDenoiser
 from library.families.vae_images import decode_first_image, vae_scale_factor
 from networks.lora_cat.targets import text_encoder_targets, unet_targets
@@ -58,12 +59,13 @@ class SDXLModels:
         size = self.unet.config.sample_size * vae_scale_factor(self.vae)
         return size, size
 
-    def tokenize(self, texts: list[str], max_token_length: int | None = None) -> Tensor:
-        """(B, 2, 77) ids of both tokenizers, or (B, 2, n, 77) windows for sd-scripts' long prompts."""
-        return torch.stack(
-            [tokenize(self.tokenizer_1, texts, max_token_length), tokenize(self.tokenizer_2, texts, max_token_length)],
-            dim=1,
-        )
+    def tokenize(self, texts: list[str], max_token_length: int | None = None,
+                 weighted: bool = False) -> Tensor | WeightedTokens:
+        """(B, 2, 77) ids of both tokenizers, or (B, 2, n, 77) windows for sd-scripts' long prompts; with
+        their weights if `weighted`."""
+        tokenize_with = tokenize_weighted if weighted else tokenize
+        return torch.stack([tokenize_with(self.tokenizer_1, texts, max_token_length),
+                            tokenize_with(self.tokenizer_2, texts, max_token_length)], dim=1)
 
     def denoiser(self, clip_skip: int | None = None) -> SDXLDenoiser:
         """`clip_skip` is not used: SDXL is conditioned on fixed layers (sd-scripts warns about the flag too)."""
