@@ -1,4 +1,4 @@
-"""`resize_interpolation`: sd-scripts' names, each kernel on hand-computed cases, the default kept, the
+"""`resize_interpolation`: sd-scripts' names, each kernel on hand-computed cases, sd-scripts' default, the
 latent cache keyed by it; end to end, the pixels that reach the step follow the option."""
 
 import numpy as np
@@ -11,7 +11,7 @@ from library.cli.train_args import parse_args
 from library.data.buckets import Placement
 from library.data.dataset_config import load_dataset_config
 from library.data.latents import Distribution, key_for, read_npz, write_npz
-from library.data.resampling import RESIZE_INTERPOLATIONS, resize_image
+from library.data.resampling import RESIZE_INTERPOLATIONS, default_interpolation, resize_image
 from library.errors import UserInputError
 from library.testing.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
 from library.training import trainer
@@ -24,11 +24,13 @@ def _resized(pixels: np.ndarray, size, name):
     return np.asarray(resize_image(Image.fromarray(pixels), size, name))
 
 
-def test_unset_is_lanczos_bitwise_as_before():
+def test_unset_is_sd_scripts_default_area_when_shrinking_else_lanczos():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (37, 53, 3), dtype=np.uint8))
-    for size in ((20, 14), (80, 56)):
-        assert np.array_equal(np.asarray(resize_image(image, size)), np.asarray(image.resize(size, Image.Resampling.LANCZOS)))
-        assert np.array_equal(np.asarray(resize_image(image, size, "lanczos")), np.asarray(resize_image(image, size)))
+    for size, name in (((20, 14), "area"), ((53, 37), "area"), ((80, 56), "lanczos"), ((60, 30), "lanczos")):
+        assert default_interpolation(image.size, size) == name
+        assert np.array_equal(np.asarray(resize_image(image, size)), np.asarray(resize_image(image, size, name)))
+    assert np.array_equal(np.asarray(resize_image(image, (80, 56))), np.asarray(image.resize((80, 56), Image.Resampling.LANCZOS)))
+    assert np.array_equal(np.asarray(resize_image(image, image.size)), np.asarray(image))  # area at the same size
 
 
 def test_bilinear_samples_pixel_centres_without_antialiasing():
@@ -151,7 +153,7 @@ def test_the_interpolation_reaches_the_step(model, images, tmp_path, monkeypatch
         return set(map(tuple, ((pixels + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).reshape(-1, 3).tolist()))
 
     assert all(colours(p) <= sources for p in nearest), "nearest neighbour: only the images' own pixels"
-    assert not all(colours(p) <= sources for p in default), "Lanczos blends pixels"
+    assert not all(colours(p) <= sources for p in default), "the default (area, shrinking) blends pixels"
 
 
 def test_the_disk_cache_is_rewritten_for_another_interpolation(model, images, tmp_path):

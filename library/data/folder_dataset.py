@@ -34,7 +34,7 @@ class SubsetOptions:
     random_crop: bool = False
     alpha_mask: bool = False  # the image's alpha channel weights its loss (library.data.loss_masks)
     face_crop_aug_range: tuple[float, float] | None = None  # (low, high); library.data.face_crop
-    resize_interpolation: str | None = None  # library.data.resampling's names; None: Lanczos
+    resize_interpolation: str | None = None  # library.data.resampling's names; None: sd-scripts' default
 
 
 @dataclass(frozen=True)

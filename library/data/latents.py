@@ -35,6 +35,9 @@ from library.data.image_loading import image_size
 
 logger = logging.getLogger(__name__)
 
+# The npz's `resize_interpolation` for an image resized the default way (sd-scripts' area-or-lanczos rule).
+DEFAULT_RECORD = "default"
+
 
 @dataclass(frozen=True)
 class LatentKey:
@@ -169,7 +172,7 @@ def write_npz(path: Path, key: LatentKey, dist: Distribution, flipped: Distribut
         "latents": dist.mean.float().numpy(), "latents_std": dist.std.float().numpy(),
         "original_size": np.array(image_size(key.path)), "crop_ltrb": np.array(crop_box(key.resized, key.bucket)),
         "resized_size": np.array(key.resized), "image_name": np.array(key.path.name),
-        "resize_interpolation": np.array(key.interpolation or ""),
+        "resize_interpolation": np.array(key.interpolation or DEFAULT_RECORD),
     }
     if flipped is not None:
         arrays.update(latents_flipped=flipped.mean.float().numpy(), latents_flipped_std=flipped.std.float().numpy())
@@ -191,9 +194,9 @@ def read_npz(path: Path, key: LatentKey) -> Distribution | None:
                 return None
             if str(npz["image_name"]) != key.path.name:  # a.png and a.jpg share a.npz
                 return None
-            # Files from before the key was written were all resized the default way.
-            interpolation = str(npz["resize_interpolation"]) if "resize_interpolation" in npz else ""
-            if interpolation != (key.interpolation or ""):
+            # Files without the key (older ones, sd-scripts') may have been resized another way: re-encoded.
+            interpolation = str(npz["resize_interpolation"]) if "resize_interpolation" in npz else None
+            if interpolation != (key.interpolation or DEFAULT_RECORD):
                 return None
             mean, std = npz[names[0]], npz[names[1]]
             expected = (key.bucket[1] // 8, key.bucket[0] // 8)

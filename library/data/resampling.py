@@ -7,8 +7,8 @@ no OpenCV, so those are computed here with OpenCV's rules: `nearest` is PIL's ne
 repeated (OpenCV's INTER_LINEAR / INTER_CUBIC, via torch); `area` averages the source pixels by the
 area each covers (OpenCV's INTER_AREA). The results match OpenCV's up to its fixed-point rounding.
 
-Unset, images are resized with Lanczos, as this project always has; sd-scripts' unset default is
-`area` for an image that shrinks on both sides and `lanczos` otherwise.
+Unset, sd-scripts' default: `area` for an image that shrinks (or keeps its size) on both sides,
+`lanczos` otherwise (sd-scripts' `resize_image`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ _TORCH_MODES = {"bilinear": "bilinear", "linear": "bilinear", "bicubic": "bicubi
 
 def resize_image(image: Image.Image, size: tuple[int, int], interpolation: str | None = None) -> Image.Image:
     """The 8-bit `image` (RGB, or one channel such as a mask) resized to `size` (width, height) with
-    `interpolation` (None: Lanczos)."""
-    name = interpolation or "lanczos"
+    `interpolation` (None: sd-scripts' default, `default_interpolation`)."""
+    name = interpolation or default_interpolation(image.size, size)
     if name in _PIL_FILTERS:
         return image.resize(size, _PIL_FILTERS[name])
     pixels = np.asarray(image, dtype=np.uint8)
@@ -41,6 +41,11 @@ def resize_image(image: Image.Image, size: tuple[int, int], interpolation: str |
         resized = tensor[0].permute(1, 2, 0).numpy()
     resized = np.clip(np.rint(resized), 0, 255).astype(np.uint8)
     return Image.fromarray(resized if pixels.ndim == 3 else resized[..., 0])
+
+
+def default_interpolation(source: tuple[int, int], target: tuple[int, int]) -> str:
+    """sd-scripts' choice when `resize_interpolation` is unset: `area` when neither side grows."""
+    return "area" if source[0] >= target[0] and source[1] >= target[1] else "lanczos"
 
 
 def _area(pixels: np.ndarray, length: int, axis: int) -> np.ndarray:
