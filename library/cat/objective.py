@@ -12,6 +12,11 @@ Personalized Image Generation", arXiv 2404.07554, Eq. 3):
   (prior-loss weight, min-SNR, ...) and multiplies the whole per-sample loss, CAT term included;
 - the CAT term compares two predictions, so it is the same for epsilon and v targets; it is the
   paper's squared error whatever `--loss_type` the main term uses;
+- `--cat_prompts` (ours, not the paper's): the CAT term also covers K prompts p_k drawn from a file,
+  each at the same z_t and t, with weight `lambda` (`--cat_prompts_weight`):
+      alpha * [ ||eps_base(z_t, t, y) - eps_adapted(z_t, t, y)||^2
+                + lambda * mean_k ||eps_base(z_t, t, p_k) - eps_adapted(z_t, t, p_k)||^2 ];
+  without prompts the step is exactly the paper's;
 - `loss` is the `loss_fn` built with the batch: with a loss mask (`--masked_loss`, `--alpha_mask`) it
   weighs the main term's pixels by it, and only the main term's: the mask says what to learn, not
   what to preserve, so the CAT term stays over the whole image.
@@ -71,15 +76,21 @@ class CATBatch:
     free_ids: Tensor  # tokens of y, the same caption without the trigger
     weights: Tensor  # per-sample loss weights, shape (B,)
     conditioning: Mapping[str, Tensor] = field(default_factory=dict)  # image conditioning, batch first
+    prompt_ids: tuple[Tensor, ...] = ()  # --cat_prompts: tokens of each p_k, one row per sample
+    prompt_weight: float = 1.0  # lambda, the weight of the prompts' mean term
 
 
 @dataclass(frozen=True)
 class StepLosses:
-    """Batch means for logging (`loss/main`, `loss/cat`, `loss/total`), detached."""
+    """Batch means for logging (`loss/main`, `loss/cat`, `loss/total`, `loss/cat_prompts`), detached:
+    `cat` is the caption's CAT term, `prompts` the prompts' mean term (None without --cat_prompts), and
+    `preservation` what alpha multiplies (`cat`, plus lambda times `prompts`)."""
 
     main: Tensor
     cat: Tensor
     total: Tensor
+    preservation: Tensor
+    prompts: Tensor | None = None
 
 
 def cat_step(
@@ -89,10 +100,11 @@ def cat_step(
     if alpha == 0.0:
         return _plain_step(denoiser, batch, loss_fn, backward)
     reference = base_prediction(denoiser, network, batch)
+    references = [base_prediction(denoiser, network, batch, ids) for ids in batch.prompt_ids]
     if mode == "batched":
-        return _batched_step(denoiser, batch, reference, alpha, loss_fn, backward)
+        return _batched_step(denoiser, batch, reference, references, alpha, loss_fn, backward)
     if mode == "sequential":
-        return _sequential_step(denoiser, batch, reference, alpha, loss_fn, backward)
+        return _sequential_step(denoiser, batch, reference, references, alpha, loss_fn, backward)
     raise ValueError(f"unknown CAT mode {mode!r}; expected one of {', '.join(CAT_MODES)}")
 
 
@@ -105,17 +117,18 @@ def held_out_losses(denoiser: Denoiser, network: Any, batch: CATBatch, alpha: fl
     )
     main = _weighted_mean(loss_fn(prediction, batch.target), batch.weights)
     if alpha == 0.0:
-        return StepLosses(main, torch.zeros_like(main), main)
+        return StepLosses(main, torch.zeros_like(main), main, torch.zeros_like(main))
     reference = base_prediction(denoiser, network, batch)
     on_free = denoiser.predict(batch.noisy_latents, batch.timesteps, denoiser.encode(batch.free_ids), **batch.conditioning)
     cat = _weighted_mean(preservation_loss(on_free, reference), batch.weights)
-    return StepLosses(main, cat, main + alpha * cat)
+    return StepLosses(main, cat, main + alpha * cat, cat)
 
 
-def base_prediction(denoiser: Denoiser, network: Any, batch: CATBatch) -> Tensor:
-    """eps_base(z_t, t, y): every adapter off (U-Net and text encoder), no gradients, detached."""
+def base_prediction(denoiser: Denoiser, network: Any, batch: CATBatch, ids: Tensor | None = None) -> Tensor:
+    """eps_base(z_t, t, y) (or on the prompt `ids`): every adapter off (U-Net and text encoder), no
+    gradients, detached."""
     with torch.no_grad(), multiplier_set_to(network, 0.0):
-        text_states = denoiser.encode(batch.free_ids)
+        text_states = denoiser.encode(batch.free_ids if ids is None else ids)
         return denoiser.predict(batch.noisy_latents, batch.timesteps, text_states, **batch.conditioning).detach()
 
 
@@ -124,9 +137,9 @@ def preservation_loss(adapted: Tensor, reference: Tensor) -> Tensor:
     return (adapted.float() - reference.float()).square().mean(dim=tuple(range(1, adapted.dim())))
 
 
-def _twice(tensor: Tensor) -> Tensor:
-    """The batch followed by itself (the two adapted passes of `batched` mode share z_t, t and the image)."""
-    return torch.cat([tensor, tensor])
+def _repeated(tensor: Tensor, times: int) -> Tensor:
+    """The batch `times` times over (the adapted passes of `batched` mode share z_t, t and the image)."""
+    return torch.cat([tensor] * times)
 
 
 def _weighted_mean(per_sample: Tensor, weights: Tensor) -> Tensor:
@@ -139,27 +152,32 @@ def _plain_step(denoiser: Denoiser, batch: CATBatch, loss_fn: LossFn, backward: 
     )
     main = _weighted_mean(loss_fn(prediction, batch.target), batch.weights)
     backward(main, True)
-    return StepLosses(main.detach(), torch.zeros_like(main.detach()), main.detach())
+    zero = torch.zeros_like(main.detach())
+    return StepLosses(main.detach(), zero, main.detach(), zero)
 
 
 def _batched_step(
-    denoiser: Denoiser, batch: CATBatch, reference: Tensor, alpha: float, loss_fn: LossFn, backward: Backward
+    denoiser: Denoiser, batch: CATBatch, reference: Tensor, references: list[Tensor], alpha: float,
+    loss_fn: LossFn, backward: Backward,
 ) -> StepLosses:
-    text_states = denoiser.encode(torch.cat([batch.trigger_ids, batch.free_ids]))
+    passes = 2 + len(batch.prompt_ids)
+    text_states = denoiser.encode(torch.cat([batch.trigger_ids, batch.free_ids, *batch.prompt_ids]))
     predictions = denoiser.predict(
-        _twice(batch.noisy_latents), _twice(batch.timesteps), text_states,
-        **{name: _twice(value) for name, value in batch.conditioning.items()},
+        _repeated(batch.noisy_latents, passes), _repeated(batch.timesteps, passes), text_states,
+        **{name: _repeated(value, passes) for name, value in batch.conditioning.items()},
     )
-    on_trigger, on_free = predictions.chunk(2)
+    on_trigger, on_free, *on_prompts = predictions.chunk(passes)
     main = _weighted_mean(loss_fn(on_trigger, batch.target), batch.weights)
     cat = _weighted_mean(preservation_loss(on_free, reference), batch.weights)
-    total = main + alpha * cat
-    backward(total, True)
-    return StepLosses(main.detach(), cat.detach(), total.detach())
+    prompts = _prompts_term(on_prompts, references, batch.weights)
+    preservation = cat if prompts is None else cat + batch.prompt_weight * prompts
+    backward(main + alpha * preservation, True)
+    return _losses(main, cat, prompts, alpha, batch.prompt_weight)
 
 
 def _sequential_step(
-    denoiser: Denoiser, batch: CATBatch, reference: Tensor, alpha: float, loss_fn: LossFn, backward: Backward
+    denoiser: Denoiser, batch: CATBatch, reference: Tensor, references: list[Tensor], alpha: float,
+    loss_fn: LossFn, backward: Backward,
 ) -> StepLosses:
     # Main term first; its activations are freed by its backward before the CAT pass allocates.
     on_trigger = denoiser.predict(
@@ -170,5 +188,31 @@ def _sequential_step(
     del on_trigger
     on_free = denoiser.predict(batch.noisy_latents, batch.timesteps, denoiser.encode(batch.free_ids), **batch.conditioning)
     cat = _weighted_mean(preservation_loss(on_free, reference), batch.weights)
-    backward(alpha * cat, True)
-    return StepLosses(main.detach(), cat.detach(), (main + alpha * cat).detach())
+    backward(alpha * cat, not batch.prompt_ids)
+    del on_free
+    terms = []
+    for index, (ids, prompt_reference) in enumerate(zip(batch.prompt_ids, references)):
+        # One prompt at a time, each back-propagated before the next: memory stays at plain LoRA's.
+        on_prompt = denoiser.predict(batch.noisy_latents, batch.timesteps, denoiser.encode(ids), **batch.conditioning)
+        term = _weighted_mean(preservation_loss(on_prompt, prompt_reference), batch.weights)
+        backward(alpha * batch.prompt_weight / len(references) * term, index == len(references) - 1)
+        terms.append(term.detach())
+        del on_prompt
+    prompts = torch.stack(terms).mean() if terms else None
+    return _losses(main.detach(), cat.detach(), prompts, alpha, batch.prompt_weight)
+
+
+def _prompts_term(on_prompts: list[Tensor], references: list[Tensor], weights: Tensor) -> Tensor | None:
+    """mean_k of the weighted CAT term on prompt k; None without prompts."""
+    if not on_prompts:
+        return None
+    return torch.stack([_weighted_mean(preservation_loss(on, ref), weights)
+                        for on, ref in zip(on_prompts, references)]).mean()
+
+
+def _losses(main: Tensor, cat: Tensor, prompts: Tensor | None, alpha: float, prompt_weight: float) -> StepLosses:
+    """The detached losses of a step: total = main + alpha * (cat [+ lambda * prompts])."""
+    main, cat = main.detach(), cat.detach()
+    prompts = None if prompts is None else prompts.detach()
+    preservation = cat if prompts is None else cat + prompt_weight * prompts
+    return StepLosses(main, cat, main + alpha * preservation, preservation, prompts)

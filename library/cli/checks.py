@@ -21,6 +21,7 @@ from library.cli.unsupported import IMPLEMENTED_VALUES, INERT_WITHOUT, NOT_IMPLE
 from library.config.training_script import SD_SCRIPT, TrainingScript
 from library.errors import UserInputError
 from library.sampling.drift_probe import read_preservation_prompts
+from library.training.cat_prompts import read_cat_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +161,29 @@ def _check_cat(args: ArgValues) -> None:
             f"from captions, but no --cat_trigger is given: add --cat_trigger <your trigger word>, or use "
             f"--cat_caption empty, or --cat_weight 0 for plain LoRA training."
         )
+
+
+def _check_steering(args: ArgValues) -> None:
+    """--cat_prompts and --cat_drift_budget: CAT on, a readable prompt file, sensible numbers."""
+    prompts, budget = args["cat_prompts"], args["cat_drift_budget"]
+    if (prompts or budget is not None) and args["cat_weight"] == 0:
+        shown = args.show("cat_prompts" if prompts else "cat_drift_budget")
+        raise UserInputError(f"{shown} steers the CAT term, which --cat_weight 0 turns off; give --cat_weight > 0 "
+                             "(with --cat_drift_budget it is the starting alpha), or leave the flag out.")
+    if prompts:
+        count = len(read_cat_prompts(prompts, args.show("cat_prompts")))
+        if not 1 <= args["cat_prompts_per_step"] <= count:
+            raise UserInputError(f"{args.show('cat_prompts_per_step')}: draw between 1 and the {count} prompts of "
+                                 f"{prompts} for each batch.")
+    weight = args["cat_prompts_weight"]
+    if not math.isfinite(weight) or weight < 0:
+        raise UserInputError(f"{args.show('cat_prompts_weight')}: the prompts' weight must be a finite number >= 0.")
+    if budget is not None and not (math.isfinite(budget) and budget > 0):
+        raise UserInputError(f"{args.show('cat_drift_budget')}: the budget is the CAT term's running mean to keep, a "
+                             "finite number > 0 (e.g. the loss/cat a fixed-alpha run logs).")
+    rate = args["cat_budget_rate"]
+    if not (math.isfinite(rate) and rate > 0):
+        raise UserInputError(f"{args.show('cat_budget_rate')}: the rate must be a finite number > 0 (default 0.05).")
 
 
 def _check_precision(args: ArgValues) -> None:
@@ -331,7 +355,8 @@ def _check_preservation(args: ArgValues) -> None:
     read_preservation_prompts(path, args.show("preservation_prompts"))
 
 
-_CHECKS = (_check_required, _check_resolution, _check_positive, _check_dataset, _check_network, _check_cat, _check_precision, _check_fp8,
+_CHECKS = (_check_required, _check_resolution, _check_positive, _check_dataset, _check_network, _check_cat, _check_steering,
+           _check_precision, _check_fp8,
            _check_optimizer, _check_scheduler, _check_timesteps, _check_saving, _check_preservation, check_logging,
            _check_masks)
 _WARNINGS = (_warn_model, _warn_cat, _warn_dataset, warn_logging)

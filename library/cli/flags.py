@@ -240,6 +240,19 @@ def _add_cat_arguments(parser: argparse.ArgumentParser) -> None:
                        help="class word for --cat_caption class (default: from the folder's class tokens)")
     group.add_argument("--cat_mode", type=str, default=DEFAULT_CAT_MODE, choices=CAT_MODES,
                        help=f"batched (faster) or sequential (plain LoRA memory); default {DEFAULT_CAT_MODE}")
+    group.add_argument("--cat_prompts", type=str, default=None,
+                       help="text file of trigger-free prompts (one a line) the CAT term also preserves, at each "
+                            "sample's noisy latent and timestep")
+    group.add_argument("--cat_prompts_per_step", type=int, default=1,
+                       help="prompts of --cat_prompts drawn for each batch (default 1)")
+    group.add_argument("--cat_prompts_weight", type=float, default=1.0,
+                       help="weight of the prompts' mean term inside the CAT term (default 1.0)")
+    group.add_argument("--cat_drift_budget", type=float, default=None,
+                       help="adapt alpha during training so the running mean of the CAT term stays near this "
+                            "value (--cat_weight is the starting alpha)")
+    group.add_argument("--cat_budget_rate", type=float, default=0.05,
+                       help="how fast alpha follows --cat_drift_budget: its largest relative change per step "
+                            "is exp(rate) (default 0.05)")
 
 
 def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:

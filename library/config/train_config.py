@@ -174,6 +174,11 @@ class CATArgs:
     caption: str  # strip, class or empty: how the trigger-free caption is derived
     class_word: str | None
     mode: str  # batched or sequential: the same gradients, different memory
+    prompts: str | None = None  # --cat_prompts: a file of trigger-free prompts the CAT term also preserves
+    prompts_per_step: int = 1  # K, drawn for each batch
+    prompts_weight: float = 1.0  # lambda, the weight of their mean term
+    drift_budget: float | None = None  # X: alpha adapted so the running mean of the CAT term stays near it
+    budget_rate: float = 0.05  # eta of the alpha update (library.cat.drift_budget)
 
     @property
     def enabled(self) -> bool:

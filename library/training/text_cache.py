@@ -93,8 +93,10 @@ def check_fixed_captions(data: TrainingData) -> None:
 
 def build_text_cache(config: TrainConfig, data: TrainingData, denoiser: Denoiser, tokenize: Tokenize,
                      text_encoders: Sequence[nn.Module], device: torch.device,
-                     autocast: Callable[[], contextlib.AbstractContextManager]) -> TextEncoderCache:
-    """Encode every image's training and trigger-free captions (or read them from disk) once."""
+                     autocast: Callable[[], contextlib.AbstractContextManager],
+                     prompts: Sequence[str] = ()) -> TextEncoderCache:
+    """Encode every image's training and trigger-free captions (or read them from disk) and the
+    --cat_prompts `prompts` (in memory) once."""
     check_fixed_captions(data)
     model = config.model
     fingerprint = _fingerprint(text_encoders, f"max_token_length={model.max_token_length} "
@@ -119,6 +121,8 @@ def build_text_cache(config: TrainConfig, data: TrainingData, denoiser: Denoiser
         else:
             for text in captions:
                 encode(text)
+    for prompt in prompts:
+        encode(prompt)
     return TextEncoderCache(states)
 
 

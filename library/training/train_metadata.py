@@ -106,11 +106,23 @@ def training_metadata(config: TrainConfig, facts: RunFacts, output_name: str) ->
         "ss_cat_caption": config.cat.caption,
         "ss_cat_class_word": config.cat.class_word,
         "ss_cat_mode": config.cat.mode,
+        **_steering_metadata(config),
         **_flow_matching_metadata(config),
     }
     metadata = stringify_metadata(values)
     metadata.update(_modelspec(config, facts, output_name, resolution))
     return metadata
+
+
+def _steering_metadata(config: TrainConfig) -> dict[str, object]:
+    """--cat_prompts and --cat_drift_budget, when used (the starting alpha is ss_cat_weight)."""
+    cat, values = config.cat, {}
+    if cat.prompts:
+        values.update(ss_cat_prompts=Path(cat.prompts).name, ss_cat_prompts_per_step=cat.prompts_per_step,
+                      ss_cat_prompts_weight=cat.prompts_weight)
+    if cat.drift_budget is not None:
+        values.update(ss_cat_drift_budget=cat.drift_budget, ss_cat_budget_rate=cat.budget_rate)
+    return values
 
 
 def _flow_matching_metadata(config: TrainConfig) -> dict[str, object]:

@@ -26,6 +26,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "lr_scheduler.pt"
 RNG_FILE = "rng.pt"
 SCALER_FILE = "grad_scaler.pt"  # fp16 on a GPU only: the loss scale and its growth tracker
+BUDGET_FILE = "cat_budget.json"  # --cat_drift_budget only: alpha and the running mean of the CAT term
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,8 @@ class Progress:
 
 
 def save_state(
-    folder: Path, network, optimizer, lr_scheduler, random_streams: list[dict], progress: Progress, scaler=None
+    folder: Path, network, optimizer, lr_scheduler, random_streams: list[dict], progress: Progress, scaler=None,
+    budget=None,
 ) -> Path:
     """Write the state folder atomically (a partial folder never carries the final name).
 
@@ -56,6 +58,8 @@ def save_state(
     if scaler is not None:
         torch.save(scaler.state_dict(), partial / SCALER_FILE)
     (partial / PROGRESS_FILE).write_text(json.dumps(asdict(progress), indent=2), encoding="utf-8")
+    if budget is not None:  # --cat_drift_budget's alpha and running mean (JSON floats round-trip exactly)
+        (partial / BUDGET_FILE).write_text(json.dumps(budget.state_dict(), indent=2), encoding="utf-8")
     if folder.exists():  # rename the old one aside first: at no moment is there no complete state
         old = folder.with_name(folder.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -68,9 +72,9 @@ def save_state(
 
 
 def load_state(folder: Path, network, optimizer, lr_scheduler, generator: torch.Generator, scaler=None,
-               process_index: int = 0, num_processes: int = 1) -> Progress:
-    """Restore everything `save_state` wrote (this process's own random streams); a state that does not
-    fit this run is a UserInputError."""
+               process_index: int = 0, num_processes: int = 1, budget=None) -> Progress:
+    """Restore everything `save_state` wrote (this process's own random streams, the drift budget's
+    alpha when `budget` is given); a state that does not fit this run is a UserInputError."""
     progress = read_progress(folder)
     network.load_weights(folder / NETWORK_FILE)
     try:
@@ -84,6 +88,11 @@ def load_state(folder: Path, network, optimizer, lr_scheduler, generator: torch.
     _restore_rng(_process_streams(folder, process_index, num_processes), generator)
     if scaler is not None and (folder / SCALER_FILE).is_file():
         scaler.load_state_dict(_load(folder / SCALER_FILE))
+    if budget is not None:
+        if not (folder / BUDGET_FILE).is_file():
+            raise UserInputError(f"--resume {folder} was saved by a run without --cat_drift_budget, so its alpha is "
+                                 "not known; resume without --cat_drift_budget (and with its --cat_weight).")
+        budget.load_state_dict(json.loads((folder / BUDGET_FILE).read_text(encoding="utf-8")))
     return progress
 
 

@@ -11,7 +11,7 @@ import math
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -54,6 +54,8 @@ from library.training.trackers import log_folder, start_trackers
 from library.training.train_state import Progress, load_state, random_streams, read_progress, save_state
 from library.training.validation import Validation
 from library.training.initial_step import starting_progress
+from library.training.cat_prompts import CatPrompts, read_cat_prompts
+from library.cat.drift_budget import DriftBudget
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +95,13 @@ class Run:
     vae_dtype: torch.dtype  # (diffusers finds a model's dtype by walking its parameters: looked up once)
     sample_prompts: tuple[SamplePrompt, ...] = ()  # --sample_prompts, read at start
     text_cache: TextEncoderCache | None = None  # --cache_text_encoder_outputs; None: encoded each step
+    cat_prompts: CatPrompts | None = None  # --cat_prompts: more prompts the CAT term preserves
+    budget: DriftBudget | None = None  # --cat_drift_budget: alpha adapted to it; None: --cat_weight all run long
+
+    @property
+    def alpha(self) -> float:
+        """The CAT weight of the next step."""
+        return self.budget.alpha if self.budget is not None else self.config.cat.weight
 
     @property
     def resolution(self) -> tuple[int, int]:
@@ -118,7 +127,7 @@ def train(config: TrainConfig, load_models: ModelLoader) -> list[Path]:
 
 def setup(config: TrainConfig, load_models: ModelLoader) -> Run:
     output_dir = check_writable(config.save.output_dir)
-    output_name = config.save.output_name
+    output_name, cat = config.save.output_name, config.cat
     sample_prompts = scheduled_sample_prompts(config.sample)  # a bad prompt file stops the run before any model loads
     accelerator = _accelerator(config)
     seed = _seed(config, accelerator)
@@ -168,7 +177,17 @@ def setup(config: TrainConfig, load_models: ModelLoader) -> Run:
         sampler=sampler, generator=torch.Generator().manual_seed(process_seed(seed, accelerator.process_index)),
         tokens=tokens, latent_dtype=compute_dtype(models.unet), vae_dtype=models.vae.dtype,
         sample_prompts=sample_prompts, text_cache=_cache_text(config, data, models, tokens, accelerator),
+        cat_prompts=_cat_prompts(config, data),
+        budget=DriftBudget(cat.drift_budget, cat.budget_rate, cat.weight) if cat.drift_budget is not None else None,
     )
+
+
+def _cat_prompts(config: TrainConfig, data: TrainingData) -> CatPrompts | None:
+    """--cat_prompts, checked against every trigger of the run (--cat_trigger and the subsets' own)."""
+    if not config.cat.prompts:
+        return None
+    triggers = {*config.cat.triggers, *(t for subset in data.subsets for t in subset.cat_triggers)}
+    return CatPrompts(config.cat.prompts, config.cat.prompts_per_step, sorted(triggers))
 
 
 def process_seed(seed: int, process_index: int) -> int:
@@ -334,13 +353,14 @@ def training_loop(run: Run) -> list[Path]:
             count = len(run.batches.batches(epoch))
             skip = position.batches_in_epoch if epoch == position.epoch else 0  # trained on before a --resume
             run.sampler.start(epoch, skip)
-            finite = True
+            finite, preserved = True, []
             for index, batch in enumerate(run.loader, start=skip):
                 # Gradients accumulate over windows of `accumulation` batches; an epoch's last window
                 # may be shorter, and each window's losses are averaged over its own size.
                 window = min(accumulation, count - index // accumulation * accumulation)
                 losses = _train_on(run, denoiser, batch, epoch, step, 1.0 / window)
                 finite = finite and bool(torch.isfinite(losses.total))
+                preserved.append(losses.preservation)
                 if (index + 1) % accumulation and index + 1 < count:
                     continue
                 # One optimizer step: average across processes, check, clip, step.
@@ -359,6 +379,8 @@ def training_loop(run: Run) -> list[Path]:
                     run.lr_scheduler.step()
                 _scale_weight_norms(run, network)
                 validation.record(_log(run, losses, step, bar))
+                _follow_budget(run, preserved)
+                preserved = []
                 drift.after_step(step, bar)
                 validation.after_step(step, epoch, bar)
                 sample_images.after_step(step)
@@ -433,7 +455,7 @@ def _resumed_progress(run: Run, network) -> Progress:
         )
     accelerator = run.accelerator
     progress = load_state(folder, network, run.optimizer, run.lr_scheduler, run.generator, accelerator.scaler,
-                          accelerator.process_index, accelerator.num_processes)
+                          accelerator.process_index, accelerator.num_processes, budget=run.budget)
     logger.info("resumed from %s at step %d (epoch %d, batch %d)", folder, progress.step, progress.epoch,
                 progress.batches_in_epoch)
     return progress
@@ -458,6 +480,10 @@ def _train_on(run: Run, denoiser: Denoiser, batch: LoadedBatch, epoch: int, step
         conditioning=run.models.image_conditioning([image_geometry(s, a) for s, a in zip(samples, batch.augmentations)]),
         loss_mask=loss_mask,
     )
+    if run.cat_prompts is not None:  # every sample also on each of the batch's K drawn prompts
+        drawn = run.cat_prompts.draw(run.facts.seed, epoch, samples[0].position)
+        cat_batch = replace(cat_batch, prompt_ids=tuple(run.tokens([p] * len(samples)).to(latents.device) for p in drawn),
+                            prompt_weight=config.cat.prompts_weight)
 
     def backward(loss: torch.Tensor, last: bool) -> None:
         # Autocast is for the forward passes only; averaged across processes once, before the optimizer step.
@@ -465,7 +491,7 @@ def _train_on(run: Run, denoiser: Denoiser, batch: LoadedBatch, epoch: int, step
             accelerator.backward(loss * loss_scale)
 
     with accelerator.autocast():
-        return cat_step(denoiser, run.network, cat_batch, config.cat.weight, config.cat.mode, loss_fn, backward)
+        return cat_step(denoiser, run.network, cat_batch, run.alpha, config.cat.mode, loss_fn, backward)
 
 
 def _latents(run: Run, batch: LoadedBatch) -> torch.Tensor:
@@ -530,11 +556,23 @@ def _cache_text(config: TrainConfig, data: TrainingData, models: ModelFamily, to
     if not config.data.cache_text_encoder_outputs:
         return None
     cache = build_text_cache(config, data, models.denoiser(config.model.clip_skip), tokens, models.text_encoders,
-                             accelerator.device, accelerator.autocast)
+                             accelerator.device, accelerator.autocast,
+                             prompts=read_cat_prompts(config.cat.prompts) if config.cat.prompts else ())
     # Training no longer needs them on the device: sample images and the drift probe bring them back (SideTrip).
     for text_encoder in models.text_encoders:
         text_encoder.to("cpu")
     return cache
+
+
+def _follow_budget(run: Run, preserved: list[torch.Tensor]) -> None:
+    """--cat_drift_budget: move alpha by the optimizer step's CAT term (its batches' mean, averaged over
+    the processes, so that every process holds the same alpha)."""
+    if run.budget is None:
+        return
+    value = torch.stack(preserved).float().mean().to(run.accelerator.device)
+    if run.accelerator.num_processes > 1:
+        value = run.accelerator.reduce(value, reduction="mean")
+    run.budget.update(value.item())
 
 
 def _clip_gradients(run: Run) -> None:
@@ -552,6 +590,10 @@ def _log(run: Run, losses, step: int, progress) -> float:
     # One transfer for the three numbers (each .item() is a CPU-GPU sync point).
     main, cat, total = torch.stack([losses.main, losses.cat, losses.total]).tolist()
     values = {"loss/main": main, "loss/cat": cat, "loss/total": total}
+    if losses.prompts is not None:
+        values["loss/cat_prompts"] = losses.prompts.item()
+    if run.budget is not None:
+        values["cat/alpha"] = run.budget.alpha  # the alpha this step trained with
     values.update(current_learning_rates(run.lr_scheduler, run.lr_descriptions))
     progress.update(1)
     progress.set_postfix(loss=f"{values['loss/total']:.4f}", cat=f"{values['loss/cat']:.4f}")
@@ -573,7 +615,8 @@ def _save(run: Run, network, name: str, progress: Progress | None, end: bool = F
         network.save_weights(path, run.save_dtype, metadata)
         if wants_state:
             state = run.output_dir / state_folder_name(name)
-            save_state(state, network, run.optimizer, run.lr_scheduler, streams, progress, run.accelerator.scaler)
+            save_state(state, network, run.optimizer, run.lr_scheduler, streams, progress, run.accelerator.scaler,
+                       budget=run.budget)
     run.accelerator.wait_for_everyone()
     return path
 
