@@ -188,6 +188,28 @@ def test_validation_runs_and_changes_nothing_in_training(case, tmp_path, monkeyp
     assert rounds[0]["loss/validation/step_average"] != rounds[1]["loss/validation/step_average"]
 
 
+@pytest.mark.parametrize("mode", ["batched", "sequential"])
+def test_cat_prompts_and_drift_budget_train(case, tmp_path, monkeypatch, mode):
+    import library.training.trainer as trainer
+
+    family, root = case
+    seen = []
+    real = trainer.cat_step
+
+    def spy(denoiser, network, batch, alpha, *rest):
+        losses = real(denoiser, network, batch, alpha, *rest)
+        seen.append((alpha, len(batch.prompt_ids), losses.prompts))
+        return losses
+
+    monkeypatch.setattr(trainer, "cat_step", spy)
+    argv = _argv(root, family, tmp_path / "out", "--cat_prompts", str(root / "preservation.txt"), "--cat_mode", mode,
+                 "--cat_prompts_per_step", "2", "--cat_drift_budget", "1e-9")
+    assert family.main(argv) == 0
+    assert [count for _, count, _ in seen] == [2, 2, 2]
+    assert seen[0][2] < 1e-9 and all(prompts > 1e-7 for _, _, prompts in seen[1:])  # a fresh LoRA is the base model
+    assert seen[2][0] > seen[1][0]  # above the budget: alpha rises
+
+
 def test_gui_style_config_file(case, tmp_path):
     family, root = case
     out = tmp_path / "out"
