@@ -14,8 +14,8 @@ import train_network_cat
 from library.cat.drift_budget import BETA, DriftBudget
 from library.cat.objective import base_prediction, cat_step, preservation_loss
 from library.families.sd.denoiser import SDDenoiser
-from library.testing.demo_data import write_demo_dataset
-from library.testing.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
+from library.testing.tiny_cli import tiny_sd_argv, write_tiny_sd_workspace
+from library.testing.tiny_sd import build_tiny_sd
 from networks.lora_cat.file_format import read_lora_file
 from test_cat_objective import CountingDenoiser, _batch, _mse, _setup
 
@@ -128,24 +128,14 @@ def test_alpha_stays_in_its_range_and_round_trips_through_its_state():
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("steering")
-    save_single_file(build_tiny_sd(seed=0), root / "tiny.safetensors")
-    write_demo_dataset(root / "data", with_reg=True)
+    root = write_tiny_sd_workspace(tmp_path_factory.mktemp("steering"))
     (root / "prompts.txt").write_text("# scenes the LoRA must leave alone\na red car on a street\na bowl of fruit\n"
                                       "a mountain lake at dawn\n", encoding="utf-8")
     return root
 
 
 def _argv(workspace, out, *extra):
-    return [
-        "--pretrained_model_name_or_path", str(workspace / "tiny.safetensors"),
-        "--model_config", str(tiny_config_dir(False)),
-        "--train_data_dir", str(workspace / "data" / "train"), "--reg_data_dir", str(workspace / "data" / "reg"),
-        "--caption_extension", ".txt", "--resolution", "64", "--output_dir", str(out), "--output_name", "cat",
-        "--network_dim", "4", "--network_alpha", "2", "--learning_rate", "1e-2", "--max_train_steps", "6",
-        "--train_batch_size", "2", "--seed", "3", "--cat_trigger", "sks", "--max_data_loader_n_workers", "0",
-        *extra,
-    ]
+    return tiny_sd_argv(workspace, out, "--learning_rate", "1e-2", "--max_train_steps", "6", *extra)
 
 
 def _steps(monkeypatch):

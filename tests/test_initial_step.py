@@ -6,8 +6,7 @@ import library.training.trainer as trainer
 import train_network_cat
 from library.config.train_config import RunArgs
 from library.errors import UserInputError
-from library.testing.demo_data import write_demo_dataset
-from library.testing.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
+from library.testing.tiny_cli import tiny_sd_argv, write_tiny_sd_workspace
 from library.training.initial_step import starting_progress
 from library.training.train_state import Progress
 from networks.lora_cat.file_format import read_lora_file
@@ -45,22 +44,12 @@ def test_starting_progress_replaces_a_resumed_count_and_refuses_an_empty_run():
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("initial")
-    save_single_file(build_tiny_sd(seed=0), root / "tiny.safetensors")
-    write_demo_dataset(root / "data", with_reg=True)  # 8 batches of 2 an epoch
+    root = write_tiny_sd_workspace(tmp_path_factory.mktemp("initial"))  # 8 batches of 2 an epoch
     return root
 
 
 def _argv(workspace, out, *extra):
-    return [
-        "--pretrained_model_name_or_path", str(workspace / "tiny.safetensors"),
-        "--model_config", str(tiny_config_dir(False)),
-        "--train_data_dir", str(workspace / "data" / "train"), "--reg_data_dir", str(workspace / "data" / "reg"),
-        "--caption_extension", ".txt", "--resolution", "64", "--output_dir", str(out), "--output_name", "cat",
-        "--network_dim", "4", "--network_alpha", "2", "--learning_rate", "1e-3", "--max_train_steps", "11",
-        "--train_batch_size", "2", "--seed", "3", "--cat_trigger", "sks", "--max_data_loader_n_workers", "0",
-        "--save_every_n_steps", "1", *extra,
-    ]
+    return tiny_sd_argv(workspace, out, "--max_train_steps", "11", "--save_every_n_steps", "1", *extra)
 
 
 def _trained(monkeypatch) -> list:

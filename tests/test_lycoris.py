@@ -12,8 +12,8 @@ from library.cat.objective import CATBatch, base_prediction
 from library.cli.train_args import parse_args
 from library.errors import UserInputError
 from library.families.sd.models import load_stable_diffusion
-from library.testing.demo_data import write_demo_dataset
-from library.testing.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
+from library.testing.tiny_cli import tiny_sd_argv, write_tiny_sd_workspace
+from library.testing.tiny_sd import build_tiny_sd, tiny_config_dir
 from library.training.network_guard import OffProbe
 from library.training.network_setup import build_network, optimizer_groups
 from networks.lora_cat.file_format import read_lora_file
@@ -25,22 +25,12 @@ pytestmark = pytest.mark.usefixtures("lycoris_preset_state")  # conftest.py
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lycoris")
-    save_single_file(build_tiny_sd(seed=0), root / "tiny.safetensors")
-    write_demo_dataset(root / "data", with_reg=True)
-    return root
+    return write_tiny_sd_workspace(tmp_path_factory.mktemp("lycoris"))
 
 
 def _argv(workspace, out, *extra):
-    return [
-        "--pretrained_model_name_or_path", str(workspace / "tiny.safetensors"),
-        "--model_config", str(tiny_config_dir(False)),
-        "--train_data_dir", str(workspace / "data" / "train"), "--reg_data_dir", str(workspace / "data" / "reg"),
-        "--caption_extension", ".txt", "--resolution", "64", "--output_dir", str(out), "--output_name", "cat",
-        "--network_dim", "4", "--network_alpha", "2", "--learning_rate", "1e-3", "--max_train_steps", "3",
-        "--train_batch_size", "2", "--seed", "3", "--cat_trigger", "sks", "--cat_weight", "1",
-        "--max_data_loader_n_workers", "0", "--network_module", "lycoris.kohya", *extra,
-    ]
+    return tiny_sd_argv(workspace, out, "--max_train_steps", "3", "--cat_weight", "1", "--network_module", "lycoris.kohya",
+                        *extra)
 
 
 def _batch(models, seed=0):

@@ -17,6 +17,7 @@ import torch
 
 import train_network_cat
 from library.testing.demo_data import write_demo_dataset
+from library.testing.tiny_cli import tiny_sd_argv
 from library.testing.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
 from library.training import train_batch, trainer
 from networks.lora_cat.file_format import read_lora_file
@@ -48,15 +49,8 @@ def workspace(tmp_path_factory):
 
 
 def _argv(workspace, out, *extra):
-    return [
-        "--pretrained_model_name_or_path", str(workspace / "tiny.safetensors"),
-        "--model_config", str(tiny_config_dir(False)),
-        "--train_data_dir", str(workspace / "data" / "train"), "--reg_data_dir", str(workspace / "data" / "reg"),
-        "--caption_extension", ".txt", "--resolution", "64", "--output_dir", str(out), "--output_name", "cat",
-        "--network_dim", "4", "--network_alpha", "2", "--learning_rate", str(LR), "--max_train_steps", str(STEPS),
-        "--train_batch_size", str(BATCH), "--seed", "3", "--cat_trigger", "sks", "--max_data_loader_n_workers", "0",
-        *extra,
-    ]
+    return tiny_sd_argv(workspace, out, "--learning_rate", str(LR), "--max_train_steps", str(STEPS),
+                        "--train_batch_size", str(BATCH), *extra)
 
 
 # --- the spies --------------------------------------------------------------------------------------

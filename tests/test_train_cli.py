@@ -9,31 +9,19 @@ import torch
 import library.training.trainer as trainer
 import networks.lora_cat as lora_cat
 import train_network_cat
-from library.testing.demo_data import write_demo_dataset
+from library.testing.tiny_cli import tiny_sd_argv, write_tiny_sd_workspace
 from networks.lora_cat.file_format import read_lora_file
 from library.families.sd.models import load_stable_diffusion
-from library.testing.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
+from library.testing.tiny_sd import tiny_config_dir
 
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    save_single_file(build_tiny_sd(seed=0), root / "tiny.safetensors")
-    write_demo_dataset(root / "data", with_reg=True)
-    return root
+    return write_tiny_sd_workspace(tmp_path_factory.mktemp("cli"))
 
 
-def _argv(workspace, out, *extra):
-    return [
-        "--pretrained_model_name_or_path", str(workspace / "tiny.safetensors"),
-        "--model_config", str(tiny_config_dir(False)),
-        "--train_data_dir", str(workspace / "data" / "train"), "--reg_data_dir", str(workspace / "data" / "reg"),
-        "--caption_extension", ".txt", "--resolution", "64", "--output_dir", str(out), "--output_name", "cat",
-        "--network_dim", "4", "--network_alpha", "2", "--learning_rate", "1e-3", "--max_train_steps", "4",
-        "--train_batch_size", "2", "--seed", "3", "--cat_trigger", "sks", "--max_data_loader_n_workers", "0",
-        *extra,
-    ]
+_argv = tiny_sd_argv
 
 
 def test_files_names_and_metadata(workspace, tmp_path):

@@ -15,8 +15,7 @@ from library.data.folder_dataset import ImageItem, Subset, SubsetOptions
 from library.data.caption_transforms import CaptionOptions
 from library.data.training_data import DatasetSpec
 from library.data.validation_split import split_for_validation
-from library.testing.demo_data import write_demo_dataset
-from library.testing.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
+from library.testing.tiny_cli import tiny_sd_argv, write_tiny_sd_workspace
 from networks.lora_cat.file_format import read_lora_file
 
 
@@ -73,22 +72,12 @@ def test_sd_scripts_fixed_timesteps():
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("validation")
-    save_single_file(build_tiny_sd(seed=0), root / "tiny.safetensors")
-    write_demo_dataset(root / "data", with_reg=True)
+    root = write_tiny_sd_workspace(tmp_path_factory.mktemp("validation"))
     return root
 
 
 def _argv(workspace, out, *extra):
-    return [
-        "--pretrained_model_name_or_path", str(workspace / "tiny.safetensors"),
-        "--model_config", str(tiny_config_dir(False)),
-        "--train_data_dir", str(workspace / "data" / "train"), "--reg_data_dir", str(workspace / "data" / "reg"),
-        "--caption_extension", ".txt", "--resolution", "64", "--output_dir", str(out), "--output_name", "cat",
-        "--network_dim", "4", "--network_alpha", "2", "--learning_rate", "1e-2", "--max_train_steps", "4",
-        "--train_batch_size", "2", "--seed", "3", "--cat_trigger", "sks", "--max_data_loader_n_workers", "0",
-        "--cat_weight", "1", *extra,
-    ]
+    return tiny_sd_argv(workspace, out, "--learning_rate", "1e-2", "--cat_weight", "1", *extra)
 
 
 class _Recorded:
