@@ -69,6 +69,16 @@ def test_one_gradient_sync_per_optimizer_step(workspace, tmp_path, extra):
     assert (tmp_path / "out" / "ddp.safetensors").is_file()
 
 
+def test_drift_budget_gives_every_rank_the_same_alpha(workspace, tmp_path):
+    """Each rank sees its own samples, so its CAT term differs; the budget follows their mean, so every
+    rank trains with the same alpha (one more all-reduce per optimizer step). A budget of 1e-3 keeps the
+    tiny run's relative error inside the clip, where the ranks' own terms would give different alphas."""
+    probes = _probe(workspace, tmp_path / "out", "--cat_drift_budget", "1e-3", "--cat_budget_rate", "0.2")
+    assert probes[0]["alpha"] == probes[1]["alpha"] != 1.0
+    assert [p["allreduce"] for p in probes] == [6, 6]
+    assert probes[0]["checksum"] == probes[1]["checksum"]
+
+
 def test_resume_continues_every_ranks_own_noise(workspace, tmp_path, capsys):
     steps = ("--max_train_steps", "4")
     full = _probe(workspace, tmp_path / "full", *steps)

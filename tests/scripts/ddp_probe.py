@@ -1,6 +1,6 @@
 """Run by tests/test_ddp.py under `torchrun --nproc_per_node 2`: trains with the real trainer and
 writes, per rank, how many all-reduce calls the training loop made, a checksum of the adapter weights,
-the seed of the rank's noise generator, and the first optimizer step's gradients before and after
+the seed of the rank's noise generator, its CAT weight at the end, and the first optimizer step's gradients before and after
 averaging (with one parameter made unused on every rank and one on rank 0 only)."""
 
 import json
@@ -58,7 +58,8 @@ def main() -> None:
     checksum = sum(p.double().sum().item() for p in network.parameters())
     # One file per rank: lines printed by two processes into one pipe can interleave.
     rank = run.accelerator.process_index
-    probe = {"rank": rank, "allreduce": calls["allreduce"], "checksum": checksum, "seed": run.generator.initial_seed()}
+    probe = {"rank": rank, "allreduce": calls["allreduce"], "checksum": checksum, "seed": run.generator.initial_seed(),
+             "alpha": run.alpha}
     torch.save(first_step, Path(config.save.output_dir) / f"grads-rank{rank}.pt")
     (Path(config.save.output_dir) / f"probe-rank{probe['rank']}.json").write_text(json.dumps(probe))
 
