@@ -170,8 +170,7 @@ def _batched_step(
     main = _weighted_mean(loss_fn(on_trigger, batch.target), batch.weights)
     cat = _weighted_mean(preservation_loss(on_free, reference), batch.weights)
     prompts = _prompts_term(on_prompts, references, batch.weights)
-    preservation = cat if prompts is None else cat + batch.prompt_weight * prompts
-    backward(main + alpha * preservation, True)
+    backward(main + alpha * _preservation(cat, prompts, batch.prompt_weight), True)
     return _losses(main, cat, prompts, alpha, batch.prompt_weight)
 
 
@@ -214,5 +213,10 @@ def _losses(main: Tensor, cat: Tensor, prompts: Tensor | None, alpha: float, pro
     """The detached losses of a step: total = main + alpha * (cat [+ lambda * prompts])."""
     main, cat = main.detach(), cat.detach()
     prompts = None if prompts is None else prompts.detach()
-    preservation = cat if prompts is None else cat + prompt_weight * prompts
+    preservation = _preservation(cat, prompts, prompt_weight)
     return StepLosses(main, cat, main + alpha * preservation, preservation, prompts)
+
+
+def _preservation(cat: Tensor, prompts: Tensor | None, prompt_weight: float) -> Tensor:
+    """What alpha multiplies: the caption's CAT term, plus lambda times the prompts' mean term."""
+    return cat if prompts is None else cat + prompt_weight * prompts

@@ -16,7 +16,7 @@ import torch
 
 from library.cat.preservation import FixedNoise, prediction_drift
 from library.config.train_config import PreservationArgs
-from library.sampling.prompt_files import read_prompt_lines
+from library.sampling.prompt_files import read_prompts
 from library.sampling.side_trip import SideTrip
 from library.families.family import compute_dtype
 
@@ -26,7 +26,7 @@ CHUNK = 8  # prompts per U-Net call: bounded memory for long prompt files
 
 def read_preservation_prompts(path: str | Path, shown: str = "--preservation_prompts") -> tuple[str, ...]:
     """The file's trigger-free prompts (`library.sampling.prompt_files`); a missing or empty file is refused."""
-    return tuple(prompt for _, prompt in read_prompt_lines(path, shown))
+    return read_prompts(path, shown)
 
 
 class PreservationDrift:

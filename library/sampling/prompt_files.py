@@ -30,3 +30,8 @@ def read_prompt_lines(path: str | Path, shown: str) -> list[tuple[int, str]]:
         raise UserInputError(f"{shown}: {path} holds no prompt; write one prompt a line (lines starting with # "
                              "are comments).")
     return prompts
+
+
+def read_prompts(path: str | Path, shown: str) -> tuple[str, ...]:
+    """The prompts of `path` alone (`read_prompt_lines` without the line numbers)."""
+    return tuple(prompt for _, prompt in read_prompt_lines(path, shown))

@@ -17,12 +17,12 @@ from collections.abc import Iterable
 from library.cat.captions import contains_trigger
 from library.data.caption_transforms import sample_rng
 from library.errors import UserInputError
-from library.sampling.prompt_files import read_prompt_lines
+from library.sampling.prompt_files import read_prompts
 
 
 def read_cat_prompts(path: str, shown: str = "--cat_prompts") -> tuple[str, ...]:
     """The prompts of a --cat_prompts file (library.sampling.prompt_files); missing or empty is refused."""
-    return tuple(prompt for _, prompt in read_prompt_lines(path, shown))
+    return read_prompts(path, shown)
 
 
 class CatPrompts:
