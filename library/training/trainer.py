@@ -382,7 +382,7 @@ def training_loop(run: Run) -> list[Path]:
                 _follow_budget(run, preserved)
                 preserved = []
                 drift.after_step(step, bar)
-                validation.after_step(step, epoch, bar)
+                validation.after_step(step, bar)
                 sample_images.after_step(step)
                 position = Progress(step, epoch, index + 1, run.facts.seed, run.facts.max_train_steps)
                 if config.save.save_every_n_steps and step % config.save.save_every_n_steps == 0:

@@ -89,7 +89,7 @@ class Validation:
         """One training step's main term, for the divergence."""
         self.training_losses.append(main_loss)
 
-    def after_step(self, step: int, epoch: int, bar) -> None:
+    def after_step(self, step: int, bar) -> None:
         if self.enabled and self.every_n_steps and step % self.every_n_steps == 0:
             self.run("step", step, bar)
 
