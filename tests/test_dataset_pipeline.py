@@ -13,7 +13,7 @@ from library.training.train_batch import DiffusionNoising
 from library.training.caption_tokens import CaptionTokens
 import train_network_cat
 from networks.lora_cat.file_format import read_lora_file
-from library.testing.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
+from library.testing.tiny_sd import tiny_config_dir
 
 CAPTIONS = ["sks teapot, red, on a table", "sks teapot, blue, in a kitchen", "sks teapot, green, close-up",
             "sks teapot, white, studio light"]
@@ -22,8 +22,8 @@ SIZES = [(64, 64), (120, 30), (48, 96), (80, 40)]  # buckets 64x64, 128x32, 32x9
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return save_single_file(build_tiny_sd(seed=0), tmp_path_factory.mktemp("model") / "tiny.safetensors")
+def model(tiny_sd_v1_files):
+    return tiny_sd_v1_files.safetensors  # conftest.py: the tiny SD 1.x model (seed 0), written once per session
 
 
 @pytest.fixture()

@@ -14,7 +14,7 @@ from library.cli.train_args import parse_args
 from library.data.dataset_config import load_dataset_config
 from library.data.face_crop import FaceCrop, FacePosition, face_crop, face_crop_problem, face_position
 from library.errors import UserInputError
-from library.testing.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
+from library.testing.tiny_sd import tiny_config_dir
 from library.training import trainer
 
 
@@ -129,8 +129,8 @@ _ENCODE = trainer.encode
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return save_single_file(build_tiny_sd(seed=0), tmp_path_factory.mktemp("model") / "tiny.safetensors")
+def model(tiny_sd_v1_files):
+    return tiny_sd_v1_files.safetensors  # conftest.py: the tiny SD 1.x model (seed 0), written once per session
 
 
 @pytest.fixture()

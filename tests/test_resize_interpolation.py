@@ -13,7 +13,7 @@ from library.data.dataset_config import load_dataset_config
 from library.data.latents import Distribution, key_for, read_npz, write_npz
 from library.data.resampling import RESIZE_INTERPOLATIONS, default_interpolation, resize_image
 from library.errors import UserInputError
-from library.testing.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
+from library.testing.tiny_sd import tiny_config_dir
 from library.training import trainer
 from networks.lora_cat.file_format import read_lora_file
 
@@ -111,8 +111,8 @@ _ENCODE = trainer.encode
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return save_single_file(build_tiny_sd(seed=0), tmp_path_factory.mktemp("model") / "tiny.safetensors")
+def model(tiny_sd_v1_files):
+    return tiny_sd_v1_files.safetensors  # conftest.py: the tiny SD 1.x model (seed 0), written once per session
 
 
 @pytest.fixture()

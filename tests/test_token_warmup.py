@@ -11,7 +11,7 @@ from library.data.dataset_config import load_dataset_config
 from library.data.folder_dataset import Subset, SubsetOptions
 from library.data.run_data import varying_caption_options
 from library.errors import UserInputError
-from library.testing.tiny_sd import build_tiny_sd, save_single_file, tiny_config_dir
+from library.testing.tiny_sd import tiny_config_dir
 from library.training.caption_tokens import CaptionTokens
 
 CAPTION = "sks teapot, red, on a table, studio light"
@@ -86,8 +86,8 @@ _TOKENS_CALL = CaptionTokens.__call__
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return save_single_file(build_tiny_sd(seed=0), tmp_path_factory.mktemp("model") / "tiny.safetensors")
+def model(tiny_sd_v1_files):
+    return tiny_sd_v1_files.safetensors  # conftest.py: the tiny SD 1.x model (seed 0), written once per session
 
 
 @pytest.fixture()
