@@ -7,7 +7,8 @@ done as directly as possible: the checkpoint loaded with our loader, `networks.l
 (rank 4, alpha 4, U-Net and text encoder), and each step: read and decode the batch's images (PIL ->
 tensor in [-1, 1]), VAE encode (the batch in one call), tokenize and encode the captions, noise,
 U-Net, MSE, backward, gradient clipping at norm 1.0 (sd-scripts' `--max_grad_norm` default, and ours),
-AdamW step; the LoRA saved at the end. Prints `STEP <unix time>` after each optimizer step.
+AdamW step; the LoRA saved at the end. Prints `STEP <unix time> <process CPU time>` after each
+optimizer step.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def main(checkpoint: str, model_config: str, images: str, output: str, steps: in
         torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        print(f"STEP {time.time():.6f}", flush=True)
+        print(f"STEP {time.time():.6f} {time.process_time():.6f}", flush=True)
     network.save_weights(output, None, None)
 
 

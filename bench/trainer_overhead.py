@@ -8,8 +8,11 @@ parameters, configs/models/tiny_sd_v1) or the small one (17.6M, configs/models/s
 file and the demo dataset (64 px, batch 2, images decoded every step, no latent cache, no loader
 workers, SDPA). For each process it prints, as the median over `--rounds` (after one uncounted warm-up round): the wall time from
 process start to exit, the time from process start to the end of the first optimizer step, and the
-steady seconds per step (median interval between later steps), with the ratio ours / plain. Step
-times come from a `STEP <unix time>` line after each optimizer step: the plain loop prints it
+steady seconds per step (median interval between later steps), wall and the process's CPU time (less
+disturbed by other tenants of a shared machine), with the ratio ours / plain: the median, and the
+lowest and highest, of the rounds' ratios (each round's pair ran back to back), so the spread
+between rounds shows which differences are noise. Step times come from a
+`STEP <unix time> <process CPU time>` line after each optimizer step: the plain loop prints it
 itself; the trainer gets it from a global optimizer step hook installed by its launcher.
 """
 
@@ -31,7 +34,8 @@ MODELS = {"tiny": "tiny_sd_v1", "small": "small_sd_v1"}  # configs/models/<name>
 TRAINER_LAUNCHER = (
     "import runpy, sys, time\n"
     "from torch.optim.optimizer import register_optimizer_step_post_hook\n"
-    "register_optimizer_step_post_hook(lambda *a: print(f'STEP {time.time():.6f}', flush=True))\n"
+    "register_optimizer_step_post_hook(\n"
+    "    lambda *a: print(f'STEP {time.time():.6f} {time.process_time():.6f}', flush=True))\n"
     "sys.argv = sys.argv[1:]\n"
     "runpy.run_path(sys.argv[0], run_name='__main__')\n"
 )
@@ -74,16 +78,27 @@ def plain_command(checkpoint: Path, config: Path, images: Path, out: Path, steps
             str(out / "plain.safetensors"), str(steps)]
 
 
+ROWS = (("wall", "wall s (start to exit)"), ("first", "s to first step"), ("step", "s/step (steady)"),
+        ("cpu_step", "CPU s/step (steady)"))
+
+
 def timed(command: list[str]) -> dict[str, float]:
-    """Run `command`; wall seconds, seconds to the first step's end, and the median later step."""
+    """Run `command`; wall seconds, seconds to the first step's end, and the median later step
+    (wall and CPU time)."""
     started = time.time()
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     wall = time.time() - started
     if result.returncode != 0:
         raise RuntimeError(f"{command[:4]} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    stamps = [float(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("STEP ")]
-    steps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {"wall": wall, "first": stamps[0] - started, "step": statistics.median(steps)}
+    stamps = [[float(value) for value in line.split()[1:]] for line in result.stdout.splitlines()
+              if line.startswith("STEP ")]
+    walls, cpus = zip(*stamps)
+    return {"wall": wall, "first": walls[0] - started, "step": _median_interval(walls),
+            "cpu_step": _median_interval(cpus)}
+
+
+def _median_interval(stamps: tuple[float, ...]) -> float:
+    return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -100,11 +115,12 @@ def main(argv: list[str] | None = None) -> None:
                     runs[name].append(result)
     print(f"{args.model} SD model ({MODELS[args.model]}), 64 px, batch 2, rank 4, U-Net + text encoder, {args.steps} steps, "
           f"median of {args.rounds} alternating rounds after a warm-up round")
-    print(f"{'':28}{'ours':>9}{'plain':>9}{'ours/plain':>12}")
-    for key, label in (("wall", "wall s (start to exit)"), ("first", "s to first step"), ("step", "s/step (steady)")):
+    print(f"{'':24}{'ours':>8}{'plain':>8}{'ours/plain':>12}{'lowest':>8}{'highest':>8}")
+    for key, label in ROWS:
         ours = statistics.median(r[key] for r in runs["ours"])
         plain = statistics.median(r[key] for r in runs["plain"])
-        print(f"{label:28}{ours:9.3f}{plain:9.3f}{ours / plain:12.2f}")
+        ratios = [a[key] / b[key] for a, b in zip(runs["ours"], runs["plain"])]
+        print(f"{label:24}{ours:8.3f}{plain:8.3f}{statistics.median(ratios):12.2f}{min(ratios):8.2f}{max(ratios):8.2f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The per-run caption token cache gives exactly the tokenizer's ids; the one-sync finiteness check."""
+"""The per-run caption token cache gives exactly the tokenizer's ids; the gradients' largest value for the divergence check."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 from library.families.clip_tokenizer import build_clip_tokenizer
 from library.families.prompt_tokens import tokenize
 from library.training.caption_tokens import CaptionTokens
-from library.training.trainer import _all_finite
+from library.training.trainer import _largest_gradient
 
 
 def test_cached_ids_equal_the_tokenizer_and_each_caption_is_tokenized_once():
@@ -34,7 +34,14 @@ def test_long_prompt_windows_and_the_entry_limit():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_all_finite_finds_nan_and_inf(bad, dtype):
-    good = [torch.ones(3, dtype=dtype), torch.full((2, 2), 6e4, dtype=dtype), torch.zeros(0, dtype=dtype)]
-    assert _all_finite(good) and _all_finite([])
-    assert not _all_finite(good + [torch.tensor([1.0, bad]).to(dtype)])
+def test_the_largest_gradient_finds_nan_and_inf(bad, dtype):
+    def params(*grads):
+        made = [torch.nn.Parameter(torch.zeros_like(grad)) for grad in grads]
+        for param, grad in zip(made, grads):
+            param.grad = grad
+        return made + [torch.nn.Parameter(torch.zeros(2))]  # one without a gradient
+
+    good = params(torch.ones(3, dtype=dtype), torch.full((2, 2), 6e4, dtype=dtype), torch.zeros(0, dtype=dtype))
+    assert torch.isfinite(_largest_gradient(good)) and torch.isfinite(_largest_gradient([]))
+    assert _largest_gradient(good) == 6e4 or dtype == torch.bfloat16  # 6e4 rounds in bfloat16
+    assert not torch.isfinite(_largest_gradient(good + params(torch.tensor([1.0, bad]).to(dtype))))

@@ -88,7 +88,9 @@ def test_an_overflow_skips_its_step_and_halves_the_scale(workspace, tmp_path, ov
     assert any(not torch.equal(files[3][k], files[4][k]) for k in files[3]), "the next step trained again"
 
 
-def test_without_a_scaler_infinite_gradients_still_stop_the_run(workspace, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("clipping", [("--max_grad_norm", "1.0"), ("--max_grad_norm", "0")])
+def test_without_a_scaler_infinite_gradients_still_stop_the_run(workspace, tmp_path, monkeypatch, capsys, clipping):
+    # With clipping, the check reads the clipping's norm; without, the largest |gradient|.
     average = trainer.average_gradients
 
     def overflowing(params, processes):
@@ -97,7 +99,7 @@ def test_without_a_scaler_infinite_gradients_still_stop_the_run(workspace, tmp_p
         return average(params, processes)
 
     monkeypatch.setattr(trainer, "average_gradients", overflowing)
-    argv = _argv(workspace, tmp_path / "out", "--mixed_precision", "no")
+    argv = _argv(workspace, tmp_path / "out", "--mixed_precision", "no", *clipping)
     assert train_network_cat.main(argv) == 1
     assert "gradients became NaN or infinite" in capsys.readouterr().err
 

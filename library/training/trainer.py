@@ -365,9 +365,8 @@ def training_loop(run: Run) -> list[Path]:
                     continue
                 # One optimizer step: average across processes, check, clip, step.
                 average_gradients(run.trainable, accelerator.num_processes)
-                _stop_if_diverged(finite, run.trainable, losses, run.accelerator.scaler)
+                _stop_if_diverged(finite, _clip_gradients(run), losses, run.accelerator.scaler)
                 finite = True
-                _clip_gradients(run)
                 run.optimizer.step()  # with fp16's loss scaler: skipped if the scaled gradients overflowed
                 run.optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -413,11 +412,12 @@ def training_loop(run: Run) -> list[Path]:
     return written
 
 
-def _stop_if_diverged(finite_loss: bool, trainable: list[torch.nn.Parameter], losses, scaler) -> None:
-    """Stop on a NaN/inf loss, or, without a loss scaler, on NaN/inf gradients. With fp16's scaler,
-    overflowing gradients are its normal signal to skip the step and lower the scale: left to it.
-    Gradients are already averaged, so every process decides the same."""
-    grads_finite = scaler is not None or _all_finite([p.grad for p in trainable if p.grad is not None])
+def _stop_if_diverged(finite_loss: bool, grad_norm: torch.Tensor, losses, scaler) -> None:
+    """Stop, before the optimizer step, on a NaN/inf loss, or, without a loss scaler, on a NaN/inf
+    gradient norm (`_clip_gradients`). With fp16's scaler, overflowing gradients are its normal signal
+    to skip the step and lower the scale: left to it. Gradients are already averaged, so every process
+    decides the same."""
+    grads_finite = scaler is not None or bool(torch.isfinite(grad_norm))
     if finite_loss and grads_finite:
         return
     raise TrainingDiverged(
@@ -429,11 +429,11 @@ def _stop_if_diverged(finite_loss: bool, trainable: list[torch.nn.Parameter], lo
     )
 
 
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether no tensor holds a NaN or an infinity, with one sync: the largest |value| of finite
-    values is finite (no overflow, unlike a sum), and a NaN or an infinity makes it NaN or infinite."""
-    tensors = [t for t in tensors if t.numel()]  # the infinity norm of an empty tensor is undefined
-    return not tensors or bool(torch.isfinite(get_total_norm(tensors, float("inf"))))
+def _largest_gradient(trainable: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The largest |value| of the gradients: finite for finite values (no overflow, unlike a sum of
+    squares), NaN or infinite when one is."""
+    grads = [p.grad for p in trainable if p.grad is not None and p.grad.numel()]  # inf norm of empty: undefined
+    return get_total_norm(grads, float("inf")) if grads else torch.zeros(())
 
 
 def _start_progress(run: Run, network) -> Progress:
@@ -575,9 +575,13 @@ def _follow_budget(run: Run, preserved: list[torch.Tensor]) -> None:
     run.budget.update(value.item())
 
 
-def _clip_gradients(run: Run) -> None:
-    if run.config.optimizer.max_grad_norm:
-        run.accelerator.clip_grad_norm_(run.trainable, run.config.optimizer.max_grad_norm)
+def _clip_gradients(run: Run) -> torch.Tensor:
+    """Clip to --max_grad_norm; returns a norm of the gradients for the divergence check, computed once:
+    the clipping's total norm (NaN or infinite when a gradient is; clipping then scales every gradient
+    by NaN or 0, and the run stops before the optimizer step), or without clipping their largest |value|."""
+    if not run.config.optimizer.max_grad_norm:
+        return _largest_gradient(run.trainable)
+    return run.accelerator.clip_grad_norm_(run.trainable, run.config.optimizer.max_grad_norm)
 
 
 def _scale_weight_norms(run: Run, network) -> None:
