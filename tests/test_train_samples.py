@@ -22,7 +22,7 @@ def workspace(tmp_path_factory):
         "# sample prompts\n"
         "a photo of sks teapot --w 64 --h 64 --s 2 --d 7 --ss euler_a\n"
         "\n"
-        "sks, a teapot on a table --n lowres --w 64 --h 72 --s 2 --l 5\n",
+        "(sks:1.2), a teapot on a table --n (lowres:1.3) --w 64 --h 72 --s 2 --l 5\n",  # weights, as sd-scripts reads them
         encoding="utf-8",
     )
     (root / "preservation.txt").write_text("# trigger-free\na photo of a teapot\na red car in the street\n",
@@ -95,6 +95,23 @@ def test_a_bad_prompt_file_stops_the_run_before_training(workspace, tmp_path, ca
     err = capsys.readouterr().err
     assert f"{prompts} line 2: unknown option --steps" in err and "--s" in err
     assert not any(out.rglob("*.safetensors"))
+
+
+def test_sample_prompts_reach_the_model_with_their_weights(workspace, tmp_path, monkeypatch):
+    from library.families.sd.family import StableDiffusionModels
+
+    seen = []
+    encode = StableDiffusionModels.prompt_kwargs
+
+    def recording(self, prompt, negative, *args, **kwargs):
+        seen.append((prompt, negative, kwargs.get("weighted")))
+        return encode(self, prompt, negative, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionModels, "prompt_kwargs", recording)
+    argv = _argv(workspace, tmp_path / "out", "--sample_prompts", str(workspace / "prompts.txt"), "--sample_at_first",
+                 "--max_train_steps", "1")
+    assert train_network_cat.main(argv) == 0
+    assert ("(sks:1.2), a teapot on a table", "(lowres:1.3)", True) in seen
 
 
 def test_a_prompt_file_without_a_schedule_is_not_read(workspace, tmp_path):

@@ -65,7 +65,7 @@ def test_weights_are_the_float_products_sd_scripts_computes():
 
 
 def test_a_weight_that_is_not_a_number_is_a_user_error():
-    with pytest.raises(UserInputError, match=r"':1\.2\.3\)' in the caption '\(sks:1\.2\.3\) dog' is not a number"):
+    with pytest.raises(UserInputError, match=r"':1\.2\.3\)' in '\(sks:1\.2\.3\) dog' is not a number"):
         parse_prompt_attention("(sks:1.2.3) dog")
 
 

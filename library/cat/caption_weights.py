@@ -71,8 +71,8 @@ def _weight(number: str, text: str) -> float:
         return float(number)
     except ValueError:
         raise UserInputError(
-            f"--weighted_captions: the weight ':{number})' in the caption {text!r} is not a number; write it like "
-            "(word:1.2), or escape brackets meant as text as \\( and \\)."
+            f"the weight ':{number})' in {text!r} is not a number; write it like (word:1.2), or escape brackets "
+            "meant as text as \\( and \\)."
         ) from None
 
 
@@ -87,7 +87,7 @@ def _join_equal_runs(runs: list[list]) -> list[tuple[str, float]]:
 
 
 def weight_syntax_problem(text: str) -> str | None:
-    """Why `text` cannot be read as a weighted caption (a weight that is not a number); None if it can."""
+    """Why `text` cannot be read with weights (a weight that is not a number); None if it can."""
     try:
         parse_prompt_attention(text)
     except UserInputError as error:

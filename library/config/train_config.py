@@ -313,6 +313,7 @@ class SampleDefaults:
     scale: float = 7.5  # classifier-free guidance (FLUX.1: its true CFG, off at 1.0)
     guidance: float | None = None  # FLUX.1-dev's guidance input (`--g`); None where the model has none
     size_multiple: int = 8  # sizes are rounded down to this (FLUX.1: 16)
+    weights: bool = True  # prompts' (word:1.2) weights apply, as in sd-scripts' SD and SDXL samples (FLUX.1: text)
 
 
 @dataclass(frozen=True)

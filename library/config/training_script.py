@@ -48,8 +48,8 @@ FLUX_SCRIPT = TrainingScript(
     name="flux_train_network_cat.py", replaces="flux_train_network.py", model_name="FLUX.1",
     text_encoders=2, bucket_reso_multiple=32, has_v2=False, uses_clip_skip=False, text_encoder_caching=True,
     family_flags=FLUX_FLAGS, flow_matching=True, weighted_captions=False,
-    # sd-scripts' FLUX sampling: 20 steps, no CFG, guidance 3.5, sizes a multiple of 16.
-    sample_defaults=SampleDefaults(steps=20, scale=1.0, guidance=3.5, size_multiple=16),
+    # sd-scripts' FLUX sampling: 20 steps, no CFG, guidance 3.5, sizes a multiple of 16, no prompt weights.
+    sample_defaults=SampleDefaults(steps=20, scale=1.0, guidance=3.5, size_multiple=16, weights=False),
 )
 # Which script reads each family-only flag (for the sentence that refuses it elsewhere).
 FAMILY_FLAG_SCRIPTS = {flag: FLUX_SCRIPT for flag in FLUX_FLAGS}

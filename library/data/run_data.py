@@ -159,7 +159,7 @@ def _cat_problems(config: TrainConfig, subset: Subset) -> list[str]:
 def _weight_problems(subset: Subset) -> list[str]:
     """--weighted_captions: every caption's weights must be numbers (sd-scripts stops mid-run on one that is not)."""
     found = ((item, weight_syntax_problem(item.caption)) for item in subset.items)
-    return [f"{item.path}: {problem}" for item, problem in found if problem]
+    return [f"--weighted_captions: {item.path}: {problem}" for item, problem in found if problem]
 
 
 def subset_triggers(config: TrainConfig, own: tuple[str, ...]) -> tuple[str, ...]:
@@ -176,7 +176,8 @@ def class_word(config: TrainConfig, class_tokens: str, triggers: tuple[str, ...]
 
 def trigger_free_prompt(config: TrainConfig, data: TrainingData) -> Callable[[str], str]:
     """A prompt -> the prompt as CAT's preservation term would see it (--cat_caption, --cat_trigger),
-    for prompts written outside the dataset (sample prompts)."""
+    for prompts written outside the dataset (sample prompts, read with weights where the family's
+    samples have them)."""
     cat = config.cat
     triggers = cat.triggers or tuple(t for subset in data.subsets for t in subset.cat_triggers)
     # --cat_caption class takes the class word of the first training subset that has one.
@@ -189,7 +190,8 @@ def trigger_free_prompt(config: TrainConfig, data: TrainingData) -> Callable[[st
             return ""
         if not triggers:
             return prompt
-        return trigger_free_caption(prompt, triggers, mode, word, config.data.caption_separator)
+        return trigger_free_caption(prompt, triggers, mode, word, config.data.caption_separator,
+                                    weighted=config.sample.defaults.weights)
 
     return rewrite
 

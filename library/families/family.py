@@ -81,8 +81,10 @@ class ModelFamily(Protocol):
         """A diffusers pipeline sharing these models (e.g. for `load_lora_weights` or sampling)."""
 
     def prompt_kwargs(self, prompt: str, negative_prompt: str, clip_skip: int | None = None,
-                      max_token_length: int | None = None) -> dict[str, Tensor]:
-        """The pipeline's prompt arguments (embeddings), encoded as training encodes prompts."""
+                      max_token_length: int | None = None, weighted: bool = False) -> dict[str, Tensor]:
+        """The pipeline's prompt arguments (embeddings), encoded as training encodes prompts; `weighted`
+        (where the family's sd-scripts sampler reads `(word:1.2)` weights: `SampleDefaults.weights`),
+        as that sampler encodes them."""
 
     def sample_latents(self, pipe: Any, embeds: dict[str, Tensor], *, width: int, height: int, steps: int,
                        scale: float, guidance: float | None, generator: torch.Generator) -> Tensor:

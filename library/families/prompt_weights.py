@@ -81,14 +81,21 @@ def tokenize_weighted(tokenizer, captions: list[str], max_token_length: int | No
     return WeightedTokens(ids, torch.stack([_window_weights(weights, ids.shape[1]) for _, weights in rows]))
 
 
-def _weighted_row(tokenizer, caption: str, length: int) -> tuple[Tensor, Tensor]:
-    """<BOS> tokens <EOS> <PAD>... (`length` ids) and their weights, the tokens cut to `length` - 2."""
+def weighted_tokens(tokenizer, caption: str) -> tuple[list[int], list[float]]:
+    """The ids of `caption`'s tokens, without <BOS>/<EOS> and uncut, and a weight for each: every run of
+    equal weight tokenized on its own."""
     tokens: list[int] = []
     weights: list[float] = []
     for text, weight in parse_prompt_attention(caption):
-        run = tokenizer(text, verbose=False).input_ids[1:-1]  # without its own <BOS>, <EOS>; cut below
+        run = tokenizer(text, verbose=False).input_ids[1:-1]  # without its own <BOS>, <EOS>
         tokens += run
         weights += [weight] * len(run)
+    return tokens, weights
+
+
+def _weighted_row(tokenizer, caption: str, length: int) -> tuple[Tensor, Tensor]:
+    """<BOS> tokens <EOS> <PAD>... (`length` ids) and their weights, the tokens cut to `length` - 2."""
+    tokens, weights = weighted_tokens(tokenizer, caption)
     tokens, weights = tokens[: length - 2], weights[: length - 2]
     padding = length - 2 - len(tokens)
     ids = [tokenizer.bos_token_id, *tokens, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * padding

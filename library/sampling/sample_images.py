@@ -12,7 +12,8 @@ adapted model on the prompt as written. The first two differ only by the adapter
 CAT preserves; the last two differ only by the trigger, so they show what the LoRA learned.
 
 How: the family's diffusers pipeline on the training models, the sampler built from the model's
-own noise-schedule config, prompts encoded as training encodes them (clip skip, long prompts), a
+own noise-schedule config, prompts encoded as sd-scripts' samples encode them (clip skip; `(word:1.2)`
+weights on SD 1.x/2.x and SDXL, as `ModelFamily.prompt_kwargs(weighted=True)` reads them), a
 generator of its own per prompt; the main process samples while the others wait. Training is left
 exactly as it was (`library.sampling.state_guard.outside_training`). The models come as a
 `library.families.family.ModelFamily`: its pipeline, prompt embeddings and decoder.
@@ -170,7 +171,8 @@ class SampleImages:
 
         def generate(text: str) -> Image.Image:
             with side.accelerator.autocast():
-                embeds = models.prompt_kwargs(text, prompt.negative_prompt or "", side.clip_skip, side.max_token_length)
+                embeds = models.prompt_kwargs(text, prompt.negative_prompt or "", side.clip_skip, side.max_token_length,
+                                              weighted=self.args.defaults.weights)
                 latents = models.sample_latents(
                     pipe, embeds, width=prompt.width, height=prompt.height, steps=prompt.steps, scale=prompt.scale,
                     guidance=prompt.guidance, generator=torch.Generator().manual_seed(seed),

@@ -10,7 +10,9 @@
 
 Defaults are sd-scripts' (`SampleDefaults`, the script's): 512 x 512, 30 steps, scale 7.5 (FLUX.1: 20
 steps, scale 1.0, guidance 3.5), no seed (ours: a seed derived from the run's), the `--sample_sampler`.
-Sizes are rounded down to a multiple of 8 (FLUX.1: 16), at least 64, as sd-scripts does.
+Sizes are rounded down to a multiple of 8 (FLUX.1: 16), at least 64, as sd-scripts does. Prompts are
+read with AUTOMATIC1111's `(word:1.2)` weights on SD 1.x/2.x and SDXL (`SampleDefaults.weights`), as
+sd-scripts' samples read them; FLUX.1's read them as text.
 Unlike sd-scripts, which skips what it cannot read, every problem is a `UserInputError` naming the
 file, the line (or item) and the fix, raised before training starts.
 """
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from library.cat.caption_weights import weight_syntax_problem
 from library.config.train_config import SampleDefaults
 from library.sampling import samplers as sampler_table
 from library.errors import UserInputError
@@ -174,6 +177,8 @@ def _prompt(index: int, entry: dict[str, Any], where: str, defaults: SampleDefau
     if not isinstance(prompt, str):
         raise UserInputError(f"{where}: no prompt text; give prompt = \"a photo of sks dog\".")
     negative = entry.get("negative_prompt")
+    if defaults.weights:
+        _check_weights((prompt, negative), where)
     sampler = entry.get("sample_sampler")
     return SamplePrompt(
         index=index, prompt=prompt,
@@ -187,6 +192,15 @@ def _prompt(index: int, entry: dict[str, Any], where: str, defaults: SampleDefau
         sampler=None if sampler is None else canonical_sampler(str(sampler), where),
         source=where,
     )
+
+
+def _check_weights(texts: tuple[str | None, ...], where: str) -> None:
+    """Prompts are read with (word:1.2) weights (SD, SDXL): a weight must be a number (sd-scripts stops at
+    the first sample instead)."""
+    for text in texts:
+        problem = None if text is None else weight_syntax_problem(str(text))
+        if problem:
+            raise UserInputError(f"{where}: {problem}")
 
 
 def _number(entry: dict[str, Any], key: str, kind: type, where: str, default: Any) -> Any:

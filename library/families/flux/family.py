@@ -122,13 +122,14 @@ class FluxModels:
                             transformer=self.transformer)
 
     def prompt_kwargs(self, prompt: str, negative_prompt: str, clip_skip: int | None = None,
-                      max_token_length: int | None = None) -> dict[str, Tensor]:
+                      max_token_length: int | None = None, weighted: bool = False) -> dict[str, Tensor]:
         """T5 states and CLIP-L's pooled embedding of the prompt, encoded as training encodes it (FLUX.1
-        is guidance-distilled: the negative prompt is used only with the pipeline's true CFG)."""
+        is guidance-distilled: the negative prompt is used only with the pipeline's true CFG). No
+        `weighted`: sd-scripts' FLUX.1 samples read "(word:1.2)" as text, and so do these."""
         denoiser = self.denoiser(clip_skip)
 
         def encode(text: str):
-            return denoiser.encode(self.tokenize([text]).to(self.transformer.device))
+            return denoiser.encode(self.tokenize([text], weighted=weighted).to(self.transformer.device))
 
         positive, negative = encode(prompt), encode(negative_prompt)
         return {"prompt_embeds": positive.states, "pooled_prompt_embeds": positive.pooled,

@@ -15,6 +15,7 @@ from library.families.family import ImageGeometry, cfg_pipeline_latents
 from library.families.prompt_tokens import tokenize
 from library.families.prompt_weights import WeightedTokens, tokenize_weighted
 from library.families.sd.denoiser import SDDenoiser
+from library.families.sd.sample_prompts import sample_prompt_states
 from library.families.vae_images import decode_first_image, vae_scale_factor
 from networks.lora_cat.targets import text_encoder_targets, unet_targets
 
@@ -89,9 +90,15 @@ class StableDiffusionModels:
         )
 
     def prompt_kwargs(self, prompt: str, negative_prompt: str, clip_skip: int | None = None,
-                      max_token_length: int | None = None) -> dict[str, Tensor]:
-        """`prompt_embeds` / `negative_prompt_embeds` encoded as training does (clip skip, long prompts)."""
+                      max_token_length: int | None = None, weighted: bool = False) -> dict[str, Tensor]:
+        """`prompt_embeds` / `negative_prompt_embeds` encoded as training does (clip skip, long prompts);
+        `weighted`: as sd-scripts' sample images encode them (library.families.sd.sample_prompts: weights,
+        up to 225 tokens whatever `max_token_length` is)."""
         denoiser = self.denoiser(clip_skip)
+        if weighted:
+            positive, negative = sample_prompt_states(self.tokenizer, denoiser.encode, [prompt, negative_prompt],
+                                                      self.unet.device)
+            return {"prompt_embeds": positive, "negative_prompt_embeds": negative}
 
         def encode(text: str) -> Tensor:
             return denoiser.encode(self.tokenize([text], max_token_length).to(self.unet.device))

@@ -103,12 +103,14 @@ class SDXLModels:
         )
 
     def prompt_kwargs(self, prompt: str, negative_prompt: str, clip_skip: int | None = None,
-                      max_token_length: int | None = None) -> dict[str, Tensor]:
-        """Per-token and pooled embeddings of prompt and negative prompt, encoded as training encodes them."""
+                      max_token_length: int | None = None, weighted: bool = False) -> dict[str, Tensor]:
+        """Per-token and pooled embeddings of prompt and negative prompt, encoded as training encodes them;
+        `weighted`: with their `(word:1.2)` weights, as weighted captions are (sd-scripts' SDXL sample
+        images encode them so)."""
         denoiser = self.denoiser(clip_skip)
 
         def encode(text: str):
-            return denoiser.encode(self.tokenize([text], max_token_length).to(self.unet.device))
+            return denoiser.encode(self.tokenize([text], max_token_length, weighted).to(self.unet.device))
 
         positive, negative = encode(prompt), encode(negative_prompt)
         return {
