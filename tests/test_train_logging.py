@@ -152,11 +152,25 @@ def test_wandb_gets_the_losses_the_project_and_the_tracker_config(workspace, tmp
     assert sample["sample_0/_type"] == "image-file" and sample["sample_0/caption"] == "a photo of sks teapot"
     (image,) = (tmp_path / "logs").glob("*/wandb/offline-run-*/files/" + sample["sample_0/path"])
     assert Image.open(image).size == (64, 64)
-    for row in run["history"].values():
+    for step, row in run["history"].items():
         assert LOSS_TAGS <= set(row) and row["loss/total"] > 0
         assert row["lr/unet"] == pytest.approx(1e-3)
+        assert (row["global_step"], row["epoch"]) == (step, 1), "sd-scripts' wandb keys"
     assert run["config"] == {}, "no --log_config: no configuration"
     assert not list(offline_wandb.glob("wandb_default/wandb/offline-run-*"))
+
+
+def test_sd_scripts_loss_tags_on_tensorboard(workspace, tmp_path):
+    assert train_network_cat.main(_argv(workspace, tmp_path, "--log_with", "tensorboard", "--max_train_epochs", "2")) == 0
+    scalars = _tensorboard_scalars(tmp_path / "logs")
+    total, average, epochs = scalars["loss/total"], scalars["loss/average"], scalars["loss/epoch_average"]
+    assert scalars["loss/current"] == total, "the loss the step optimized"
+    per_epoch = len(total) // 2
+    assert sorted(total) == list(range(1, 2 * per_epoch + 1)) and per_epoch > 1
+    for step in total:  # sd-scripts' LossRecorder: the mean over the last epoch's worth of steps
+        window = [total[s] for s in range(max(1, step - per_epoch + 1), step + 1)]
+        assert average[step] == pytest.approx(sum(window) / len(window), rel=1e-6)
+    assert epochs == pytest.approx({1: average[per_epoch], 2: average[2 * per_epoch]}, rel=1e-6), "at the epoch"
 
 
 def test_log_with_all_writes_tensorboard_too_and_the_config(workspace, tmp_path, offline_wandb, monkeypatch, caplog):

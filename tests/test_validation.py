@@ -89,7 +89,7 @@ def _record(monkeypatch) -> _Recorded:
     rec = _Recorded()
     real_run, real_train_on = validation.Validation.run, trainer._train_on
 
-    def run(self, kind, step, bar):
+    def run(self, kind, step, epoch, bar):
         noising = self.noising
 
         class Spy:  # the noising the round uses, recording the timesteps it asks for
@@ -101,7 +101,7 @@ def _record(monkeypatch) -> _Recorded:
 
         self.noising = Spy()
         try:
-            values = real_run(self, kind, step, bar)
+            values = real_run(self, kind, step, epoch, bar)
         finally:
             self.noising = noising
         rec.rounds.append((kind, step, values))

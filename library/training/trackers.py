@@ -45,3 +45,17 @@ def start_trackers(accelerator: Accelerator, log: LogArgs) -> None:
         config=None if log.log_config is None else dict(log.log_config),
         init_kwargs=init_kwargs,
     )
+
+
+def log_values(accelerator: Accelerator, values: dict[str, float], *, step: int, epoch: int,
+               tensorboard_step: int | None = None) -> None:
+    """Log `values` as sd-scripts' accelerator_logging does: TensorBoard (and any tracker but wandb) at
+    `tensorboard_step` (the global `step` unless given: epoch averages are logged at their epoch), wandb
+    with `global_step` and `epoch` among the values, at the global step (sd-scripts lets wandb count
+    its own steps, one a call; this keeps them the training steps). Does nothing without trackers
+    (they run on the main process only)."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            tracker.log({**values, "global_step": step, "epoch": epoch}, step=step)
+        else:
+            tracker.log(values, step=step if tensorboard_step is None else tensorboard_step)

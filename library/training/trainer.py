@@ -11,6 +11,7 @@ import math
 import os
 import random
 import shutil
+from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -50,7 +51,7 @@ from library.data.training_data import TrainingData
 from library.config.train_config import TrainConfig
 from library.training.train_metadata import RunFacts, at_save, training_metadata
 from library.training.text_cache import CachedTextDenoiser, TextEncoderCache, build_text_cache
-from library.training.trackers import log_folder, start_trackers
+from library.training.trackers import log_folder, log_values, start_trackers
 from library.training.train_state import Progress, load_state, random_streams, read_progress, save_state
 from library.training.validation import Validation
 from library.training.initial_step import starting_progress
@@ -331,6 +332,7 @@ def training_loop(run: Run) -> list[Path]:
     _print_summary(run, position)
     written: list[Path] = []
     step, epoch, accumulation = position.step, position.epoch, config.run.gradient_accumulation_steps
+    recent: deque[float] = deque(maxlen=run.facts.num_batches_per_epoch)  # sd-scripts' LossRecorder window
     bar = tqdm(total=run.facts.max_train_steps, initial=step, desc="steps", disable=not accelerator.is_local_main_process)
     # Side trips that leave training exactly as it was: sample images and the drift on trigger-free prompts.
     side = run.side_trip()
@@ -377,11 +379,11 @@ def training_loop(run: Run) -> list[Path]:
                 else:
                     run.lr_scheduler.step()
                 _scale_weight_norms(run, network)
-                validation.record(_log(run, losses, step, bar))
+                validation.record(_log(run, losses, step, epoch, bar, recent))
                 _follow_budget(run, preserved)
                 preserved = []
                 drift.after_step(step, bar)
-                validation.after_step(step, bar)
+                validation.after_step(step, epoch, bar)
                 sample_images.after_step(step)
                 position = Progress(step, epoch, index + 1, run.facts.seed, run.facts.max_train_steps)
                 if config.save.save_every_n_steps and step % config.save.save_every_n_steps == 0:
@@ -391,9 +393,11 @@ def training_loop(run: Run) -> list[Path]:
                 if step >= run.facts.max_train_steps:
                     sample_images.at_epoch_end(epoch, step)  # the last epoch ends here; sd-scripts samples it too
                     validation.at_epoch_end(epoch, step, bar)  # and validates it
+                    _log_epoch(run, recent, step, epoch)
                     break
             else:
                 epoch += 1
+                _log_epoch(run, recent, step, epoch - 1)
                 sample_images.at_epoch_end(epoch - 1, step)
                 validation.at_epoch_end(epoch - 1, step, bar)
                 position = Progress(step, epoch, 0, run.facts.seed, run.facts.max_train_steps)
@@ -589,11 +593,15 @@ def _scale_weight_norms(run: Run, network) -> None:
         network.apply_max_norm_regularization(run.config.network.scale_weight_norms, run.accelerator.device)
 
 
-def _log(run: Run, losses, step: int, progress) -> float:
-    """Log the step's losses and learning rates; returns the main term."""
+def _log(run: Run, losses, step: int, epoch: int, progress, recent: deque[float]) -> float:
+    """Log the step's losses and learning rates; returns the main term. `recent`: the total losses of
+    the last epoch's worth of steps, this one added, for sd-scripts' `loss/average`."""
     # One transfer for the three numbers (each .item() is a CPU-GPU sync point).
     main, cat, total = torch.stack([losses.main, losses.cat, losses.total]).tolist()
-    values = {"loss/main": main, "loss/cat": cat, "loss/total": total}
+    recent.append(total)
+    # sd-scripts' tags (the loss it optimizes, and its running mean over an epoch), then ours by term.
+    values = {"loss/current": total, "loss/average": sum(recent) / len(recent),
+              "loss/main": main, "loss/cat": cat, "loss/total": total}
     if losses.prompts is not None:
         values["loss/cat_prompts"] = losses.prompts.item()
     if run.budget is not None:
@@ -602,8 +610,16 @@ def _log(run: Run, losses, step: int, progress) -> float:
     progress.update(1)
     progress.set_postfix(loss=f"{values['loss/total']:.4f}", cat=f"{values['loss/cat']:.4f}")
     if run.config.log.log_with:
-        run.accelerator.log(values, step=step)
+        log_values(run.accelerator, values, step=step, epoch=epoch)
     return main
+
+
+def _log_epoch(run: Run, recent: deque[float], step: int, epoch: int) -> None:
+    """sd-scripts' `loss/epoch_average` at the end of epoch `epoch` (counted from 1), at that epoch on
+    TensorBoard's axis, as sd-scripts logs it."""
+    if run.config.log.log_with and recent:
+        log_values(run.accelerator, {"loss/epoch_average": sum(recent) / len(recent)}, step=step, epoch=epoch,
+                   tensorboard_step=epoch)
 
 
 def _save(run: Run, network, name: str, progress: Progress | None, end: bool = False) -> Path:

@@ -33,6 +33,7 @@ from library.data.run_data import free_caption, training_caption
 from library.data.training_data import Sample, TrainingData
 from library.sampling.side_trip import SideTrip
 from library.training.caption_tokens import CaptionTokens
+from library.training.trackers import log_values
 from library.training.train_batch import Noising, image_geometry
 
 logger = logging.getLogger(__name__)
@@ -89,16 +90,18 @@ class Validation:
         """One training step's main term, for the divergence."""
         self.training_losses.append(main_loss)
 
-    def after_step(self, step: int, bar) -> None:
+    def after_step(self, step: int, epoch: int, bar) -> None:
         if self.enabled and self.every_n_steps and step % self.every_n_steps == 0:
-            self.run("step", step, bar)
+            self.run("step", step, epoch, bar)
 
     def at_epoch_end(self, epoch: int, step: int, bar) -> None:
         if self.enabled and (self.every_n_epochs is None or epoch % self.every_n_epochs == 0):
-            self.run("epoch", step, bar)
+            self.run("epoch", step, epoch, bar)
 
-    def run(self, kind: str, step: int, bar) -> dict[str, float] | None:
-        """One round: the losses on every held-out batch at every fixed timestep, logged under `kind`."""
+    def run(self, kind: str, step: int, epoch: int, bar) -> dict[str, float] | None:
+        """One round: the losses on every held-out batch at every fixed timestep, logged under `kind`
+        at global `step` during epoch `epoch` (epoch rounds at the epoch on TensorBoard's axis, as
+        sd-scripts logs them)."""
         side = self.side
         if not self.enabled or not side.accelerator.is_main_process:
             return None
@@ -115,7 +118,7 @@ class Validation:
         if bar is not None:
             bar.set_postfix(val=f"{main:.4f}")
         if self.config.log.log_with:
-            side.accelerator.log(values, step=step)
+            log_values(side.accelerator, values, step=step, epoch=epoch, tensorboard_step=epoch if kind == "epoch" else None)
         return values
 
     def _losses(self) -> tuple[float, float]:
