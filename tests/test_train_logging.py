@@ -161,7 +161,8 @@ def test_wandb_gets_the_losses_the_project_and_the_tracker_config(workspace, tmp
 
 
 def test_sd_scripts_loss_tags_on_tensorboard(workspace, tmp_path):
-    assert train_network_cat.main(_argv(workspace, tmp_path, "--log_with", "tensorboard", "--max_train_epochs", "2")) == 0
+    argv = _argv(workspace, tmp_path, "--log_with", "tensorboard", "--max_train_epochs", "2", "--scale_weight_norms", "0.01")
+    assert train_network_cat.main(argv) == 0
     scalars = _tensorboard_scalars(tmp_path / "logs")
     total, average, epochs = scalars["loss/total"], scalars["loss/average"], scalars["loss/epoch_average"]
     assert scalars["loss/current"] == total, "the loss the step optimized"
@@ -171,6 +172,10 @@ def test_sd_scripts_loss_tags_on_tensorboard(workspace, tmp_path):
         window = [total[s] for s in range(max(1, step - per_epoch + 1), step + 1)]
         assert average[step] == pytest.approx(sum(window) / len(window), rel=1e-6)
     assert epochs == pytest.approx({1: average[per_epoch], 2: average[2 * per_epoch]}, rel=1e-6), "at the epoch"
+    # --scale_weight_norms: how many layers it scaled and the norms after scaling, every step.
+    assert sorted(scalars["max_norm/keys_scaled"]) == sorted(total) and max(scalars["max_norm/keys_scaled"].values()) > 0
+    assert all(0 < value <= 0.01 * (1 + 1e-5) for value in scalars["max_norm/max_key_norm"].values())
+    assert all(scalars["norm/avg_key_norm"][s] <= scalars["max_norm/max_key_norm"][s] for s in total)
 
 
 def test_log_with_all_writes_tensorboard_too_and_the_config(workspace, tmp_path, offline_wandb, monkeypatch, caplog):

@@ -378,8 +378,8 @@ def training_loop(run: Run) -> list[Path]:
                                 step, run.accelerator.scaler.get_scale() * 2)
                 else:
                     run.lr_scheduler.step()
-                _scale_weight_norms(run, network)
-                validation.record(_log(run, losses, step, epoch, bar, recent))
+                norms = _scale_weight_norms(run, network)
+                validation.record(_log(run, losses, step, epoch, bar, recent, norms))
                 _follow_budget(run, preserved)
                 preserved = []
                 drift.after_step(step, bar)
@@ -588,14 +588,19 @@ def _clip_gradients(run: Run) -> torch.Tensor:
     return run.accelerator.clip_grad_norm_(run.trainable, run.config.optimizer.max_grad_norm)
 
 
-def _scale_weight_norms(run: Run, network) -> None:
-    if run.config.network.scale_weight_norms:
-        network.apply_max_norm_regularization(run.config.network.scale_weight_norms, run.accelerator.device)
+def _scale_weight_norms(run: Run, network) -> dict[str, float]:
+    """--scale_weight_norms; sd-scripts' tags of what it did (none without the flag)."""
+    if not run.config.network.scale_weight_norms:
+        return {}
+    scaled, mean, largest = network.apply_max_norm_regularization(run.config.network.scale_weight_norms,
+                                                                  run.accelerator.device)
+    return {"max_norm/keys_scaled": scaled, "max_norm/max_key_norm": largest, "norm/avg_key_norm": mean}
 
 
-def _log(run: Run, losses, step: int, epoch: int, progress, recent: deque[float]) -> float:
-    """Log the step's losses and learning rates; returns the main term. `recent`: the total losses of
-    the last epoch's worth of steps, this one added, for sd-scripts' `loss/average`."""
+def _log(run: Run, losses, step: int, epoch: int, progress, recent: deque[float], norms: dict[str, float]) -> float:
+    """Log the step's losses, learning rates and `norms` (`_scale_weight_norms`); returns the main term.
+    `recent`: the total losses of the last epoch's worth of steps, this one added, for sd-scripts'
+    `loss/average`."""
     # One transfer for the three numbers (each .item() is a CPU-GPU sync point).
     main, cat, total = torch.stack([losses.main, losses.cat, losses.total]).tolist()
     recent.append(total)
@@ -607,6 +612,7 @@ def _log(run: Run, losses, step: int, epoch: int, progress, recent: deque[float]
     if run.budget is not None:
         values["cat/alpha"] = run.budget.alpha  # the alpha this step trained with
     values.update(current_learning_rates(run.lr_scheduler, run.lr_descriptions))
+    values.update(norms)
     progress.update(1)
     progress.set_postfix(loss=f"{values['loss/total']:.4f}", cat=f"{values['loss/cat']:.4f}")
     if run.config.log.log_with:
