@@ -214,7 +214,7 @@ def test_drift_budget_moves_alpha_and_resume_is_exact_across_a_change(workspace,
 
 def test_alpha_is_logged(workspace, tmp_path, monkeypatch):
     logged = []
-    monkeypatch.setattr(trainer.Accelerator, "log", lambda self, values, step=None: logged.append((step, dict(values))))
+    monkeypatch.setattr(trainer, "log_values", lambda accelerator, values, step, **_: logged.append((step, dict(values))))
     argv = _argv(workspace, tmp_path / "out", "--cat_drift_budget", "10", "--max_train_steps", "2", "--log_with",
                  "tensorboard", "--logging_dir", str(tmp_path / "logs"), "--cat_prompts", str(workspace / "prompts.txt"))
     assert train_network_cat.main(argv) == 0

@@ -89,7 +89,7 @@ def test_multi_concept_run_end_to_end(two_concepts, tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ('[[datasets]]\n[[datasets.subsets]]\nimage_dri = "x"\n', "unknown key 'image_dri'; did you mean image_dir"),
-    ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\ncache_info = true\n', "cache_info = True is accepted"),
+    ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\ncache_info = 1\n', "cache_info = 1 should be true or false"),
     ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\nnum_repeats = 0\n', "num_repeats = 0 should be at least 1"),
     ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\ncaption_dropout_rate = 1.5\n', "between 0 and 1"),
     ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\nflip_aug = 1\n', "flip_aug = 1 should be true or false"),
@@ -156,7 +156,7 @@ def test_resolution_is_an_integer_or_a_pair_of_integers_as_in_sd_scripts(tmp_pat
 
 def test_all_problems_are_reported_together(tmp_path):
     path = tmp_path / "bad.toml"
-    path.write_text('[[datasets]]\nbatchsize = 2\n[[datasets.subsets]]\nimage_dir = "x"\ncache_info = true\n'
+    path.write_text('[[datasets]]\nbatchsize = 2\n[[datasets.subsets]]\nimage_dir = "x"\ncache_info = "yes"\n'
                     '[[datasets]]\n[[datasets.subsets]]\nimage_dri = "y"\n')
     with pytest.raises(UserInputError) as error:
         load_dataset_config(path, cli_data())

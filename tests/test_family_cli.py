@@ -176,7 +176,8 @@ def test_validation_runs_and_changes_nothing_in_training(case, tmp_path, monkeyp
     rounds = []
     real_run = validation.Validation.run
     monkeypatch.setattr(validation.Validation, "run",
-                        lambda self, kind, step, bar: rounds.append(real_run(self, kind, step, bar)) or rounds[-1])
+                        lambda self, kind, step, epoch, bar: rounds.append(real_run(self, kind, step, epoch, bar))
+                        or rounds[-1])
     split = ("--validation_split", "0.5", "--cat_weight", "1")
     assert family.main(_argv(root, family, tmp_path / "busy", *split, "--validate_every_n_steps", "1")) == 0
     assert family.main(_argv(root, family, tmp_path / "quiet", *split, "--validate_every_n_epochs", "9")) == 0

@@ -505,10 +505,10 @@ def test_not_implemented_keys_are_flags():
 
 def test_not_implemented_flags_are_refused_together():
     with pytest.raises(UserInputError) as err:
-        parse_args(BASE + ["--mem_eff_attn", "--async_upload", "--huggingface_repo_id", "me/lora",
+        parse_args(BASE + ["--async_upload", "--huggingface_repo_id", "me/lora",
                            "--save_state_to_huggingface"])
     message = str(err.value)
-    for flag in ("--mem_eff_attn", "--async_upload", "--huggingface_repo_id", "--save_state_to_huggingface"):
+    for flag in ("--async_upload", "--huggingface_repo_id", "--save_state_to_huggingface"):
         assert flag + " (" in message
     assert "are accepted but not implemented yet" in message
     assert message.count(". ") == 0  # one sentence

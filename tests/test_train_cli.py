@@ -387,3 +387,18 @@ def test_class_caption_without_a_class_word_is_refused_at_start(tmp_path, worksp
     argv[argv.index("--reg_data_dir"): argv.index("--reg_data_dir") + 2] = []
     assert train_network_cat.main(argv) == 2
     assert "--cat_class_word" in capsys.readouterr().err
+
+
+def test_mem_eff_attn_is_sdpa_and_wins_over_xformers(workspace, tmp_path, monkeypatch, caplog):
+    # GUIs write mem_eff_attn = true: it trains, with PyTorch's SDPA (the default here), so the LoRA is the
+    # default run's bit for bit; with --xformers too, sd-scripts' precedence leaves xformers off.
+    enabled = []
+    monkeypatch.setattr("diffusers.UNet2DConditionModel.enable_xformers_memory_efficient_attention",
+                        lambda self, *args, **kwargs: enabled.append(True))
+    assert train_network_cat.main(_argv(workspace, tmp_path / "sdpa")) == 0
+    with caplog.at_level("INFO", logger="library.training.trainer"):
+        assert train_network_cat.main(_argv(workspace, tmp_path / "mem", "--mem_eff_attn", "--xformers")) == 0
+    assert not enabled and "--mem_eff_attn: PyTorch SDPA attention" in caplog.text
+    sdpa, _ = read_lora_file(tmp_path / "sdpa" / "cat.safetensors")
+    mem, _ = read_lora_file(tmp_path / "mem" / "cat.safetensors")
+    assert sdpa.keys() == mem.keys() and all(torch.equal(sdpa[k], mem[k]) for k in sdpa)

@@ -76,7 +76,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="text-encoder token length (default 75)")
     group.add_argument("--xformers", action="store_true", help="use xformers attention")
     group.add_argument("--sdpa", action="store_true", help="use PyTorch scaled-dot-product attention")
-    group.add_argument("--mem_eff_attn", action="store_true", help="use memory-efficient attention")
+    group.add_argument("--mem_eff_attn", action="store_true",
+                       help="memory-efficient attention: PyTorch SDPA here (it takes precedence over --xformers)")
     group.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32 under mixed precision")
     group.add_argument("--disable_mmap_load_safetensors", action="store_true",
                        help="read a .safetensors checkpoint into memory at once instead of memory-mapping it (SDXL)")
@@ -276,6 +277,8 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resize_interpolation", type=str, default=None, choices=list(CLI_RESIZE_INTERPOLATIONS),
                        help="how images are resized to their bucket (default: lanczos)")
     group.add_argument("--alpha_mask", action="store_true", help="use the alpha channel as the loss mask")
+    group.add_argument("--cache_info", action="store_true",
+                       help="keep image sizes in each image folder's metadata_cache.json for faster starts")
     group.add_argument("--train_batch_size", type=int, default=1, help="batch size (default 1)")
     group.add_argument("--max_data_loader_n_workers", type=int, default=8, help="DataLoader workers (default 8)")
     group.add_argument("--persistent_data_loader_workers", action="store_true", help="keep DataLoader workers")

@@ -11,7 +11,6 @@ from typing import Any
 
 # Giving one of these a value other than its default is refused at parse time, all of them in one sentence.
 NOT_IMPLEMENTED: dict[str, str] = {
-    "--mem_eff_attn": "use --sdpa or --xformers",
     "--huggingface_repo_id": "uploading to the Hugging Face Hub is not implemented",
     "--huggingface_repo_type": "uploading to the Hugging Face Hub is not implemented",
     "--huggingface_path_in_repo": "uploading to the Hugging Face Hub is not implemented",

@@ -233,6 +233,7 @@ class DataArgs:
     validation_split: float = 0.0  # the share of each dataset's images held out (library.data.validation_split)
     validation_seed: int | None = None  # the split's shuffle and the validation noise; None: --seed
     masked_loss: bool = False  # subsets may give loss masks in a conditioning_data_dir (library.data.loss_masks)
+    cache_info: bool = False  # image sizes kept in each folder's metadata_cache.json (library.data.info_cache)
 
 
 @dataclass(frozen=True)

@@ -44,10 +44,9 @@ SUBSET_KEYS = {
     "caption_dropout_every_n_epochs": INT, "caption_tag_dropout_rate": FLOAT, "custom_attributes": TABLE,
     "enable_wildcard": BOOL, "secondary_separator": STR, "alpha_mask": BOOL, "conditioning_data_dir": STR,
     "token_warmup_min": INT, "token_warmup_step": FLOAT, "face_crop_aug_range": LIST, "resize_interpolation": STR,
+    "cache_info": BOOL,
 }
-NOT_IMPLEMENTED_KEYS = {
-    "cache_info",
-}
+NOT_IMPLEMENTED_KEYS: set[str] = set()
 SUBSET_ONLY = {"image_dir", "is_reg", "metadata_file", "alpha_mask", "conditioning_data_dir"}
 # Keys sd-scripts' subsets with a conditioning_data_dir (its ControlNet subsets) do not have.
 NOT_IN_MASK_SUBSETS = ("is_reg", "alpha_mask", "metadata_file", "class_tokens")
@@ -158,7 +157,7 @@ def cli_subset_values(data: DataArgs) -> dict[str, Any]:
         "enable_wildcard": data.enable_wildcard, "secondary_separator": data.secondary_separator or "",
         "alpha_mask": data.alpha_mask, "token_warmup_min": data.token_warmup_min,
         "token_warmup_step": data.token_warmup_step, "face_crop_aug_range": data.face_crop_aug_range,
-        "resize_interpolation": data.resize_interpolation,
+        "resize_interpolation": data.resize_interpolation, "cache_info": data.cache_info,
     }
 
 
@@ -176,7 +175,7 @@ def subset_options(values: dict[str, Any]) -> SubsetOptions:
     face_range = values["face_crop_aug_range"]
     return SubsetOptions(captions, values["flip_aug"], values["color_aug"], values["random_crop"],
                          alpha_mask=values["alpha_mask"], face_crop_aug_range=tuple(float(v) for v in face_range) if face_range else None,
-                         resize_interpolation=values["resize_interpolation"])
+                         resize_interpolation=values["resize_interpolation"], cache_info=values["cache_info"])
 
 
 def _has_masks(subset: dict) -> bool:

@@ -35,6 +35,7 @@ class SubsetOptions:
     alpha_mask: bool = False  # the image's alpha channel weights its loss (library.data.loss_masks)
     face_crop_aug_range: tuple[float, float] | None = None  # (low, high); library.data.face_crop
     resize_interpolation: str | None = None  # library.data.resampling's names; None: sd-scripts' default
+    cache_info: bool = False  # image sizes kept in the folder's metadata_cache.json (library.data.info_cache)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from library.data.buckets import BucketSettings, Placement, bucket_resolutions, 
 from library.errors import UserInputError
 from library.data.folder_dataset import ImageItem, Subset
 from library.data.image_loading import inspect_image
+from library.data.info_cache import cached_sizes, write_cache
 
 
 @dataclass(frozen=True)
@@ -145,14 +146,19 @@ def place_datasets(specs: list[DatasetSpec], earlier: list[str] | None = None) -
     """Read every image's size (checking that it can be trained on) and place it in its dataset's
     buckets; every problem, with the `earlier` ones found by the caller, is reported in one error."""
     problems: list[str] = list(earlier or [])
+    cached = _cache_info_folders(specs)
+    known = {path: size for folder in cached for path, size in cached_sizes(folder).items()}
     sizes: dict[Path, tuple[int, int]] = {}
     for path in sorted({item.path for spec in specs for s in spec.subsets for item in s.items}):
-        size, problem = inspect_image(path)
+        size, problem = (known[path], None) if path in known else inspect_image(path)
         if problem:
             problems.append(problem)
         else:
             sizes[path] = size
     _raise_all(problems)  # placing needs every size
+    for folder, items in cached.items():
+        if {item.path for item in items} != {path for path in known if path.parent == folder}:
+            write_cache(folder, items, sizes)
     datasets = []
     for index, spec in enumerate(specs):
         settings = spec.buckets
@@ -168,6 +174,17 @@ def place_datasets(specs: list[DatasetSpec], earlier: list[str] | None = None) -
         datasets.append(Dataset(spec, placements))
     _raise_all(problems)
     return TrainingData(datasets)
+
+
+def _cache_info_folders(specs: list[DatasetSpec]) -> dict[Path, list[ImageItem]]:
+    """The image folders of the DreamBooth subsets with `cache_info` (sd-scripts has it for those only),
+    with every image of each (a folder split by validation_split, or in two subsets, is whole here)."""
+    folders: dict[Path, dict[Path, ImageItem]] = {}
+    for spec in specs:
+        for subset in spec.subsets:
+            if subset.options.cache_info and subset.metadata_file is None:
+                folders.setdefault(subset.folder, {}).update((item.path, item) for item in subset.items)
+    return {folder: list(items.values()) for folder, items in folders.items()}
 
 
 def _raise_all(problems: list[str]) -> None:

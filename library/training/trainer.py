@@ -273,14 +273,27 @@ def _prepare_models(config: TrainConfig, models: ModelFamily, accelerator: Accel
         if model.dtype != dtype:  # diffusers warns on every .to(dtype=...), even a no-op one
             model.to(dtype=dtype)
     _store_base_in_fp8(config, models)
+    _set_attention(config, models)
+    if config.run.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        models.unet.train()  # diffusers and transformers checkpoint only in training mode
+
+
+def _set_attention(config: TrainConfig, models: ModelFamily) -> None:
+    """The U-Net's attention, by sd-scripts' precedence: --mem_eff_attn, then --xformers, then SDPA (ours
+    by default, --sdpa or not). --mem_eff_attn asks for attention that never holds the whole attention
+    matrix; sd-scripts gives it by a FlashAttention written in plain PyTorch. PyTorch's SDPA, diffusers'
+    default processor, gives it by its memory-efficient and flash kernels, in less time: it is used."""
+    if config.model.mem_eff_attn:
+        ignored = " (it takes precedence over --xformers, as in sd-scripts)" if config.model.xformers else ""
+        logger.info("--mem_eff_attn: PyTorch SDPA attention, whose memory-efficient kernels stand in for "
+                    "sd-scripts' FlashAttention in plain PyTorch%s.", ignored)
+        return
     if config.model.xformers:
         try:
             models.unet.enable_xformers_memory_efficient_attention()
         except Exception as error:  # not installed, or no GPU kernels on this machine
             logger.warning("--xformers unavailable here (%s); using PyTorch SDPA attention instead.", error)
-    if config.run.gradient_checkpointing:
-        models.unet.enable_gradient_checkpointing()
-        models.unet.train()  # diffusers and transformers checkpoint only in training mode
 
 
 def _store_base_in_fp8(config: TrainConfig, models: ModelFamily) -> None:
