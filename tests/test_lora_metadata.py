@@ -154,9 +154,13 @@ def test_modelspec_optional_keys_when_given() -> None:
     spec = modelspec_metadata(
         model_version="sd_v2_v", title="t", resolution=(768, 640), timestamp=0.0, trigger_phrase="sks dog",
         clip_skip=2, timestep_range=(0, 1000), description="d", author="a", tags="x,y", license="mit",
-        implementation_version="cat-lora/1.0",
+        implementation_version="cat-lora/1.0", usage_hint="say sks", thumbnail="data:image/png;base64,AA==",
+        merged_from="a, b", preprocessor="canny", is_negative_embedding="false",
     )
     assert spec["modelspec.resolution"] == "768x640"
+    assert (spec["modelspec.usage_hint"], spec["modelspec.thumbnail"], spec["modelspec.merged_from"],
+            spec["modelspec.preprocessor"], spec["modelspec.is_negative_embedding"]) == (
+        "say sks", "data:image/png;base64,AA==", "a, b", "canny", "false")
     assert spec["modelspec.trigger_phrase"] == "sks dog"
     assert spec["modelspec.encoder_layer"] == "2"
     assert spec["modelspec.timestep_range"] == "0,1000"
@@ -170,7 +174,8 @@ def test_modelspec_optional_keys_when_given() -> None:
 
 def test_modelspec_leaves_out_unset_optional_keys() -> None:
     spec = modelspec_metadata(model_version="sd_v1", title="t", resolution=512, timestamp=0.0)
-    for key in ("trigger_phrase", "encoder_layer", "timestep_range", "description", "author", "tags", "license"):
+    for key in ("trigger_phrase", "encoder_layer", "timestep_range", "description", "author", "tags", "license",
+                "usage_hint", "thumbnail", "merged_from", "preprocessor", "is_negative_embedding"):
         assert f"modelspec.{key}" not in spec
 
 

@@ -11,7 +11,7 @@ from library.cli.checks import parse_key_values, parse_literal_args
 from library.cli.config_file import GUI_KEYS
 from library.cli.flags import build_parser
 from library.cli.train_args import parse_args
-from library.cli.unsupported import NOT_IMPLEMENTED
+from library.cli.unsupported import INERT_WITHOUT, NOT_IMPLEMENTED
 from library.errors import UserInputError
 
 BASE = ["--pretrained_model_name_or_path", "model.safetensors", "--train_data_dir", "data",
@@ -549,7 +549,8 @@ def test_every_not_implemented_flag_is_refused_when_set(tmp_path):
         if value is None:
             default = defaults[dest]
             value = [] if default is False else ["7"] if default is None or isinstance(default, (int, float)) else ["x"]
-        extra = ["--sample_at_first"] if dest == "sample_prompts" else ["--save_state"] if "_state" in dest else []
+        # A flag that does nothing without another (INERT_WITHOUT) is given with it.
+        extra = ["--sample_at_first"] if dest == "sample_prompts" else [f"--{e}" for e in INERT_WITHOUT.get(dest, ())[:1]]
         with pytest.raises(UserInputError) as err:
             parse_args(BASE + [flag, *value, *extra])
         assert f"{flag} (" in str(err.value), flag

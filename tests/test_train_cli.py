@@ -1,10 +1,12 @@
 """`train_network_cat.py` end to end on the tiny model: files, names, metadata, diffusers, bad input."""
 
+import base64
 import copy
 import dataclasses
 
 import pytest
 import torch
+from PIL import Image
 
 import library.training.trainer as trainer
 import networks.lora_cat as lora_cat
@@ -402,3 +404,41 @@ def test_mem_eff_attn_is_sdpa_and_wins_over_xformers(workspace, tmp_path, monkey
     sdpa, _ = read_lora_file(tmp_path / "sdpa" / "cat.safetensors")
     mem, _ = read_lora_file(tmp_path / "mem" / "cat.safetensors")
     assert sdpa.keys() == mem.keys() and all(torch.equal(sdpa[k], mem[k]) for k in sdpa)
+
+
+def test_the_remaining_model_spec_metadata_flags(workspace, tmp_path, capsys):
+    thumbnail = tmp_path / "thumb.png"
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(thumbnail)
+    argv = _argv(workspace, tmp_path / "out", "--metadata_usage_hint", "say sks teapot", "--metadata_thumbnail",
+                 str(thumbnail), "--metadata_merged_from", "a, b", "--metadata_preprocessor", "none",
+                 "--metadata_is_negative_embedding", "false", "--max_train_steps", "1")
+    assert train_network_cat.main(argv) == 0
+    _, metadata = read_lora_file(tmp_path / "out" / "cat.safetensors")
+    assert (metadata["modelspec.usage_hint"], metadata["modelspec.merged_from"], metadata["modelspec.preprocessor"],
+            metadata["modelspec.is_negative_embedding"]) == ("say sks teapot", "a, b", "none", "false")
+    kind, data = metadata["modelspec.thumbnail"].split(",", 1)
+    assert kind == "data:image/png;base64" and base64.b64decode(data) == thumbnail.read_bytes(), "as sd-scripts writes it"
+    argv[argv.index("--metadata_thumbnail") + 1] = str(tmp_path / "missing.png")
+    assert train_network_cat.main(argv) == 2
+    assert "--metadata_thumbnail" in capsys.readouterr().err
+
+
+def test_ddp_flags_and_refused_sd_scripts_flags(workspace, tmp_path, monkeypatch, capsys):
+    handlers = []
+    real_init = trainer.Accelerator.__init__
+
+    def recording(self, *args, **kwargs):
+        handlers.append(kwargs.get("kwargs_handlers"))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.Accelerator, "__init__", recording)
+    argv = _argv(workspace, tmp_path / "out", "--ddp_timeout", "45", "--ddp_static_graph",
+                 "--ddp_gradient_as_bucket_view", "--max_train_steps", "1")
+    assert train_network_cat.main(argv) == 0
+    (handler,) = handlers[0]
+    assert handler.timeout.total_seconds() == 45 * 60, "--ddp_timeout: minutes, as sd-scripts passes it"
+    refused = ("--torch_compile", "--deepspeed", "--fused_backward_pass", "--debug_dataset", "--cpu_offload_checkpointing")
+    assert train_network_cat.main(_argv(workspace, tmp_path / "refused", *refused)) == 2
+    error = capsys.readouterr().err
+    assert all(f"{flag} (" in error for flag in refused) and "not implemented" in error
+    assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").rglob("*.safetensors"))

@@ -240,6 +240,10 @@ def _check_saving(args: ArgValues) -> None:
     if args["resume"] and not Path(args["resume"]).is_dir():
         raise UserInputError(f"{args.show('resume')}: that state folder does not exist; give a "
                              f"<output_name>-state folder written by --save_state.")
+    thumbnail = args["metadata_thumbnail"]
+    if thumbnail and not thumbnail.startswith("data:") and not Path(thumbnail).is_file():
+        raise UserInputError(f"{args.show('metadata_thumbnail')}: no such image file; give the path of an image "
+                             "(it is written into the LoRA's metadata as a data URL) or a data: URL.")
 
 
 def _check_not_implemented(args: ArgValues) -> None:

@@ -335,6 +335,12 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--validate_every_n_steps", type=int, default=None, help="validate every N steps")
     group.add_argument("--validate_every_n_epochs", type=int, default=None, help="validate every N epochs")
     group.add_argument("--max_validation_steps", type=int, default=None, help="validation batches per run")
+    group.add_argument("--ddp_timeout", type=int, default=None,
+                       help="minutes processes wait for each other (default: accelerate's)")
+    group.add_argument("--ddp_gradient_as_bucket_view", action="store_true",
+                       help="accepted; no effect here (no DDP wrapper: gradients are averaged directly)")
+    group.add_argument("--ddp_static_graph", action="store_true",
+                       help="accepted; no effect here (no DDP wrapper: gradients are averaged directly)")
 
 
 def _add_save_arguments(parser: argparse.ArgumentParser) -> None:
@@ -364,7 +370,10 @@ def _add_metadata_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("metadata")
     for name, text in (("title", "title (default: the output name)"), ("author", "author"),
                        ("description", "description"), ("license", "license"), ("tags", "tags, comma-separated"),
-                       ("trigger_phrase", "trigger phrase")):
+                       ("trigger_phrase", "trigger phrase"), ("usage_hint", "usage hint"),
+                       ("thumbnail", "thumbnail: a data URL, or an image file written in as one"),
+                       ("merged_from", "source models"), ("preprocessor", "preprocessor"),
+                       ("is_negative_embedding", "is-a-negative-embedding flag")):
         group.add_argument(f"--metadata_{name}", type=str, default=None, help=f"model {text} in the metadata")
     group.add_argument("--training_comment", type=str, default=None, help="a comment stored in the metadata")
 
@@ -411,13 +420,19 @@ def _add_sample_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_unsupported_arguments(parser: argparse.ArgumentParser) -> None:
-    """sd-scripts flags for the Hugging Face Hub, accepted so that configs using them get a clear refusal."""
-    group = parser.add_argument_group("Hugging Face Hub (not implemented)")
+    """sd-scripts flags not implemented here (library.cli.unsupported says why), accepted so that
+    configs using them get a clear refusal rather than argparse's "unrecognized arguments"."""
+    group = parser.add_argument_group("not implemented")
     for name in ("huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
-                 "huggingface_repo_visibility"):
+                 "huggingface_repo_visibility", "dataset_class", "offload_optimizer_device",
+                 "offload_optimizer_nvme_path", "offload_param_device", "offload_param_nvme_path"):
         group.add_argument(f"--{name}", type=str, default=None, help=argparse.SUPPRESS)
-    for name in ("save_state_to_huggingface", "resume_from_huggingface", "async_upload"):
+    for name in ("save_state_to_huggingface", "resume_from_huggingface", "async_upload", "torch_compile",
+                 "deepspeed", "zero3_init_flag", "zero3_save_16bit_model", "fp16_master_weights_and_gradients",
+                 "fused_backward_pass", "debug_dataset", "cpu_offload_checkpointing"):
         group.add_argument(f"--{name}", action="store_true", help=argparse.SUPPRESS)
+    group.add_argument("--dynamo_backend", type=str, default="inductor", help=argparse.SUPPRESS)  # sd-scripts' default
+    group.add_argument("--zero_stage", type=int, default=2, help=argparse.SUPPRESS)  # sd-scripts' default
 
 
 def steps_or_ratio(text: str) -> int | float:

@@ -252,6 +252,9 @@ class RunArgs:
     initial_step: int | None = None  # steps already done, 0 = the first
     initial_epoch: int | None = None  # the epoch to start in, 1 = the first; --initial_step wins
     skip_until_initial_step: bool = False  # also skip the batches of those steps (else start at their epoch's start)
+    ddp_timeout: int | None = None  # minutes processes wait for each other; None: accelerate's default
+    ddp_gradient_as_bucket_view: bool = False  # accepted, no effect: no DDP wrapper (library.training.grad_sync)
+    ddp_static_graph: bool = False  # accepted, no effect, likewise
 
 
 @dataclass(frozen=True)
@@ -286,6 +289,11 @@ class MetadataArgs:
     tags: str | None  # comma-separated
     trigger_phrase: str | None
     training_comment: str | None
+    usage_hint: str | None = None
+    thumbnail: str | None = None  # a data URL, or an image file (written in as a data URL)
+    merged_from: str | None = None
+    preprocessor: str | None = None
+    is_negative_embedding: str | None = None
 
 
 @dataclass(frozen=True)

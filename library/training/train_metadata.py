@@ -5,7 +5,9 @@ UIs (A1111/Forge's LoRA tab, ComfyUI info nodes) show these; every value is a st
 
 from __future__ import annotations
 
+import base64
 import json
+import mimetypes
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -250,4 +252,18 @@ def _modelspec(config: TrainConfig, facts: RunFacts, output_name: str, resolutio
         author=config.metadata.author,
         tags=config.metadata.tags,
         license=config.metadata.license,
+        usage_hint=config.metadata.usage_hint,
+        thumbnail=thumbnail_data_url(config.metadata.thumbnail),
+        merged_from=config.metadata.merged_from,
+        preprocessor=config.metadata.preprocessor,
+        is_negative_embedding=config.metadata.is_negative_embedding,
     )
+
+
+def thumbnail_data_url(thumbnail: str | None) -> str | None:
+    """--metadata_thumbnail as sd-scripts writes it: a data URL as given, an image file as a data URL of
+    its bytes (its type from its name); the file was checked at start (library.cli.checks)."""
+    if thumbnail is None or thumbnail.startswith("data:"):
+        return thumbnail
+    kind = mimetypes.guess_type(thumbnail)[0] or "application/octet-stream"
+    return f"data:{kind};base64,{base64.b64encode(Path(thumbnail).read_bytes()).decode('ascii')}"

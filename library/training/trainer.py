@@ -13,13 +13,14 @@ import random
 import shutil
 from collections import deque
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from torch.nn.utils import get_total_norm
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -203,13 +204,19 @@ def _accelerator(config: TrainConfig) -> Accelerator:
     # calling main() again) must not inherit the first one's precision or gradient settings.
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+    run = config.run
+    if run.ddp_gradient_as_bucket_view or run.ddp_static_graph:
+        logger.info("--ddp_gradient_as_bucket_view / --ddp_static_graph tune DDP's wrapper, which this trainer does "
+                    "not use (it averages the adapters' gradients itself): no effect.")
     accelerator = Accelerator(
         # Several processes on a machine without a GPU (torchrun): accelerate runs them as MULTI_CPU
         # (gloo) only when told to use the CPU; otherwise each would train alone.
         cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
-        mixed_precision=config.run.mixed_precision,
+        mixed_precision=run.mixed_precision,
         log_with=config.log.log_with,
         project_dir=log_folder(config.log),
+        # --ddp_timeout: how long processes wait for each other (sd-scripts passes it the same way).
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=run.ddp_timeout))] if run.ddp_timeout else None,
     )
     if config.run.full_fp16 and accelerator.scaler is not None:
         _allow_fp16_gradients(accelerator.scaler)

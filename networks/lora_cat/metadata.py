@@ -128,6 +128,11 @@ def modelspec_metadata(
     tags: str | None = None,
     license: str | None = None,
     implementation_version: str | None = None,
+    usage_hint: str | None = None,
+    thumbnail: str | None = None,
+    merged_from: str | None = None,
+    preprocessor: str | None = None,
+    is_negative_embedding: str | None = None,
 ) -> dict[str, str]:
     """The `modelspec.*` keys sd-scripts writes for an SD1/SD2, SDXL or FLUX.1 LoRA.
 
@@ -140,9 +145,10 @@ def modelspec_metadata(
     `date` (local time, whole seconds, ISO 8601 without zone: "2024-05-01T13:45:00") and
     `prediction_type` ("v" or "epsilon", see `prediction_type`). Written only when given:
     `trigger_phrase`, `encoder_layer` (the clip skip, as text), `timestep_range` ("min,max"),
-    `description`, `author`, `tags`, `license`, `implementation_version`. sd-scripts gets
-    `timestep_range` from --min_timestep/--max_timestep (0 and 1000 fill a missing end) and
-    `trigger_phrase`, `description`, `author`, `tags`, `license` from the --metadata_* flags.
+    `description`, `author`, `tags`, `license`, `implementation_version`, `usage_hint`, `thumbnail`
+    (a data URL), `merged_from`, `preprocessor`, `is_negative_embedding`. sd-scripts gets
+    `timestep_range` from --min_timestep/--max_timestep (0 and 1000 fill a missing end) and the
+    others from the --metadata_* flags.
     """
     spec = {
         "modelspec.sai_model_spec": SAI_MODEL_SPEC_VERSION,
@@ -163,6 +169,11 @@ def modelspec_metadata(
         "modelspec.tags": tags,
         "modelspec.license": license,
         "modelspec.implementation_version": implementation_version,
+        "modelspec.usage_hint": usage_hint,
+        "modelspec.thumbnail": thumbnail,
+        "modelspec.merged_from": merged_from,
+        "modelspec.preprocessor": preprocessor,
+        "modelspec.is_negative_embedding": is_negative_embedding,
     }
     return {**spec, **{key: value for key, value in optional.items() if value is not None}}
 
