@@ -74,16 +74,23 @@ def test_cached_text_encoder_outputs_train_the_same_lora_without_the_encoders(wo
     encode = SDXLDenoiser.encode
     monkeypatch.setattr(SDXLDenoiser, "encode", lambda self, ids: calls.append(ids.shape[0]) or encode(self, ids))
     assert sdxl_train_network_cat.main(_argv(workspace, tmp_path / "cached", *base, "--cache_text_encoder_outputs")) == 0
-    # The network guard's two probe passes, then one caption at a time while caching: never a training batch.
-    assert calls and all(batch in (1, 2) for batch in calls) and len(calls) == 2 + 1 + 8
+    # The network guard's two probe passes, then the empty caption, then the 8 captions (4 training,
+    # 4 trigger-free) a batch size (2, sd-scripts' default --text_encoder_batch_size) at a time.
+    assert calls[2:] == [1, 2, 2, 2, 2]
+    calls.clear()
+    one = _argv(workspace, tmp_path / "one", *base, "--cache_text_encoder_outputs", "--text_encoder_batch_size", "3")
+    assert sdxl_train_network_cat.main(one) == 0
+    assert calls[2:] == [1, 3, 3, 2]
     expected, _ = read_lora_file(tmp_path / "plain" / "cat.safetensors")
     got, _ = read_lora_file(tmp_path / "cached" / "cat.safetensors")
     assert expected.keys() == got.keys()
-    # Caching encodes one caption at a time, training a batch: CPU matmuls round differently by batch
-    # size (3.6e-7 measured on the pooled embedding).
+    # Caching encodes other batches than training does: CPU matmuls round differently by batch size
+    # (3.6e-7 measured on the pooled embedding).
     assert any(expected[name].abs().max() > 1e-4 for name in expected if "lora_up" in name), "training moved the LoRA"
+    by_three, _ = read_lora_file(tmp_path / "one" / "cat.safetensors")
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(by_three[name], expected[name], atol=1e-6, rtol=1e-5)
 
 
 def test_the_disk_cache_is_reused_only_for_the_same_captions(workspace, tmp_path):

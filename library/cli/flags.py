@@ -289,6 +289,8 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cache_text_encoder_outputs", action="store_true", help="cache text-encoder outputs (SDXL)")
     group.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true",
                        help="cache text-encoder outputs on disk (SDXL; implies --cache_text_encoder_outputs)")
+    group.add_argument("--text_encoder_batch_size", type=int, default=None,
+                       help="captions per text-encoder call when caching its outputs (default: the batch size)")
 
 
 def _add_caption_arguments(parser: argparse.ArgumentParser) -> None:

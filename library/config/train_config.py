@@ -234,6 +234,7 @@ class DataArgs:
     validation_seed: int | None = None  # the split's shuffle and the validation noise; None: --seed
     masked_loss: bool = False  # subsets may give loss masks in a conditioning_data_dir (library.data.loss_masks)
     cache_info: bool = False  # image sizes kept in each folder's metadata_cache.json (library.data.info_cache)
+    text_encoder_batch_size: int | None = None  # captions per call when caching text states; None: the batch size
 
 
 @dataclass(frozen=True)

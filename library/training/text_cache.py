@@ -96,39 +96,59 @@ def build_text_cache(config: TrainConfig, data: TrainingData, denoiser: Denoiser
                      autocast: Callable[[], contextlib.AbstractContextManager],
                      prompts: Sequence[str] = ()) -> TextEncoderCache:
     """Encode every image's training and trigger-free captions (or read them from disk) and the
-    --cat_prompts `prompts` (in memory) once."""
+    --cat_prompts `prompts` (in memory) once, `--text_encoder_batch_size` captions a call (default:
+    the batch size, as in sd-scripts)."""
     check_fixed_captions(data)
     model = config.model
     fingerprint = _fingerprint(text_encoders, f"max_token_length={model.max_token_length} "
                                               f"t5xxl_max_token_length={model.t5xxl_max_token_length} "
                                               f"apply_t5_attn_mask={model.apply_t5_attn_mask}")
+    batch_size = config.data.text_encoder_batch_size or config.data.train_batch_size
     states: dict[bytes, Any] = {}
 
-    def encode(caption: str) -> tuple[bytes, Any]:
-        ids = tokenize([caption])
-        key = _key(ids[0])
-        if key not in states:
+    def encode(texts: Sequence[str]) -> None:
+        """The states of each of `texts` not known yet, into `states`."""
+        pending: dict[bytes, Any] = {}
+        for text in texts:
+            ids = tokenize([text])
+            pending.setdefault(_key(ids[0]), ids)
+        rows = [(key, ids) for key, ids in pending.items() if key not in states]
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
             with torch.no_grad(), autocast():
-                states[key] = _to(denoiser.encode(ids.to(device)), torch.device("cpu"))
-        return key, states[key]
+                encoded = _to(denoiser.encode(torch.cat([ids for _, ids in chunk]).to(device)), torch.device("cpu"))
+            states.update((key, _row(encoded, index)) for index, (key, _) in enumerate(chunk))
 
-    kind = type(encode("")[1])  # what the states of one caption are: a tensor, or a NamedTuple of them
+    encode([""])
+    kind = type(next(iter(states.values())))  # what the states of one caption are: a tensor, or a NamedTuple
+    to_write: list[tuple[Path, tuple[str, str], dict[str, str]]] = []
+    texts: list[str] = list(prompts)
     for item in _unique_items(data):
         caption = fixed_caption(item)
         captions = (caption, free_caption(config, item, caption))
         if config.data.cache_text_encoder_outputs_to_disk:
-            _through_disk(item.path, captions, fingerprint, kind, tokenize, encode, states)
-        else:
-            for text in captions:
-                encode(text)
-    for prompt in prompts:
-        encode(prompt)
+            wanted = _read_through_disk(item.path, captions, fingerprint, kind, tokenize, states)
+            if wanted is None:
+                continue
+            to_write.append((item.path, captions, wanted))
+        texts += captions
+    encode(texts)
+    for image, captions, wanted in to_write:
+        _write_disk(image, [states[_key(tokenize([text])[0])] for text in captions], wanted)
     return TextEncoderCache(states)
 
 
-def _through_disk(image: Path, captions: tuple[str, str], fingerprint: str, kind: type, tokenize: Tokenize,
-                  encode: Callable[[str], tuple[bytes, Any]], states: dict[bytes, Any]) -> None:
-    """Read the image's cache file if it holds these captions for these encoders; else encode and write it."""
+def _row(value: Any, index: int) -> Any:
+    """Row `index` of encoded states, batch dimension 1 kept (a NamedTuple's None parts stay None)."""
+    if isinstance(value, Tensor):
+        return value[index : index + 1]
+    return type(value)(*(None if part is None else part[index : index + 1] for part in value))
+
+
+def _read_through_disk(image: Path, captions: tuple[str, str], fingerprint: str, kind: type, tokenize: Tokenize,
+                       states: dict[bytes, Any]) -> dict[str, str] | None:
+    """Take the image's cache file into `states` if it holds these captions for these encoders (None);
+    else the metadata its new file must carry, for `_write_disk` once the captions are encoded."""
     path = image.with_name(image.stem + DISK_SUFFIX)
     ids = [tokenize([text])[0] for text in captions]
     wanted = {"captions": json.dumps(list(captions)), "fingerprint": fingerprint, "kind": kind.__qualname__,
@@ -137,8 +157,12 @@ def _through_disk(image: Path, captions: tuple[str, str], fingerprint: str, kind
     if stored is not None and all(stored[0].get(key) == value for key, value in wanted.items()):
         for index, row in enumerate(ids):
             states[_key(row)] = stored[1][index]
-        return
-    encoded = [encode(text)[1] for text in captions]
+        return None
+    return wanted
+
+
+def _write_disk(image: Path, encoded: list[Any], wanted: dict[str, str]) -> None:
+    path = image.with_name(image.stem + DISK_SUFFIX)
     tensors = {f"{index}.{part}": tensor.contiguous() for index, value in enumerate(encoded)
                for part, tensor in enumerate(_parts(value)) if tensor is not None}
     save_file(tensors, path, metadata={**wanted, "fields": str(len(_parts(encoded[0])))})
