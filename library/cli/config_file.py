@@ -27,11 +27,11 @@ import argparse
 import json
 import logging
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from library.config.toml_file import read_toml as read_toml_file
 from library.errors import UserInputError
 
 logger = logging.getLogger(__name__)
@@ -88,22 +88,8 @@ def load_config_file(value: str, parser: argparse.ArgumentParser) -> ConfigFile:
 
 def read_toml(path: Path) -> dict[str, Any]:
     """The parsed TOML document; a missing, unreadable or malformed file is a `UserInputError`."""
-    if not path.is_file():
-        what = "is a folder" if path.is_dir() else "does not exist"
-        raise UserInputError(f"The config file {path} (from --config_file) {what}; give the path of a .toml file.")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")  # Windows editors may add a byte-order mark
-    except UnicodeDecodeError as err:
-        raise UserInputError(f"The config file {path} is not UTF-8 text ({err}); save it as UTF-8.") from err
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        hint = (
-            "write Windows paths with / or in single quotes, e.g. train_data_dir = 'C:\\lora\\img'"
-            if "\\" in str(err)
-            else 'strings need quotes, e.g. output_name = "my_lora"'
-        )
-        raise UserInputError(f"The config file {path} is not valid TOML: {err}; fix that line ({hint}).") from err
+    return read_toml_file(path, f"The config file {path} (from --config_file)", 'output_name = "my_lora"',
+                          path_example="train_data_dir", missing_hint="give the path of a .toml file")
 
 
 def _flatten(document: Mapping[str, Any], path: Path) -> dict[str, Any]:

@@ -18,11 +18,11 @@ import importlib.util
 import inspect
 import logging
 import os
-import tomllib
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from library.config.toml_file import read_toml
 from library.cli.arg_values import ArgValues
 from library.errors import UserInputError
 
@@ -79,17 +79,8 @@ def tracker_init_kwargs(args: ArgValues) -> Mapping[str, Mapping[str, Any]]:
 def read_tracker_config(path: Path, shown: str) -> dict[str, dict[str, Any]]:
     """A TOML file of one table per tracker (`[wandb]` with wandb.init's keywords, ...); a missing,
     unreadable or malformed file, or a top-level key that is not a table, is a `UserInputError`."""
-    if not path.is_file():
-        what = "is a folder" if path.is_dir() else "does not exist"
-        raise UserInputError(f"{shown}: the tracker config file {what}; give a .toml file with one table per "
-                             "tracker, e.g. [wandb] with entity = \"my-team\".")
-    try:
-        document = tomllib.loads(path.read_bytes().decode("utf-8-sig"))
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserInputError(f"{shown}: the tracker config file cannot be read as UTF-8 text ({err}).") from err
-    except tomllib.TOMLDecodeError as err:
-        raise UserInputError(f"{shown}: the tracker config file is not valid TOML: {err}; fix that line "
-                             "(strings need quotes, e.g. name = \"my run\").") from err
+    document = read_toml(path, f"{shown}: the tracker config file", 'name = "my run"',
+                         missing_hint='give a .toml file with one table per tracker, e.g. [wandb] with entity = "my-team"')
     loose = [key for key, value in document.items() if not isinstance(value, dict)]
     if loose:
         raise UserInputError(f"{shown}: {', '.join(loose)} {'is' if len(loose) == 1 else 'are'} not in a tracker's "

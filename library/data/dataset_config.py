@@ -16,11 +16,11 @@ that are not implemented here are refused with a sentence when set.
 from __future__ import annotations
 
 import difflib
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from library.config.toml_file import read_toml
 from library.data.buckets import BucketSettings, check_bucket_settings
 from library.data.caption_transforms import CaptionOptions
 from library.errors import UserInputError
@@ -243,21 +243,7 @@ def _relative(value: str, config_path: Path) -> Path:
 
 def _read(path: Path) -> dict:
     """The parsed file (TOML 1.0, stdlib tomllib as for --config_file); problems name the file and line."""
-    if not path.is_file():
-        raise UserInputError(f"--dataset_config {path} does not exist; check the path.")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")  # Windows editors may add a byte-order mark
-    except UnicodeDecodeError as error:
-        raise UserInputError(f"--dataset_config {path} is not UTF-8 text ({error}); save it as UTF-8.") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        hint = (
-            "write Windows paths with / or in single quotes, e.g. image_dir = 'C:\\lora\\img'"
-            if "\\" in str(error)
-            else 'strings need quotes, e.g. class_tokens = "sks dog"'
-        )
-        raise UserInputError(f"--dataset_config {path} is not valid TOML: {error}; fix that line ({hint}).") from None
+    return read_toml(path, f"--dataset_config {path}", 'class_tokens = "sks dog"', path_example="image_dir")
 
 
 def _table(data: dict, name: str, path: Path, problems: list[str]) -> dict:

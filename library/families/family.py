@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from library.cat.objective import Denoiser
 from library.config.train_config import ModelArgs
+from library.families.vae_images import decode_first_image
 
 
 @dataclass(frozen=True)
@@ -95,12 +96,20 @@ class ModelFamily(Protocol):
         """The first image of a batch of denoised latents."""
 
 
-def cfg_pipeline_latents(pipe: Any, embeds: dict[str, Tensor], *, width: int, height: int, steps: int, scale: float,
-                         generator: torch.Generator) -> Tensor:
-    """Denoised latents from a classifier-free-guided diffusers pipeline (SD's, SDXL's): `scale` is its
-    `guidance_scale`; the families with such a pipeline make their `sample_latents` of this."""
-    return pipe(**embeds, height=height, width=width, num_inference_steps=steps, guidance_scale=scale,
-                generator=generator, output_type="latent").images
+class GuidedPipelineSampling:
+    """`sample_latents` and `decode_image` of a family whose diffusers pipeline is classifier-free
+    guided (SD's, SDXL's): such a family's class takes both from here."""
+
+    vae: nn.Module
+
+    def sample_latents(self, pipe: Any, embeds: dict[str, Tensor], *, width: int, height: int, steps: int,
+                       scale: float, guidance: float | None, generator: torch.Generator) -> Tensor:
+        """`scale` is the pipeline's `guidance_scale`; `guidance` is FLUX.1's input, which these models lack."""
+        return pipe(**embeds, height=height, width=width, num_inference_steps=steps, guidance_scale=scale,
+                    generator=generator, output_type="latent").images
+
+    def decode_image(self, latents: Tensor) -> Image.Image:
+        return decode_first_image(self.vae, latents)
 
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)

@@ -5,23 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from PIL import Image
 from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from library.families.family import ImageGeometry, cfg_pipeline_latents
+from library.families.family import GuidedPipelineSampling, ImageGeometry
 from library.families.prompt_tokens import tokenize
 from library.families.prompt_weights import WeightedTokens, tokenize_weighted
 from library.families.sd.denoiser import SDDenoiser
 from library.families.sd.sample_prompts import sample_prompt_states
-from library.families.vae_images import decode_first_image, vae_scale_factor
+from library.families.vae_images import vae_scale_factor
 from networks.lora_cat.targets import text_encoder_targets, unet_targets
 
 
 @dataclass
-class StableDiffusionModels:
+class StableDiffusionModels(GuidedPipelineSampling):
     """The parts of an SD1/SD2 model a LoRA trainer needs, with the flags they were loaded under."""
 
     text_encoder: CLIPTextModel
@@ -104,15 +102,6 @@ class StableDiffusionModels:
             return denoiser.encode(self.tokenize([text], max_token_length).to(self.unet.device))
 
         return {"prompt_embeds": encode(prompt), "negative_prompt_embeds": encode(negative_prompt)}
-
-    def sample_latents(self, pipe, embeds: dict[str, Tensor], *, width: int, height: int, steps: int, scale: float,
-                       guidance: float | None, generator: torch.Generator) -> Tensor:
-        """`guidance` is FLUX.1's input; this model has none."""
-        return cfg_pipeline_latents(pipe, embeds, width=width, height=height, steps=steps, scale=scale,
-                                    generator=generator)
-
-    def decode_image(self, latents: Tensor) -> Image.Image:
-        return decode_first_image(self.vae, latents)
 
     @property
     def _vae_scale_factor(self) -> int:

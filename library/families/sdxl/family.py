@@ -7,22 +7,21 @@ from typing import Sequence
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-from PIL import Image
 from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from library.families.family import ImageGeometry, cfg_pipeline_latents
+from library.families.family import GuidedPipelineSampling, ImageGeometry
 from library.families.prompt_tokens import tokenize
 from library.families.prompt_weights import WeightedTokens, tokenize_weighted
 from library.families.sdxl.denoiser import SDXLDenoiser
-from library.families.vae_images import decode_first_image, vae_scale_factor
+from library.families.vae_images import vae_scale_factor
 from networks.lora_cat.targets import text_encoder_targets, unet_targets
 
 MODEL_VERSION = "sdxl_base_v1-0"  # sd-scripts' ss_base_model_version for every SDXL-based model
 
 
 @dataclass
-class SDXLModels:
+class SDXLModels(GuidedPipelineSampling):
     """The parts of an SDXL model a LoRA trainer needs, with the flag they were loaded under.
 
     `text_encoder_1` is CLIP ViT-L (768 wide, pads with <|endoftext|>), `text_encoder_2` OpenCLIP
@@ -117,12 +116,3 @@ class SDXLModels:
             "prompt_embeds": positive.states, "pooled_prompt_embeds": positive.pooled,
             "negative_prompt_embeds": negative.states, "negative_pooled_prompt_embeds": negative.pooled,
         }
-
-    def sample_latents(self, pipe, embeds: dict[str, Tensor], *, width: int, height: int, steps: int, scale: float,
-                       guidance: float | None, generator: torch.Generator) -> Tensor:
-        """`guidance` is FLUX.1's input; this model has none."""
-        return cfg_pipeline_latents(pipe, embeds, width=width, height=height, steps=steps, scale=scale,
-                                    generator=generator)
-
-    def decode_image(self, latents: Tensor) -> Image.Image:
-        return decode_first_image(self.vae, latents)
