@@ -92,3 +92,13 @@ def test_resume_continues_every_ranks_own_noise(workspace, tmp_path, capsys):
     one = _probe_argv(workspace, tmp_path / "one", *steps, "--resume", str(state))
     assert train_network_cat.main(one) == 2
     assert "saved by a run of 2 process(es), this run has 1" in capsys.readouterr().err
+
+
+def test_cat_prompts_train_in_step_on_every_rank(workspace, tmp_path):
+    """--cat_prompts: each rank draws its prompts from its own stream and preserves them in the same
+    backward pass as its batch, so the step still costs one all-reduce and the ranks stay equal."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red car\na bowl of fruit\na mountain lake\n", encoding="utf-8")
+    probes = _probe(workspace, tmp_path / "out", "--cat_prompts", str(prompts), "--cat_prompts_per_step", "2")
+    assert [p["allreduce"] for p in probes] == [3, 3]
+    assert probes[0]["checksum"] == probes[1]["checksum"]
