@@ -268,7 +268,7 @@ def test_top_level_loraplus_key_warns_how_to_use_it(tmp_path, caplog):
     [
         ('learning_rate = "abc"', 'learning_rate = "abc" is not a number'),
         ("max_train_steps = 1.5", "max_train_steps = 1.5 is not a whole number"),
-        ('network_args = "conv_dim=4"', 'network_args = "conv_dim=4" is not a list of strings'),
+        ('network_args = true', 'network_args = true is not a list of strings'),
         ('mixed_precision = "fp32"', 'mixed_precision = "fp32" is not one of "no", "fp16", "bf16"'),
         ("network_dim = true", "network_dim = true is not a whole number"),
         ("resolution = [512, 512]", "resolution = [512, 512] is not a string"),
@@ -285,13 +285,14 @@ def test_wrong_type_names_file_key_value_and_type(tmp_path, line, expected):
 
 def test_values_of_the_right_kind_are_converted(tmp_path):
     path = write(tmp_path, 'network_dim = 8.0\nlearning_rate = "1e-4"\ntext_encoder_lr = 5e-5\n'
-                           'output_name = 42\nmax_train_epochs = 10\n')
+                           'output_name = 42\nmax_train_epochs = 10\nnetwork_args = "conv_dim=4"\n')
     config = parse_args(BASE + ["--config_file", str(path)])
     assert config.network.dim == 8 and isinstance(config.network.dim, int)
     assert config.optimizer.learning_rate == 1e-4
     assert config.optimizer.text_encoder_lr == 5e-5  # one number for a list flag, as sd-scripts accepts
     assert config.save.output_name == "42"
     assert config.run.max_train_epochs == 10
+    assert dict(config.network.args) == {"conv_dim": "4"}, "one string for a list flag: one item"
 
 
 def test_gui_text_encoder_lr_pair_uses_the_first(tmp_path, caplog):

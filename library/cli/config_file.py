@@ -158,8 +158,9 @@ def _flag_value(key: str, value: Any, path: Path) -> bool:
 
 
 def _list_value(action: argparse.Action, key: str, value: Any, path: Path) -> list[Any]:
-    """A list flag: a TOML list of items, or one number as a one-element list."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    """A list flag: a TOML list of items, or one number or string as a one-element list (`cat_trigger =
+    "sks dog"` is one trigger phrase, as the dataset config's key reads it)."""
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
         value = [value]
     if not isinstance(value, list):
         elements = _PLURAL_NAMES.get(action.type, "values")
