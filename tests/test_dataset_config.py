@@ -64,6 +64,9 @@ def test_levels_and_subset_triggers(two_concepts):
     assert (teapot.repeats, teapot.cat_triggers, mug.repeats, mug.cat_triggers) == (2, ("sks",), 1, ("zxc",))
     assert mug.cat_class_word == "mug" and reg.is_reg
     assert teapot.items[0].caption.startswith("a photo of sks"), "caption_extension from [general]"
+    # network_multiplier at its default changes nothing, so a GUI that writes it out is not refused.
+    two_concepts.write_text(two_concepts.read_text().replace("batch_size = 2", "batch_size = 2\nnetwork_multiplier = 1.0"))
+    assert load_dataset_config(two_concepts, cli_data())[0].batch_size == 2
 
 
 def test_each_sample_strips_its_own_trigger(two_concepts, tmp_path):
@@ -90,6 +93,8 @@ def test_multi_concept_run_end_to_end(two_concepts, tmp_path):
 @pytest.mark.parametrize("text, message", [
     ('[[datasets]]\n[[datasets.subsets]]\nimage_dri = "x"\n', "unknown key 'image_dri'; did you mean image_dir"),
     ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\ncache_info = 1\n', "cache_info = 1 should be true or false"),
+    ('[[datasets]]\nnetwork_multiplier = -1.0\n[[datasets.subsets]]\nimage_dir = "x"\n',
+     "network_multiplier = -1.0: a dataset's own network multiplier"),
     ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\nnum_repeats = 0\n', "num_repeats = 0 should be at least 1"),
     ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\ncaption_dropout_rate = 1.5\n', "between 0 and 1"),
     ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\nflip_aug = 1\n', "flip_aug = 1 should be true or false"),

@@ -46,7 +46,12 @@ SUBSET_KEYS = {
     "token_warmup_min": INT, "token_warmup_step": FLOAT, "face_crop_aug_range": LIST, "resize_interpolation": STR,
     "cache_info": BOOL,
 }
-NOT_IMPLEMENTED_KEYS: set[str] = set()
+# Keys sd-scripts has that are not implemented here: the reason, and the one value that changes nothing
+# (accepted, since GUIs write defaults out).
+NOT_IMPLEMENTED_KEYS: dict[str, tuple[str, Any]] = {
+    "network_multiplier": ("a dataset's own network multiplier (sd-scripts' difference training) is not "
+                           "implemented; every sample trains at the network's multiplier", 1.0),
+}
 SUBSET_ONLY = {"image_dir", "is_reg", "metadata_file", "alpha_mask", "conditioning_data_dir"}
 # Keys sd-scripts' subsets with a conditioning_data_dir (its ControlNet subsets) do not have.
 NOT_IN_MASK_SUBSETS = ("is_reg", "alpha_mask", "metadata_file", "class_tokens")
@@ -257,13 +262,14 @@ def _table(data: dict, name: str, path: Path, problems: list[str]) -> dict:
 def _check_keys(table: dict, allowed: dict[str, tuple[type, ...]], where: _Where, problems: list[str]) -> None:
     for key, value in table.items():
         if key in NOT_IMPLEMENTED_KEYS:
-            problems.append(f"{where} {key} = {value!r} is accepted by sd-scripts but not implemented here yet; "
-                            "remove it")
+            reason, harmless = NOT_IMPLEMENTED_KEYS[key]
+            if value != harmless:
+                problems.append(f"{where} {key} = {value!r}: {reason}; remove it")
         elif key not in allowed and key in DATASET_KEYS:
             problems.append(f"{where}: {key} is a dataset's setting; put it in its [[datasets]] table or in "
                             "[general] (as in sd-scripts)")
         elif key not in allowed:
-            near = difflib.get_close_matches(key, sorted(set(allowed) | NOT_IMPLEMENTED_KEYS), n=1)
+            near = difflib.get_close_matches(key, sorted(set(allowed) | set(NOT_IMPLEMENTED_KEYS)), n=1)
             hint = f"; did you mean {near[0]}?" if near else ""
             problems.append(f"{where} has an unknown key {key!r}{hint}")
         elif key == "resolution":
