@@ -79,8 +79,8 @@ def tracker_init_kwargs(args: ArgValues) -> Mapping[str, Mapping[str, Any]]:
 def read_tracker_config(path: Path, shown: str) -> dict[str, dict[str, Any]]:
     """A TOML file of one table per tracker (`[wandb]` with wandb.init's keywords, ...); a missing,
     unreadable or malformed file, or a top-level key that is not a table, is a `UserInputError`."""
-    document = read_toml(path, f"{shown}: the tracker config file", 'name = "my run"',
-                         missing_hint='give a .toml file with one table per tracker, e.g. [wandb] with entity = "my-team"')
+    document = read_toml(path, f"{shown}: the tracker config file", 'name = "my run"', missing_hint=(
+        'give a .toml file with one table per tracker, e.g. [wandb] with entity = "my-team"'))
     loose = [key for key, value in document.items() if not isinstance(value, dict)]
     if loose:
         raise UserInputError(f"{shown}: {', '.join(loose)} {'is' if len(loose) == 1 else 'are'} not in a tracker's "

@@ -67,7 +67,8 @@ def write_cache(folder: Path, items: list[ImageItem], sizes: dict[Path, tuple[in
     in one step (several processes may write the same content); a folder that cannot be written to
     only costs the speed-up."""
     entries = {
-        str(item.path): {"caption": item.caption, "resolution": list(sizes[item.path]), "file_stamp": file_stamp(item.path)}
+        str(item.path): {"caption": item.caption, "resolution": list(sizes[item.path]),
+                         "file_stamp": file_stamp(item.path)}
         for item in sorted(items, key=lambda item: item.path) if item.path in sizes
     }
     cache = folder / CACHE_FILE

@@ -216,7 +216,8 @@ def _accelerator(config: TrainConfig) -> Accelerator:
         log_with=config.log.log_with,
         project_dir=log_folder(config.log),
         # --ddp_timeout: how long processes wait for each other (sd-scripts passes it the same way).
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=run.ddp_timeout))] if run.ddp_timeout else None,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=run.ddp_timeout))]
+        if run.ddp_timeout else None,
     )
     if config.run.full_fp16 and accelerator.scaler is not None:
         _allow_fp16_gradients(accelerator.scaler)

@@ -118,7 +118,8 @@ class Validation:
         if bar is not None:
             bar.set_postfix(val=f"{main:.4f}")
         if self.config.log.log_with:
-            log_values(side.accelerator, values, step=step, epoch=epoch, tensorboard_step=epoch if kind == "epoch" else None)
+            log_values(side.accelerator, values, step=step, epoch=epoch,
+                       tensorboard_step=epoch if kind == "epoch" else None)
         return values
 
     def _losses(self) -> tuple[float, float]:
